@@ -1,0 +1,58 @@
+"""python -m export: the exporter's one CLI.
+
+  python -m export --checkpoint DIR_OR_HUB_ID --out models/NAME    checkpoint -> model folder
+  python -m export tiny --out DIR [--shape tiny|internvl2_5-1b]     random-weight checkpoint
+  python -m export golden --checkpoint DIR --cases cases.json --out golden.json
+                                                                   PyTorch reference outputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COMMANDS = ("convert", "tiny", "golden")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "convert")  # the main job needs no subcommand
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="export a checkpoint to a model folder (default)")
+    p.add_argument("--checkpoint", required=True, help="local checkpoint folder or hub id (OpenGVLab/...-hf)")
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--template", help="conversation template name (default: from the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b"])
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("golden", help="PyTorch greedy outputs for test cases")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--cases", required=True, type=Path, help="JSON list of {name, image, prompt, max_tiles, ...}")
+    p.add_argument("--out", required=True, type=Path)
+
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        from .convert import convert
+
+        convert(args.checkpoint, args.out, template=args.template, force=args.force)
+    elif args.command == "tiny":
+        from .tiny import make_checkpoint
+
+        make_checkpoint(args.out, shape=args.shape, seed=args.seed)
+    else:
+        from .golden import write_goldens
+
+        write_goldens(args.checkpoint, args.cases, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Helpers shared by the graph exporters: ONNX writing with external data, and the self-check against PyTorch."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+
+class ExportCheckError(RuntimeError):
+    """An exported graph disagrees with PyTorch beyond its stated tolerance."""
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, out: Path, input_names: list[str],
+                output_names: list[str], dynamic_axes: dict) -> None:
+    """Export `module` to `out`, weights in one external-data file `<out>.data` beside it.
+
+    TorchScript tracing (dynamo=False): it keeps the query length dynamic in our decoder and ONNX Runtime
+    fuses more of the graph it produces (see shared/notes). The 2 GiB protobuf limit is side-stepped by
+    always writing weights as external data, so the fp32 decoder of a 0.5B LLM and larger ones work alike.
+    """
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+        data = out.name + ".data"
+        for stale in (out, out.parent / data):
+            if stale.exists():
+                stale.unlink()
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+    onnx.checker.check_model(str(out))
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_close(what: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch; raises when it exceeds `atol`."""
+    if got.shape != want.shape:
+        raise ExportCheckError(f"{what}: shape {got.shape} from ONNX Runtime, {want.shape} from PyTorch")
+    diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
+    if not np.isfinite(diff) or diff > atol:
+        raise ExportCheckError(f"{what}: max abs diff {diff:.3g} to PyTorch exceeds tolerance {atol:g}")
+    return diff
