@@ -50,7 +50,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         image = {"image_size": vision["image_size"], "min_tiles": 1, "max_tiles": 12, "use_thumbnail": True,
                  "mean": vision.pop("mean"), "std": vision.pop("std")}
         manifest.write(
-            work, source={"checkpoint": ckpt.source, "layout": "hf", "llm_arch": ckpt.llm_arch},
+            work, name=out.name, source={"checkpoint": ckpt.source, "layout": "hf", "llm_arch": ckpt.llm_arch},
             vision=vision, embed=embed, decoder=decoder, tokenizer=tokenizer, template=tpl, image=image,
             generation={"max_new_tokens": 1024},
         )

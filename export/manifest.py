@@ -43,12 +43,12 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def write(out_dir: Path, *, source: dict, vision: dict, embed: dict, decoder: dict, tokenizer: dict,
+def write(out_dir: Path, *, name: str, source: dict, vision: dict, embed: dict, decoder: dict, tokenizer: dict,
           template: dict, image: dict, generation: dict) -> Path:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": out_dir.name,
+        "name": name,
         "dtype": "float32",
         "versions": versions(),
         "source": source,

@@ -28,12 +28,15 @@ SHAPES = {
     # A few MB: every dimension small, but every structural feature of the real model kept
     # (448 px tiles, patch 14, 256 tokens per tile, GQA, qkv bias, tied embeddings, the full vocabulary).
     "tiny": dict(
+        llm_gain=4.0,
         vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
         text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64),
     ),
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
+    # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
     "internvl2_5-1b": dict(
+        llm_gain=1.0,
         vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
         text=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864),
@@ -125,7 +128,7 @@ def make_checkpoint(out: Path, shape: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = build_config(shape)
     model = InternVLForConditionalGeneration(config).eval()
-    scale_for_diverse_output(model, seed)
+    scale_for_diverse_output(model, seed, llm_gain=SHAPES[shape]["llm_gain"])
     model.to(torch.bfloat16)  # hub checkpoints are stored in bf16
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643).save_pretrained(out)

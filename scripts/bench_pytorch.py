@@ -1,0 +1,218 @@
+"""Side-by-side benchmark: `internvl bench` and the PyTorch reference (fp32 and bf16) on the same
+checkpoint, same thread count, same run; prints each figure with its ratio to both, and the machine's
+measured limits (GEMM GFLOP/s fp32 / bf16 / int8, memory read GB/s) with how close each figure is.
+
+Usage: .venv/bin/python scripts/bench_pytorch.py --checkpoint build/checkpoints/internvl2_5-1b \\
+           --model models/internvl2_5-1b [--runs 3] [--threads 2] [--json out.json]
+Not a timed test: numbers are printed, nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from export.checkpoint import inspect, load_model  # noqa: E402
+from export.golden import reference_prompt  # noqa: E402
+from export.reference import dynamic_preprocess, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from export.templates import template  # noqa: E402
+
+
+def med(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def synthetic_image(w: int, h: int):
+    """The same picture as `bench::synthetic_image` in Rust."""
+    from PIL import Image
+
+    x = np.arange(w, dtype=np.uint64)[None, :].repeat(h, 0)
+    y = np.arange(h, dtype=np.uint64)[:, None].repeat(w, 1)
+    m = np.uint64(0xFFFFFFFF)
+    hsh = (((x * np.uint64(2654435761)) & m) ^ ((y * np.uint64(40503)) & m)) * np.uint64(2246822519) & m
+    img = np.stack([(x * 255 // w), (y * 255 // h), hsh >> np.uint64(24)], -1).astype(np.uint8)
+    return Image.fromarray(img, "RGB")
+
+
+def pixel_values(img, max_num=12) -> torch.Tensor:
+    tiles = dynamic_preprocess(img, image_size=448, use_thumbnail=True, max_num=max_num)
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    arr = [((np.asarray(t, np.float32) / np.float32(255) - mean) / std).transpose(2, 0, 1) for t in tiles]
+    return torch.from_numpy(np.stack(arr).astype(np.float32))
+
+
+def machine_limits(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    out = {}
+    n = 2048
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        torch.mm(a, b)
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.mm(a, b)
+        out[f"gemm_{name}_gflops"] = 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9
+    try:
+        a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        torch._int_mm(a, b)
+        t = time.perf_counter()
+        for _ in range(5):
+            torch._int_mm(a, b)
+        out["gemm_int8_gops"] = 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9
+    except Exception:  # not every torch build has an int8 CPU GEMM
+        out["gemm_int8_gops"] = float("nan")
+    buf = np.ones(256 * 1024 * 1024 // 4, np.float32)  # 1 GiB
+    buf.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        buf.sum()
+    out["mem_read_gbs"] = 3 * buf.nbytes / (time.perf_counter() - t) / 1e9
+    return out
+
+
+def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, decode_tokens: int) -> dict:
+    from tokenizers import Tokenizer
+    from transformers import DynamicCache
+
+    torch.set_num_threads(threads)
+    ckpt = inspect(ckpt_dir)
+    t = time.perf_counter()
+    model = load_model(ckpt).to(dtype)
+    load_ms = (time.perf_counter() - t) * 1e3
+    tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
+    tpl = template(ckpt.template)
+    lm, head = model.model.language_model, model.lm_head
+    r = {"load_ms": med([load_ms])}
+
+    def vision(pv):
+        return model.model.get_image_features(pixel_values=pv.to(dtype), vision_feature_layer=-1,
+                                              vision_feature_select_strategy="default").pooler_output
+
+    with torch.no_grad():
+        pv4 = torch.randn(4, 3, 448, 448)
+        vision(pv4[:1])
+        v1, v4 = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            for i in range(4):
+                vision(pv4[i:i + 1])
+            v1.append((time.perf_counter() - t) * 1e3 / 4)
+            t = time.perf_counter()
+            vision(pv4)
+            v4.append((time.perf_counter() - t) * 1e3 / 4)
+        r["vision_ms_per_tile_batch1"], r["vision_ms_per_tile_batched"] = med(v1), med(v4)
+
+        def first_token(img) -> tuple[float, float, int]:
+            t0 = time.perf_counter()
+            pv = pixel_values(img)
+            text = reference_prompt(tpl, "Describe the image.", None, pv.shape[0], 256)
+            ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+            feats = vision(pv)
+            emb = lm.embed_tokens(ids)
+            emb[ids == model.config.image_token_id] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
+            t1 = time.perf_counter()
+            h = lm(inputs_embeds=emb, past_key_values=DynamicCache(config=model.config.text_config),
+                   use_cache=True).last_hidden_state
+            head(h[:, -1]).argmax(-1)
+            t2 = time.perf_counter()
+            return (t2 - t0) * 1e3, ids.shape[1] / (t2 - t1), ids.shape[1]
+
+        t1s, t7s, pfs = [], [], []
+        for _ in range(runs):
+            a, pf, n = first_token(synthetic_image(448, 448))
+            t1s.append(a)
+            pfs.append(pf)
+            t7s.append(first_token(synthetic_image(1344, 896))[0])
+        r["ttft_1tile_ms"], r["ttft_7tile_ms"], r["prefill_tokens_per_s"] = med(t1s), med(t7s), med(pfs)
+        r["prefill_tokens"] = n
+
+        text = reference_prompt(tpl, "Write a long story about a lighthouse keeper.", None, None, 256)
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+        decs = []
+        for _ in range(runs):
+            cache = DynamicCache(config=model.config.text_config)
+            h = lm(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+            nxt = head(h[:, -1]).argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                h = lm(input_ids=nxt, past_key_values=cache, use_cache=True).last_hidden_state
+                nxt = head(h[:, -1]).argmax(-1, keepdim=True)
+            decs.append(decode_tokens / (time.perf_counter() - t))
+        r["decode_tokens_per_s"] = med(decs)
+    import resource
+
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return r
+
+
+FIGURES = [  # key, label, higher is better
+    ("load_ms", "model load, ms", False),
+    ("vision_ms_per_tile_batch1", "vision ms/tile, batch 1", False),
+    ("vision_ms_per_tile_batched", "vision ms/tile, batch 4", False),
+    ("ttft_1tile_ms", "time to first token, 1 tile, ms", False),
+    ("ttft_7tile_ms", "time to first token, 7 tiles, ms", False),
+    ("prefill_tokens_per_s", "prefill tokens/s", True),
+    ("decode_tokens_per_s", "decode tokens/s", True),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write all figures here")
+    args = ap.parse_args()
+
+    limits = machine_limits(args.threads)
+    print("machine:", ", ".join(f"{k} {v:.0f}" for k, v in limits.items()), flush=True)
+    cmd = [str(ROOT / "target/release/internvl"), "bench", "--model", str(args.model), "--runs", str(args.runs),
+           "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--json"]
+    ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print("internvl bench done", flush=True)
+    # Each PyTorch precision in its own process so peak RSS is its own.
+    results = {"ours": ours, "limits": limits}
+    for name in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
+        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.argv=['x'];"
+                f"from scripts.bench_pytorch import bench_torch; import torch;"
+                f"print(json.dumps(bench_torch({args.checkpoint!r}, torch.{'float32' if name == 'fp32' else 'bfloat16'},"
+                f" {args.runs}, {args.threads}, {args.decode_tokens})))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        results[f"pytorch_{name}"] = json.loads(out.strip().splitlines()[-1])
+        print(f"pytorch {name} done", flush=True)
+
+    cols = [k for k in ("pytorch_fp32", "pytorch_bf16") if k in results]
+    print(f"\n{'figure (median)':<36}{'internvl':>11}" + "".join(f"{c.replace('pytorch_', 'PT '):>11}" for c in cols)
+          + "".join(f"{'x vs ' + c.replace('pytorch_', 'PT '):>14}" for c in cols))
+    for key, label, higher in FIGURES:
+        o = ours[key]["median"]
+        row = f"{label:<36}{o:>11.1f}"
+        for c in cols:
+            row += f"{results[c][key]['median']:>11.1f}"
+        for c in cols:
+            p = results[c][key]["median"]
+            row += f"{(o / p if higher else p / o):>13.2f}x"
+        print(row)
+    print(f"{'peak RSS, MiB':<36}{ours['peak_rss_mb']:>11.0f}" + "".join(f"{results[c]['peak_rss_mb']:>11.0f}" for c in cols))
+    print("(ratios: >1 means internvl is faster)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

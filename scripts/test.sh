@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, Python tests (exporter vs PyTorch, preprocessing parity), Rust tests
+# (unit tests, end-to-end token parity with PyTorch, bad inputs). Fixtures are built in this run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check export tests
+cargo fmt --all -- --check
+cargo clippy --release --all-targets --quiet -- -D warnings
+.venv/bin/python tests/fixtures.py build/fixtures
+.venv/bin/python -m pytest -q tests/python
+cargo test --release

@@ -1,0 +1,188 @@
+//! `internvl bench`: the figures users compare runtimes by, over several runs (median, min, max).
+//!
+//! Synthetic inputs (a generated image, random tiles) so the command needs nothing but a model folder;
+//! costs do not depend on pixel or weight values. `scripts/bench_pytorch.py` runs the PyTorch reference
+//! on the same checkpoint and prints ratios.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::pipeline::{InternVL, Request};
+use crate::runtime::RuntimeOptions;
+use crate::sampling::SamplingOptions;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub runs: usize,
+    pub vision_batch: usize,
+    pub decode_tokens: usize,
+    pub prefill_chunk: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Stat { median, min: v[0], max: v[n - 1] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub load_ms: Stat,
+    pub vision_ms_per_tile_batch1: Stat,
+    pub vision_batch: usize,
+    pub vision_ms_per_tile_batched: Stat,
+    pub ttft_1tile_ms: Stat,
+    pub ttft_7tile_ms: Stat,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: Stat,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: Stat,
+    pub peak_rss_mb: f64,
+    pub weight_mb: f64,
+}
+
+/// A deterministic picture with structure at every scale (the content does not change the cost).
+pub fn synthetic_image(width: u32, height: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| {
+        let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        image::Rgb([(x * 255 / width.max(1)) as u8, (y * 255 / height.max(1)) as u8, (h >> 24) as u8])
+    })
+}
+
+fn weight_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    n.ends_with(".data") || n.ends_with(".onnx") || n.ends_with(".bin")
+                })
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    ensure!(o.runs >= 1, "--runs must be at least 1");
+    let threads = crate::runtime::thread_count(rt.threads);
+    let mut loads = Vec::new();
+    let mut model = None;
+    for _ in 0..o.runs {
+        drop(model.take());
+        let t = Instant::now();
+        model = Some(InternVL::load(dir, rt, false)?);
+        loads.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let Some(mut model) = model else { anyhow::bail!("--runs must be at least 1") };
+    log(&format!("load: {:.0} ms", Stat::of(loads.clone()).median));
+
+    // Vision: random normalised tiles, one at a time and in batches.
+    let size = model.manifest.image.image_size as usize;
+    let n = o.vision_batch.max(1);
+    let mut seed = 0x2545_f491_u32;
+    let pixels: Vec<f32> = (0..n * 3 * size * size)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) * 4.0 - 2.0
+        })
+        .collect();
+    let (mut v1, mut vb) = (Vec::new(), Vec::new());
+    for _ in 0..o.runs {
+        let t = Instant::now();
+        model.encode_tiles(&pixels, n, 1)?;
+        v1.push(t.elapsed().as_secs_f64() * 1e3 / n as f64);
+        let t = Instant::now();
+        model.encode_tiles(&pixels, n, n)?;
+        vb.push(t.elapsed().as_secs_f64() * 1e3 / n as f64);
+    }
+    log(&format!("vision: {:.0} ms/tile at batch 1, {:.0} at batch {n}", Stat::of(v1.clone()).median, Stat::of(vb.clone()).median));
+
+    let request = |images: Vec<RgbImage>, prompt: &str, max_new_tokens: usize| Request {
+        images,
+        prompt: prompt.to_string(),
+        system: None,
+        max_tiles: None,
+        max_new_tokens,
+        sampling: SamplingOptions::default(),
+        vision_batch: o.vision_batch,
+        prefill_chunk: o.prefill_chunk,
+        ignore_stop: true,
+    };
+    // Time to first token: 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7 tiles.
+    let one = request(vec![synthetic_image(448, 448)], "Describe the image.", 1);
+    let seven = request(vec![synthetic_image(1344, 896)], "Describe the image.", 1);
+    let (mut t1, mut t7, mut pf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prefill_tokens = 0;
+    for _ in 0..o.runs {
+        let out = model.generate(&one, &mut |_| Ok(()))?;
+        ensure!(out.tiles == 1, "bench image gave {} tiles, expected 1", out.tiles);
+        t1.push(out.timings.first_token_ms);
+        pf.push(out.timings.prefill_tokens_per_s);
+        prefill_tokens = out.prompt_tokens;
+        let out = model.generate(&seven, &mut |_| Ok(()))?;
+        ensure!(out.tiles == 7, "bench image gave {} tiles, expected 7", out.tiles);
+        t7.push(out.timings.first_token_ms);
+    }
+    log(&format!("time to first token: {:.0} ms (1 tile), {:.0} ms (7 tiles)", Stat::of(t1.clone()).median, Stat::of(t7.clone()).median));
+
+    let text = request(Vec::new(), "Write a long story about a lighthouse keeper.", o.decode_tokens);
+    let mut dec = Vec::new();
+    for _ in 0..o.runs {
+        let out = model.generate(&text, &mut |_| Ok(()))?;
+        dec.push(out.timings.decode_tokens_per_s);
+    }
+    log(&format!("decode: {:.2} tokens/s", Stat::of(dec.clone()).median));
+
+    Ok(BenchReport {
+        model: dir.display().to_string(),
+        device: rt.device.name().to_string(),
+        threads,
+        runs: o.runs,
+        load_ms: Stat::of(loads),
+        vision_ms_per_tile_batch1: Stat::of(v1),
+        vision_batch: n,
+        vision_ms_per_tile_batched: Stat::of(vb),
+        ttft_1tile_ms: Stat::of(t1),
+        ttft_7tile_ms: Stat::of(t7),
+        prefill_tokens,
+        prefill_tokens_per_s: Stat::of(pf),
+        decode_tokens: o.decode_tokens,
+        decode_tokens_per_s: Stat::of(dec),
+        peak_rss_mb: peak_rss_mb(),
+        weight_mb: weight_bytes(dir) as f64 / (1024.0 * 1024.0),
+    })
+}

@@ -1,0 +1,302 @@
+//! Decoding an image file the way `PIL.Image.open(path).convert('RGB')` does.
+//!
+//! Pixel decoding is done by the `image` crate; what this module adds is Pillow's semantics:
+//!
+//! * The format is detected from the file content only (like Pillow), never the extension,
+//!   so a text file named `x.png` is "not a recognised image file" rather than a PNG error.
+//! * Mode conversion follows Pillow, not the `image` crate: alpha is dropped without
+//!   compositing; 16-bit RGB(A) and gray+alpha keep the high byte (Pillow unpacks them with
+//!   `RGB;16B` etc.); 16-bit grayscale opens in Pillow as mode `I;16` whose `convert('RGB')`
+//!   *clips* values above 255 to 255 (so most 16-bit gray images become nearly white).
+//! * Truncated files are errors. Pillow raises "image file is truncated" for JPEGs without an
+//!   end-of-image marker, while the `image` crate's JPEG decoder silently fills the missing
+//!   part, so JPEG marker structure is checked here first.
+//! * Images above Pillow's decompression-bomb limit are rejected before any pixel memory is
+//!   allocated, and the decoder's own allocation limit is raised to 2 GiB so that large but
+//!   legitimate photos (e.g. 8000x6000) decode.
+//! * EXIF orientation is ignored unless asked for, like the reference (which never calls
+//!   `ImageOps.exif_transpose`).
+
+use ::image::metadata::Orientation;
+use ::image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
+use anyhow::{anyhow, bail, Result};
+use std::io::{Cursor, ErrorKind};
+use std::path::Path;
+
+/// Largest accepted image, in pixels: Pillow raises `DecompressionBombError` above
+/// `2 * Image.MAX_IMAGE_PIXELS` (2 * 89_478_485).
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+/// Decoder allocation limit: the largest accepted image as 16-bit RGBA is ~1.4 GB.
+const MAX_DECODER_ALLOC: u64 = 2 << 30;
+
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+/// Makes any message safe to embed in a one-line error.
+fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().replace(['\n', '\r'], " ")
+}
+
+/// Loads `path` as 8-bit RGB exactly like `Image.open(path).convert('RGB')` (JPEG pixel
+/// values excepted, see the module docs). With `apply_exif`, the EXIF orientation tag is
+/// applied afterwards, like `ImageOps.exif_transpose`.
+///
+/// Every error is a single line that names the file.
+pub fn load_image(path: &Path, apply_exif: bool) -> Result<RgbImage> {
+    let shown = path.display();
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == ErrorKind::NotFound => bail!("image file not found: {shown}"),
+        Err(e) if path.is_dir() => bail!("image path is a directory, not a file: {shown} ({e})"),
+        Err(e) => bail!("cannot read image file {shown}: {}", one_line(e)),
+    };
+    if data.is_empty() {
+        bail!("image file is empty (0 bytes): {shown}");
+    }
+    // One flat error (not a context chain) so that however the caller prints it, it is a
+    // single line naming the file.
+    decode_bytes(&data, apply_exif)
+        .map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
+}
+
+/// Decodes an in-memory image file; errors do not include a file name (see [`load_image`]).
+fn decode_bytes(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
+    let mut reader = ImageReader::new(Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| anyhow!("not a recognised image file (unknown format)"))?;
+    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(data) {
+        bail!("image file is truncated (JPEG data ends before the end-of-image marker)");
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODER_ALLOC);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        bail!(
+            "image is too large: {width}x{height} = {pixels} pixels exceeds the limit of \
+             {MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)"
+        );
+    }
+    if pixels == 0 {
+        bail!("image has no pixels ({width}x{height})");
+    }
+    let orientation = if apply_exif {
+        // A damaged EXIF block is not worth failing over: keep the stored orientation.
+        decoder.orientation().unwrap_or(Orientation::NoTransforms)
+    } else {
+        Orientation::NoTransforms
+    };
+    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let gray16_png = png_is_16bit_gray(data);
+    let rgb = to_rgb_like_pillow(decoded, gray16_png);
+    Ok(if orientation == Orientation::NoTransforms {
+        rgb
+    } else {
+        let mut img = DynamicImage::ImageRgb8(rgb);
+        img.apply_orientation(orientation);
+        img.into_rgb8()
+    })
+}
+
+fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
+    let name = format!("{format:?}").to_uppercase();
+    match e {
+        ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
+            anyhow!("image file is truncated ({name} data ends early)")
+        }
+        ImageError::Unsupported(u) => anyhow!("unsupported image format or feature ({name}): {}", one_line(u)),
+        ImageError::Limits(l) => anyhow!("image too large to decode ({name}): {}", one_line(l)),
+        other => anyhow!("cannot decode {name} image (corrupt or truncated file): {}", one_line(other)),
+    }
+}
+
+/// True for a PNG whose IHDR says 16-bit grayscale (colour type 0). Pillow opens those as
+/// mode `I;16`, and the `image` crate turns one with a `tRNS` chunk into 16-bit gray+alpha,
+/// which must still be converted with `I;16` rules rather than `LA` rules.
+fn png_is_16bit_gray(data: &[u8]) -> bool {
+    data.len() >= 26
+        && data.starts_with(PNG_SIGNATURE)
+        && &data[12..16] == b"IHDR"
+        && data[24] == 16
+        && data[25] == 0
+}
+
+/// Walks the JPEG marker structure and reports whether an EOI marker is reached before the
+/// data ends. Segments are skipped by their length (so an EXIF thumbnail's EOI does not
+/// count); entropy-coded data is scanned for the next real marker (`FF` not followed by a
+/// stuffed `00` or a restart marker).
+fn jpeg_has_end_marker(data: &[u8]) -> bool {
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let n = data.len();
+    let mut i = 2;
+    while i < n {
+        if data[i] != 0xFF {
+            // Entropy-coded data (or junk that libjpeg would skip with a warning).
+            match data[i..].iter().position(|&b| b == 0xFF) {
+                Some(off) => i += off,
+                None => return false,
+            }
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && data[j] == 0xFF {
+            j += 1; // fill bytes
+        }
+        if j >= n {
+            return false;
+        }
+        match data[j] {
+            0xD9 => return true,
+            // Stuffed zero, restart markers, TEM, SOI: no length field.
+            0x00 | 0x01 | 0xD0..=0xD8 => i = j + 1,
+            _ => {
+                if j + 2 >= n {
+                    return false;
+                }
+                let len = usize::from(u16::from_be_bytes([data[j + 1], data[j + 2]]));
+                if len < 2 {
+                    return false;
+                }
+                i = j + 1 + len;
+            }
+        }
+    }
+    false
+}
+
+/// Builds an RGB image from `channels`-sample pixels of `src` with `f`.
+fn map_pixels<T: Copy>(
+    width: u32,
+    height: u32,
+    src: &[T],
+    channels: usize,
+    f: impl Fn(&[T]) -> [u8; 3],
+) -> RgbImage {
+    let mut out = Vec::with_capacity(src.len() / channels * 3);
+    for px in src.chunks_exact(channels) {
+        out.extend_from_slice(&f(px));
+    }
+    // `out` has exactly width * height * 3 bytes because `src` came from an image buffer of
+    // the same size; the fallback is unreachable but avoids a panic path.
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// Pillow's `convert('RGB')` for each pixel layout the `image` crate can produce.
+fn to_rgb_like_pillow(img: DynamicImage, gray16_png: bool) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let hi = |v: u16| (v >> 8) as u8;
+    let clip = |v: u16| v.min(255) as u8;
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        DynamicImage::ImageRgba8(i) => map_pixels(w, h, i.as_raw(), 4, |p| [p[0], p[1], p[2]]),
+        DynamicImage::ImageLuma8(i) => map_pixels(w, h, i.as_raw(), 1, |p| [p[0]; 3]),
+        DynamicImage::ImageLumaA8(i) => map_pixels(w, h, i.as_raw(), 2, |p| [p[0]; 3]),
+        DynamicImage::ImageLuma16(i) => map_pixels(w, h, i.as_raw(), 1, |p| [clip(p[0]); 3]),
+        DynamicImage::ImageLumaA16(i) if gray16_png => {
+            map_pixels(w, h, i.as_raw(), 2, |p| [clip(p[0]); 3])
+        }
+        DynamicImage::ImageLumaA16(i) => map_pixels(w, h, i.as_raw(), 2, |p| [hi(p[0]); 3]),
+        DynamicImage::ImageRgb16(i) => {
+            map_pixels(w, h, i.as_raw(), 3, |p| [hi(p[0]), hi(p[1]), hi(p[2])])
+        }
+        DynamicImage::ImageRgba16(i) => {
+            map_pixels(w, h, i.as_raw(), 4, |p| [hi(p[0]), hi(p[1]), hi(p[2])])
+        }
+        // Float images (e.g. float TIFF) have no Pillow RGB equivalent worth matching.
+        other => other.to_rgb8(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("internvl-decode-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut buf = Cursor::new(Vec::new());
+        img.write_to(&mut buf, format).unwrap();
+        buf.into_inner()
+    }
+
+    fn err_of(p: &Path) -> String {
+        let e = load_image(p, false).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "multi-line error: {e}");
+        assert!(e.contains(&p.display().to_string()), "error does not name the file: {e}");
+        e
+    }
+
+    #[test]
+    fn missing_file() {
+        let p = std::env::temp_dir().join("internvl-definitely-missing.png");
+        assert_eq!(err_of(&p), format!("image file not found: {}", p.display()));
+    }
+
+    #[test]
+    fn empty_text_and_truncated_files() {
+        assert!(err_of(&tmp("empty.png", b"")).contains("empty"));
+        assert!(err_of(&tmp("text.png", b"hello, world\n")).contains("not a recognised image"));
+
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(64, 48, |x, y| {
+            ::image::Rgb([(x * 4) as u8, (y * 5) as u8, (x ^ y) as u8])
+        }));
+        let png = encode(&img, ImageFormat::Png);
+        assert!(err_of(&tmp("half.png", &png[..png.len() / 2])).contains("truncated"));
+        let jpg = encode(&img, ImageFormat::Jpeg);
+        assert!(load_image(&tmp("ok.jpg", &jpg), false).is_ok());
+        assert!(err_of(&tmp("half.jpg", &jpg[..jpg.len() / 2])).contains("truncated"));
+        assert!(err_of(&tmp("noeoi.jpg", &jpg[..jpg.len() - 2])).contains("truncated"));
+        let mut garbage = png.clone();
+        for b in garbage.iter_mut().skip(60).step_by(7) {
+            *b ^= 0x5A;
+        }
+        err_of(&tmp("garbage.png", &garbage));
+    }
+
+    #[test]
+    fn pillow_mode_conversions() {
+        let gray16 = ::image::ImageBuffer::<::image::Luma<u16>, _>::from_fn(3, 1, |x, _| {
+            ::image::Luma([[7u16, 255, 4000][x as usize]])
+        });
+        let p = tmp("g16.png", &encode(&DynamicImage::ImageLuma16(gray16), ImageFormat::Png));
+        let got = load_image(&p, false).unwrap();
+        assert_eq!(got.as_raw(), &[7, 7, 7, 255, 255, 255, 255, 255, 255]);
+
+        let rgb16 = ::image::ImageBuffer::<::image::Rgb<u16>, _>::from_raw(
+            1,
+            1,
+            vec![0x12FF, 0xAB00, 0x00FF],
+        )
+        .unwrap();
+        let p = tmp("rgb16.png", &encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png));
+        assert_eq!(load_image(&p, false).unwrap().as_raw(), &[0x12, 0xAB, 0x00]);
+
+        let rgba = ::image::RgbaImage::from_raw(1, 1, vec![10, 20, 30, 0]).unwrap();
+        let p = tmp("rgba.png", &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png));
+        assert_eq!(load_image(&p, false).unwrap().as_raw(), &[10, 20, 30]);
+    }
+
+    #[test]
+    fn jpeg_marker_walk() {
+        // SOI, APP1 whose payload contains FF D9, SOS, entropy data with stuffing, EOI.
+        let mut j = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
+        j.extend([0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
+        assert!(!jpeg_has_end_marker(&j));
+        j.extend([0xFF, 0xD9]);
+        assert!(jpeg_has_end_marker(&j));
+        assert!(!jpeg_has_end_marker(&j[..8]));
+    }
+}

@@ -1,0 +1,268 @@
+//! The `internvl` command line: parses flags, prints, maps errors to one line and a non-zero exit.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use internvl::image::{load_image, preprocess, tile_images, ImageConfig};
+use internvl::runtime::{Device, RuntimeOptions};
+use internvl::sampling::SamplingOptions;
+use internvl::bench::{self, BenchOptions};
+use internvl::{npy, vision, InternVL, Request};
+
+#[derive(Parser)]
+#[command(name = "internvl", version, about = "Run InternVL vision-language models exported to ONNX")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt about an image (or text only), streaming the answer to stdout.
+    Run(RunArgs),
+    /// Write the exact float32 tensor the vision graph receives for an image.
+    Preprocess(PreprocessArgs),
+    /// Measure load, vision, time to first token, prefill and decode speed, peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Repetitions of each measurement (median, min and max are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    vision_batch: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 2048)]
+    prefill_chunk: usize,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model folder written by `python -m export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image file (PNG, JPEG, WebP, BMP, GIF, TIFF); omit for a text-only prompt.
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Replace the template's system prompt; "" drops the system block.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tiles per image (1..=40; default from the model, 12).
+    #[arg(long)]
+    max_tiles: Option<u32>,
+    /// Apply the EXIF orientation tag (the reference ignores it).
+    #[arg(long)]
+    exif: bool,
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// 0 = greedy (default).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Tiles per vision-graph run.
+    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    vision_batch: usize,
+    /// Prompt positions per prefill run (bounds attention memory on long prompts).
+    #[arg(long, default_value_t = 2048)]
+    prefill_chunk: usize,
+    /// Print one JSON object (text, token ids, counts, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Timing figures on stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Intra-op threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct PreprocessArgs {
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long, default_value_t = 12)]
+    max_tiles: u32,
+    #[arg(long, default_value_t = 1)]
+    min_tiles: u32,
+    #[arg(long)]
+    exif: bool,
+    /// .npy file to write ([tiles, 3, 448, 448] float32).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write each tile as a PNG into this folder.
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("error: {first} (see internvl --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let res = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Preprocess(a) => preprocess_cmd(a),
+        Command::Bench(a) => bench_cmd(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let sampling = SamplingOptions {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    if let Some(n) = a.max_tiles {
+        anyhow::ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
+    }
+    // Images first: a bad image fails before the model spends seconds loading.
+    let images = a.image.iter().map(|p| load_image(p, a.exif)).collect::<Result<Vec<_>>>()?;
+    let progress = std::io::stderr().is_terminal() && !a.json;
+    let opts = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
+    let mut model = InternVL::load(&a.model, &opts, progress)?;
+    let req = Request {
+        images,
+        prompt: a.prompt,
+        system: a.system,
+        max_tiles: a.max_tiles,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        vision_batch: a.vision_batch,
+        prefill_chunk: a.prefill_chunk,
+        ignore_stop: false,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let out = model.generate(&req, &mut |piece| {
+        if !json {
+            stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
+            stdout.flush().context("writing to stdout")?;
+        }
+        Ok(())
+    })?;
+    if json {
+        writeln!(stdout, "{}", serde_json::to_string(&out)?).context("writing to stdout")?;
+    } else {
+        writeln!(stdout).context("writing to stdout")?;
+    }
+    if a.verbose {
+        let t = &out.timings;
+        eprintln!(
+            "load {:.0} ms | {} tiles: preprocess {:.0} ms, vision {:.0} ms ({:.0} ms/tile) | prefill {} tokens {:.0} ms ({:.1} tok/s) | first token {:.0} ms | decode {} tokens {:.0} ms ({:.2} tok/s) | {}",
+            t.load_ms,
+            out.tiles,
+            t.preprocess_ms,
+            t.vision_ms,
+            if out.tiles > 0 { t.vision_ms / out.tiles as f64 } else { 0.0 },
+            out.prompt_tokens,
+            t.prefill_ms,
+            t.prefill_tokens_per_s,
+            t.first_token_ms,
+            out.generated_tokens,
+            t.decode_ms,
+            t.decode_tokens_per_s,
+            out.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
+    anyhow::ensure!((1..=40).contains(&a.max_tiles), "--max-tiles {} must be between 1 and 40", a.max_tiles);
+    anyhow::ensure!(
+        (1..=a.max_tiles).contains(&a.min_tiles),
+        "--min-tiles {} must be between 1 and --max-tiles",
+        a.min_tiles
+    );
+    let img = load_image(&a.image, a.exif)?;
+    let cfg = ImageConfig { max_tiles: a.max_tiles, min_tiles: a.min_tiles, ..ImageConfig::default() };
+    let tiles = preprocess(&img, &cfg)?;
+    let s = tiles.size as usize;
+    npy::write_f32(&a.out, &[tiles.count, 3, s, s], &tiles.data)?;
+    if let Some(dir) = a.png {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (images, _) = tile_images(&img, &cfg)?;
+        for (i, t) in images.iter().enumerate() {
+            let p = dir.join(format!("tile_{i:02}.png"));
+            t.save(&p).with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    eprintln!("{} tiles (grid {}x{}) -> {}", tiles.count, tiles.grid.0, tiles.grid.1, a.out.display());
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let rt = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
+    let opts = BenchOptions { runs: a.runs, vision_batch: a.vision_batch, decode_tokens: a.decode_tokens, prefill_chunk: a.prefill_chunk };
+    let r = bench::run(&a.model, &rt, &opts, &mut |line| eprintln!("[bench] {line}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let row = |name: &str, s: &bench::Stat, unit: &str| {
+        println!("{name:<34} {:>10.2} {:>10.2} {:>10.2}  {unit}", s.median, s.min, s.max);
+    };
+    println!("{} on {} ({} threads), {} runs", r.model, r.device, r.threads, r.runs);
+    println!("{:<34} {:>10} {:>10} {:>10}", "", "median", "min", "max");
+    row("model load", &r.load_ms, "ms");
+    row("vision, batch 1", &r.vision_ms_per_tile_batch1, "ms/tile");
+    row(&format!("vision, batch {}", r.vision_batch), &r.vision_ms_per_tile_batched, "ms/tile");
+    row("time to first token, 1 tile", &r.ttft_1tile_ms, "ms");
+    row("time to first token, 7 tiles", &r.ttft_7tile_ms, "ms");
+    row(&format!("prefill ({} tokens)", r.prefill_tokens), &r.prefill_tokens_per_s, "tokens/s");
+    row(&format!("decode ({} tokens)", r.decode_tokens), &r.decode_tokens_per_s, "tokens/s");
+    println!("{:<34} {:>10.0}  MiB (weights {:.0} MiB, ratio {:.2})", "peak RSS", r.peak_rss_mb, r.weight_mb, r.peak_rss_mb / r.weight_mb.max(1.0));
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The model folder's `manifest.json`, as typed structs checked once at load.
+//!
+//! `export/manifest.py` writes it; everything downstream trusts a [`Manifest`] returned by
+//! [`Manifest::load`]: the files it names exist, the dimensions agree with each other, and the
+//! template style is one the prompt builder knows.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+
+/// The schema this runtime reads; `export/manifest.py` writes the same number.
+pub const FORMAT: &str = "internvl-onnx";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    pub dtype: String,
+    pub image: ImageSpec,
+    pub vision: VisionSpec,
+    pub embed: EmbedSpec,
+    pub decoder: DecoderSpec,
+    pub tokenizer: TokenizerSpec,
+    pub template: TemplateSpec,
+    #[serde(default)]
+    pub generation: GenerationSpec,
+    /// Folder the manifest was read from; file names below resolve against it.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageSpec {
+    pub image_size: u32,
+    pub min_tiles: u32,
+    pub max_tiles: u32,
+    pub use_thumbnail: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionSpec {
+    pub file: String,
+    pub input: String,
+    pub output: String,
+    pub image_size: u32,
+    pub tokens_per_tile: usize,
+    pub embed_dim: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbedSpec {
+    pub file: String,
+    pub dtype: String,
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderSpec {
+    pub file: String,
+    pub arch: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub max_context: usize,
+    pub inputs: DecoderInputs,
+    pub outputs: DecoderOutputs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderInputs {
+    pub inputs_embeds: String,
+    pub attention_mask: String,
+    pub position_ids: String,
+    /// Per-layer names with `{}` standing for the layer index.
+    pub past_key: String,
+    pub past_value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderOutputs {
+    pub logits: String,
+    pub present_key: String,
+    pub present_value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizerSpec {
+    pub file: String,
+    pub img_start: String,
+    pub img_end: String,
+    pub img_context: String,
+    pub img_start_id: u32,
+    pub img_end_id: u32,
+    pub img_context_id: u32,
+    pub vocab_size: usize,
+    pub stop_ids: Vec<u32>,
+}
+
+/// A conversation template as the reference `conversation.py` defines it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TemplateSpec {
+    pub name: String,
+    pub style: String,
+    pub system_template: String,
+    pub system_message: String,
+    pub roles: [String; 2],
+    pub sep: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerationSpec {
+    pub max_new_tokens: usize,
+}
+
+impl Default for GenerationSpec {
+    fn default() -> Self {
+        Self { max_new_tokens: 1024 }
+    }
+}
+
+impl Manifest {
+    /// Reads and validates `DIR/manifest.json`; errors name the folder and the offending value.
+    pub fn load(dir: &Path) -> Result<Self> {
+        ensure!(dir.is_dir(), "model folder not found: {}", dir.display());
+        let path = dir.join("manifest.json");
+        ensure!(path.is_file(), "model folder {} has no manifest.json", dir.display());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
+        m.dir = dir.to_path_buf();
+        m.validate().with_context(|| format!("invalid manifest {}", path.display()))?;
+        Ok(m)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(self.format == FORMAT, "format is {:?}, expected {FORMAT:?}", self.format);
+        ensure!(
+            self.format_version == FORMAT_VERSION,
+            "format_version {} is not the {FORMAT_VERSION} this runtime reads; re-export the model",
+            self.format_version
+        );
+        ensure!(self.template.style == "mpt", "template style {:?} is not supported", self.template.style);
+        ensure!(self.embed.dtype == "float32", "embedding dtype {:?} is not supported", self.embed.dtype);
+        let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
+        ensure!(v.image_size == self.image.image_size, "vision image_size {} != image {}", v.image_size, self.image.image_size);
+        ensure!(v.embed_dim == d.hidden, "vision embed_dim {} != decoder hidden {}", v.embed_dim, d.hidden);
+        ensure!(e.hidden == d.hidden, "embedding hidden {} != decoder hidden {}", e.hidden, d.hidden);
+        ensure!(e.vocab == d.vocab, "embedding vocab {} != decoder vocab {}", e.vocab, d.vocab);
+        ensure!(
+            t.vocab_size <= d.vocab,
+            "tokenizer has {} ids but the model only {}",
+            t.vocab_size,
+            d.vocab
+        );
+        ensure!((1..=40).contains(&self.image.max_tiles), "max_tiles {} outside 1..=40", self.image.max_tiles);
+        for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
+            ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
+        }
+        for file in [&v.file, &e.file, &d.file, &t.file] {
+            let p = self.path(file);
+            if !p.is_file() {
+                bail!("model folder {} is missing {file}", self.dir.display());
+            }
+        }
+        let want = (e.vocab * e.hidden * 4) as u64;
+        let path = self.path(&e.file);
+        let got = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+        ensure!(got == want, "{} has {got} bytes, expected {want} ({} x {} float32)", path.display(), e.vocab, e.hidden);
+        Ok(())
+    }
+}
+
+/// `past_key_values.{}.key` -> `past_key_values.3.key`.
+pub fn layer_name(pattern: &str, layer: usize) -> String {
+    pattern.replace("{}", &layer.to_string())
+}

@@ -1,0 +1,184 @@
+//! Minimal `.npy` (format 1.0) support for little-endian float32 arrays in C order.
+//!
+//! Enough to hand tensors to numpy-based tests and golden scripts (`np.load`) without a
+//! dependency; the reader accepts what numpy's `np.save` writes for `float32` arrays.
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+
+const MAGIC: &[u8; 6] = b"\x93NUMPY";
+/// numpy aligns the data start to 64 bytes (since numpy 1.14).
+const ALIGN: usize = 64;
+
+/// Writes `data` as a float32 `.npy` file with the given `shape`.
+///
+/// The shape must match the number of elements.
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let expected = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| anyhow!("npy shape {shape:?} overflows"))?;
+    ensure!(
+        expected == data.len(),
+        "npy shape {shape:?} needs {expected} values but {} were given (writing {})",
+        data.len(),
+        path.display()
+    );
+    let dims = match shape {
+        [] => String::new(),
+        [d] => format!("{d},"),
+        _ => shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
+    // magic(6) + version(2) + header_len(2) + header + '\n' is padded with spaces to ALIGN.
+    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(ALIGN) - unpadded));
+    header.push('\n');
+    let header_len = u16::try_from(header.len())
+        .map_err(|_| anyhow!("npy header too long for shape {shape:?}"))?;
+
+    let file =
+        File::create(path).with_context(|| format!("cannot create npy file {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let write = |w: &mut BufWriter<File>| -> std::io::Result<()> {
+        w.write_all(MAGIC)?;
+        w.write_all(&[1, 0])?;
+        w.write_all(&header_len.to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
+        let mut buf = Vec::with_capacity(64 * 1024 * 4);
+        for chunk in data.chunks(64 * 1024) {
+            buf.clear();
+            for v in chunk {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&buf)?;
+        }
+        w.flush()
+    };
+    write(&mut w).with_context(|| format!("cannot write npy file {}", path.display()))
+}
+
+/// Reads a float32 `.npy` file (format 1.x, 2.x or 3.x, little-endian `<f4`, C order).
+///
+/// Returns the shape and the values in C order.
+pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read npy file {}", path.display()))?;
+    parse(&bytes).with_context(|| format!("invalid npy file {}", path.display()))
+}
+
+fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+    ensure!(bytes.len() >= 10 && bytes.starts_with(MAGIC), "missing NUMPY magic");
+    let (header_len, header_start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 => {
+            ensure!(bytes.len() >= 12, "file too short");
+            let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+            (usize::try_from(len)?, 12)
+        }
+        v => bail!("unsupported npy version {v}"),
+    };
+    let data_start = header_start + header_len;
+    ensure!(bytes.len() >= data_start, "header runs past the end of the file");
+    let header = std::str::from_utf8(&bytes[header_start..data_start])?;
+
+    let descr = dict_value(header, "descr")?;
+    ensure!(
+        descr.trim_matches(|c| c == '\'' || c == '"') == "<f4",
+        "dtype is {descr}, expected '<f4' (little-endian float32)"
+    );
+    let fortran = dict_value(header, "fortran_order")?;
+    ensure!(fortran.starts_with("False"), "Fortran-ordered arrays are not supported");
+    let shape_text = dict_value(header, "shape")?;
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| anyhow!("malformed shape {shape_text}"))?;
+    let shape = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| anyhow!("malformed shape {shape_text}")))
+        .collect::<Result<Vec<_>>>()?;
+
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| anyhow!("shape {shape:?} overflows"))?;
+    let payload = &bytes[data_start..];
+    ensure!(
+        payload.len() == count * 4,
+        "shape {shape:?} needs {} data bytes, file has {}",
+        count * 4,
+        payload.len()
+    );
+    let data = payload
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((shape, data))
+}
+
+/// Text right after `'key':` in a numpy header dict.
+fn dict_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
+    let needle = format!("'{key}':");
+    let at = header
+        .find(&needle)
+        .ok_or_else(|| anyhow!("header has no '{key}' entry"))?;
+    Ok(header[at + needle.len()..].trim_start())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("internvl-npy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn round_trip_shapes() {
+        for shape in [vec![], vec![5], vec![2, 3], vec![2, 3, 4, 1], vec![0, 3]] {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| i as f32 * -0.5 + 0.1).collect();
+            let p = tmp("rt.npy");
+            write_f32(&p, &shape, &data).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+            assert_eq!((10 + header_len) % ALIGN, 0);
+            assert_eq!(bytes[10 + header_len - 1], b'\n');
+            let (s, d) = read_f32(&p).unwrap();
+            assert_eq!(s, shape);
+            assert_eq!(d, data);
+        }
+    }
+
+    #[test]
+    fn header_text_matches_numpy() {
+        let p = tmp("hdr.npy");
+        write_f32(&p, &[3], &[1.0, 2.0, 3.0]).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let text = std::str::from_utf8(&bytes[10..]).unwrap_or("");
+        assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"));
+    }
+
+    #[test]
+    fn errors() {
+        let p = tmp("bad.npy");
+        assert!(write_f32(&p, &[2, 2], &[1.0]).is_err());
+        std::fs::write(&p, b"not numpy").unwrap();
+        let e = read_f32(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("bad.npy"));
+        assert!(read_f32(&tmp("missing.npy")).is_err());
+    }
+}

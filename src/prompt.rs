@@ -1,0 +1,91 @@
+//! Prompts built as the reference `chat()` builds them: `<image>\n` before a question without its own
+//! `<image>`, the conversation template around it, and each `<image>` expanded to
+//! `<img>` + 256 x tiles `<IMG_CONTEXT>` + `</img>`.
+
+use anyhow::{bail, Result};
+
+use crate::manifest::{Manifest, TemplateSpec};
+use crate::tokenizer::Tokenizer;
+
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// The prompt text with `<image>` placeholders still in it (what the reference calls `query` before the
+/// image-token replacement). `system`: None = the template's own system message; Some("") = no system block.
+pub fn render(t: &TemplateSpec, question: &str, system: Option<&str>, has_image: bool) -> String {
+    let question = if has_image && !question.contains(IMAGE_PLACEHOLDER) {
+        format!("{IMAGE_PLACEHOLDER}\n{question}")
+    } else {
+        question.to_string()
+    };
+    let system = system.unwrap_or(&t.system_message);
+    let mut out = String::new();
+    if !system.is_empty() {
+        out.push_str(&t.system_template.replace("{system_message}", system));
+        out.push_str(&t.sep);
+    }
+    out.push_str(&t.roles[0]);
+    out.push_str(&question);
+    out.push_str(&t.sep);
+    out.push_str(&t.roles[1]);
+    out
+}
+
+/// Token ids of the prompt. Text between placeholders is tokenised piece by piece and the image
+/// tokens are spliced in as ids: `<img>` and `</img>` are special tokens, so the tokenizer would split
+/// there anyway, and this avoids building and scanning a string of 256 x tiles `<IMG_CONTEXT>`.
+pub fn token_ids(m: &Manifest, tok: &Tokenizer, text: &str, tiles_per_image: &[usize]) -> Result<Vec<u32>> {
+    let pieces: Vec<&str> = text.split(IMAGE_PLACEHOLDER).collect();
+    let placeholders = pieces.len() - 1;
+    if placeholders != tiles_per_image.len() {
+        bail!(
+            "the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {} image(s) were given",
+            tiles_per_image.len()
+        );
+    }
+    let t = &m.tokenizer;
+    let mut ids = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            ids.push(t.img_start_id);
+            ids.extend(std::iter::repeat_n(t.img_context_id, tiles_per_image[i - 1] * m.vision.tokens_per_tile));
+            ids.push(t.img_end_id);
+        }
+        if !piece.is_empty() {
+            ids.extend(tok.encode(piece)?);
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tpl() -> TemplateSpec {
+        TemplateSpec {
+            name: "internvl2_5".into(),
+            style: "mpt".into(),
+            system_template: "<|im_start|>system\n{system_message}".into(),
+            system_message: "SYS".into(),
+            roles: ["<|im_start|>user\n".into(), "<|im_start|>assistant\n".into()],
+            sep: "<|im_end|>\n".into(),
+        }
+    }
+
+    #[test]
+    fn image_goes_before_question() {
+        let p = render(&tpl(), "What?", None, true);
+        assert_eq!(p, "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn own_placeholder_kept_and_system_dropped() {
+        let p = render(&tpl(), "Look: <image> now", Some(""), true);
+        assert_eq!(p, "<|im_start|>user\nLook: <image> now<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn text_only_has_no_placeholder() {
+        assert!(!render(&tpl(), "Hi", Some("other"), false).contains(IMAGE_PLACEHOLDER));
+    }
+}

@@ -1,0 +1,157 @@
+//! The only place that knows ONNX Runtime: loading the shared library, execution providers, and
+//! session options. Every graph is opened through [`open_session`].
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::environment::{Environment, GlobalThreadPoolOptions};
+use ort::session::Session;
+
+/// The ONNX Runtime release the graphs and this binary are built for.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Tensorrt => "tensorrt",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub device: Device,
+    /// Intra-op threads; 0 = one per available core.
+    pub threads: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, threads: 0 }
+    }
+}
+
+static ENVIRONMENT: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
+
+/// Resolves `threads = 0` to one thread per available core.
+pub fn thread_count(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
+    }
+}
+
+/// Loads ONNX Runtime once per process. The shipped bundle keeps the library beside the binary, so
+/// no environment variable is needed; `ORT_DYLIB_PATH` still overrides it for unusual layouts.
+///
+/// All sessions share one global intra-op thread pool of `threads` threads (the first call decides):
+/// with a pool per session, the vision session's threads keep spinning after their work and steal
+/// the cores the decoder needs next.
+pub fn init(threads: usize) -> Result<(&'static Path, &'static Environment)> {
+    let res = ENVIRONMENT.get_or_init(|| {
+        let path = find_library().map_err(|e| e.to_string())?;
+        let fail = |e: ort::Error| format!("starting ONNX Runtime from {}: {e}", path.display());
+        // The library must be loaded before any other ort call (thread pool options included).
+        let builder =
+            ort::init_from(&path).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
+        let pool = GlobalThreadPoolOptions::default()
+            .with_intra_threads(thread_count(threads))
+            .and_then(|p| p.with_inter_threads(1))
+            .map_err(fail)?;
+        let env = builder.with_name("internvl").with_global_thread_pool(pool).build().map_err(fail)?;
+        Ok((path, env))
+    });
+    match res {
+        Ok((p, env)) => Ok((p.as_path(), env)),
+        Err(e) => Err(anyhow!("{e}")),
+    }
+}
+
+fn find_library() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("ORT_DYLIB_PATH={} does not exist", p.display());
+    }
+    let exe = std::env::current_exe().context("locating the running binary")?;
+    let mut tried = Vec::new();
+    // Beside the binary (the shipped bundle, and target/<profile>/ where build.rs copies it), and one
+    // level up for test binaries in target/<profile>/deps.
+    for dir in exe.ancestors().skip(1).take(2) {
+        for name in [ORT_LIBRARY, "libonnxruntime.so"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p);
+        }
+    }
+    bail!(
+        "ONNX Runtime library not found (looked for {}); put {ORT_LIBRARY} beside the binary or set ORT_DYLIB_PATH",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Opens one graph on the requested device. Asking for a GPU provider that this ONNX Runtime build
+/// does not have is an error, never a silent fallback to CPU.
+pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
+    let (_, env) = init(opts.threads)?;
+    let what = || format!("opening {}", path.display());
+    let mut builder = Session::builder(env)
+        .map_err(ort_err)
+        .with_context(what)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(ort_err)
+        .with_context(what)?;
+    builder = match opts.device {
+        Device::Cpu => builder,
+        Device::Cuda => {
+            require_provider::<ep::CUDA>(opts.device)?;
+            builder
+                .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
+                .map_err(ort_err)
+                .with_context(what)?
+        }
+        Device::Tensorrt => {
+            require_provider::<ep::TensorRT>(opts.device)?;
+            builder
+                .with_execution_providers([ep::TensorRT::default().build().error_on_failure()])
+                .map_err(ort_err)
+                .with_context(what)?
+        }
+    };
+    builder.commit_from_file(path).map_err(ort_err).with_context(what)
+}
+
+fn require_provider<E: ExecutionProvider>(device: Device) -> Result<()> {
+    let available = E::is_available().map_err(ort_err)?;
+    if !available {
+        let lib = ENVIRONMENT.get().and_then(|r| r.as_ref().ok()).map(|(p, _)| p.display().to_string()).unwrap_or_default();
+        bail!(
+            "--device {}: the {} execution provider is not available in the ONNX Runtime at {lib} (a GPU build of ONNX Runtime is needed)",
+            device.name(),
+            E::NAME
+        );
+    }
+    Ok(())
+}
+
+/// ort's errors carry the builder they failed on (not `Sync`), so keep only the message.
+pub fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
+    anyhow!("{e}")
+}

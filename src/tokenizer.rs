@@ -1,0 +1,69 @@
+//! The model's `tokenizer.json` and UTF-8-safe streaming detokenisation.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn load(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        Ok(Self { inner })
+    }
+
+    /// Token ids of `text`; special tokens written in the text (`<|im_start|>`, `<img>`) map to their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing prompt: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding tokens: {e}"))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Turns a growing list of token ids into text pieces, never emitting half a UTF-8 character: a byte-level
+/// BPE token may end inside a multi-byte character, which decodes to U+FFFD until the next token arrives.
+/// Only a window of recent tokens is re-decoded each step (the approach of text-generation-inference).
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            let piece = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back at the end (a genuinely invalid sequence, shown as U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok((now.len() > before.len()).then(|| now[before.len()..].to_string()).filter(|s| !s.is_empty()))
+    }
+}

@@ -1,0 +1,63 @@
+//! Tiles -> image embeddings through `vision.onnx`, in batches of at most `batch` tiles.
+//!
+//! Batching bounds peak memory (activations grow with the batch) while keeping the GEMMs large; the
+//! graph treats every tile independently, so results do not depend on the batch size.
+
+use anyhow::{ensure, Context, Result};
+use indicatif::ProgressBar;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::manifest::{Manifest, VisionSpec};
+use crate::runtime::{open_session, ort_err, RuntimeOptions};
+
+/// Default tiles per vision run (see README, "Tile batching").
+pub const DEFAULT_BATCH: usize = 4;
+
+pub struct VisionEncoder {
+    session: Session,
+    spec: VisionSpec,
+}
+
+impl VisionEncoder {
+    pub fn load(m: &Manifest, opts: &RuntimeOptions) -> Result<Self> {
+        let session = open_session(&m.path(&m.vision.file), opts)?;
+        let spec = m.vision.clone();
+        ensure!(
+            session.inputs().iter().any(|i| i.name() == spec.input),
+            "{}: no input named {:?} (manifest from another model?)",
+            m.vision.file,
+            spec.input
+        );
+        Ok(Self { session, spec })
+    }
+
+    /// `pixels` is `[tiles, 3, size, size]`; returns `[tiles, tokens_per_tile, embed_dim]` row-major.
+    pub fn encode(&mut self, pixels: &[f32], tiles: usize, batch: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
+        let size = self.spec.image_size as usize;
+        let per_tile = 3 * size * size;
+        ensure!(pixels.len() == tiles * per_tile, "pixel buffer holds {} floats, expected {tiles} tiles", pixels.len());
+        let out_per_tile = self.spec.tokens_per_tile * self.spec.embed_dim;
+        let mut out = Vec::with_capacity(tiles * out_per_tile);
+        let batch = batch.max(1);
+        for (i, chunk) in pixels.chunks(batch * per_tile).enumerate() {
+            let n = chunk.len() / per_tile;
+            let input = TensorRef::from_array_view(([n, 3, size, size], chunk)).map_err(ort_err)?;
+            let outputs = self
+                .session
+                .run(ort::inputs![self.spec.input.as_str() => input])
+                .map_err(ort_err)
+                .with_context(|| format!("vision graph on tiles {}..{}", i * batch, i * batch + n))?;
+            let (shape, data) = outputs[self.spec.output.as_str()].try_extract_tensor::<f32>().map_err(ort_err)?;
+            ensure!(
+                data.len() == n * out_per_tile,
+                "vision graph returned shape {shape:?}, expected [{n}, {}, {}]",
+                self.spec.tokens_per_tile,
+                self.spec.embed_dim
+            );
+            out.extend_from_slice(data);
+            progress.inc(n as u64);
+        }
+        Ok(out)
+    }
+}

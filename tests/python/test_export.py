@@ -1,0 +1,139 @@
+"""The exporter against PyTorch: each graph's numbers, the manifest, and how it treats bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from export.checkpoint import inspect, load_model  # noqa: E402
+from export.common import ort_session  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fixtures() -> Path:
+    import fixtures as fx
+
+    out = ROOT / "build" / "fixtures"
+    fx.main(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_model(fixtures):
+    return load_model(inspect(str(fixtures / "checkpoint")))
+
+
+def manifest(fixtures) -> dict:
+    return json.loads((fixtures / "model" / "manifest.json").read_text())
+
+
+def test_vision_graph_matches_pytorch(fixtures, torch_model):
+    m = manifest(fixtures)["vision"]
+    sess = ort_session(fixtures / "model" / m["file"])
+    for tiles in (1, 5):
+        pv = torch.randn(tiles, 3, 448, 448, generator=torch.Generator().manual_seed(tiles))
+        with torch.no_grad():
+            want = torch_model.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                                        vision_feature_select_strategy="default").pooler_output
+        got = sess.run([m["output"]], {m["input"]: pv.numpy()})[0]
+        assert got.shape == (tiles, 256, m["embed_dim"])
+        diff = np.abs(got - want.numpy()).max()
+        print(f"vision tiles={tiles}: max abs diff {diff:.2e}")
+        assert diff < 1e-4
+
+
+def test_decoder_graph_matches_pytorch_over_steps(fixtures, torch_model):
+    """Prefill 20 positions, then 8 single-token steps chaining ONNX Runtime's own cache."""
+    from transformers import DynamicCache
+
+    m = manifest(fixtures)["decoder"]
+    sess = ort_session(fixtures / "model" / m["file"])
+    names_in = [i.name for i in sess.get_inputs()]
+    names_out = [o.name for o in sess.get_outputs()]
+    lm, head = torch_model.model.language_model, torch_model.lm_head
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randn(1, 20, m["hidden"], generator=gen)
+    cache = DynamicCache(config=torch_model.config.text_config)
+    empty = np.zeros((1, m["kv_heads"], 0, m["head_dim"]), np.float32)
+    feed = {"inputs_embeds": prompt.numpy(), "attention_mask": np.ones((1, 20), np.int64),
+            "position_ids": np.arange(20)[None]}
+    feed.update({n: empty for n in names_in[3:]})
+    worst = 0.0
+    x = prompt
+    for step in range(9):
+        with torch.no_grad():
+            h = lm(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
+            want = head(h[:, -1]).numpy()
+        res = sess.run(names_out, feed)
+        diff = float(np.abs(res[0] - want).max())
+        worst = max(worst, diff)
+        assert res[0].argmax() == want.argmax()
+        total = 20 + step + 1
+        x = torch.randn(1, 1, m["hidden"], generator=gen)
+        feed = {"inputs_embeds": x.numpy(), "attention_mask": np.ones((1, total), np.int64),
+                "position_ids": np.array([[total - 1]])}
+        feed.update(dict(zip(names_in[3:], res[1:])))
+    print(f"decoder logits: max abs diff {worst:.2e} over prefill + 8 steps")
+    assert worst < 1e-3
+
+
+def test_embedding_table_is_the_checkpoints(fixtures, torch_model):
+    m = manifest(fixtures)["embed"]
+    table = np.fromfile(fixtures / "model" / m["file"], dtype="<f4").reshape(m["vocab"], m["hidden"])
+    assert np.array_equal(table, torch_model.get_input_embeddings().weight.detach().numpy())
+
+
+def test_manifest_describes_the_model(fixtures, torch_model):
+    m = manifest(fixtures)
+    cfg = torch_model.config
+    assert m["format_version"] == 1
+    assert m["decoder"]["layers"] == cfg.text_config.num_hidden_layers
+    assert m["decoder"]["kv_heads"] == cfg.text_config.num_key_value_heads
+    assert m["tokenizer"]["img_context_id"] == cfg.image_token_id
+    assert 151645 in m["tokenizer"]["stop_ids"]  # <|im_end|>
+    assert m["template"]["name"] == "internvl2_5" and "书生" in m["template"]["system_message"]
+    for key in ("exporter", "onnx", "onnxruntime", "torch", "transformers"):
+        assert m["versions"][key]
+    for graph in ("vision", "decoder"):
+        assert m[graph]["max_abs_diff"] <= m[graph]["tolerance"]
+        assert (fixtures / "model" / (m[graph]["file"] + ".data")).is_file(), "weights go in external data"
+
+
+def export_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_export_never_overwrites_without_force(fixtures, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", out)
+    assert r.returncode != 0 and "not empty" in r.stderr
+    assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_rejects_what_it_does_not_support(tmp_path):
+    cases = {
+        "original": ({"model_type": "internvl_chat", "template": "internvl2_5"}, "original OpenGVLab layout"),
+        "llama-llm": ({"model_type": "internvl", "text_config": {"model_type": "llama"}}, "'llama' is not supported"),
+        "other": ({"model_type": "bert"}, "not an InternVL checkpoint"),
+    }
+    for name, (cfg, msg) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        r = export_cli("--checkpoint", d, "--out", tmp_path / f"out-{name}")
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    r = export_cli("--checkpoint", tmp_path / "missing", "--out", tmp_path / "o")
+    assert r.returncode != 0 and "no such folder" in r.stderr
