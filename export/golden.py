@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from . import templates
-from .convert import eos_ids, ids_of
 from .checkpoint import inspect, load_model
+from .convert import eos_ids, ids_of
 from .reference import load_image
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -49,11 +49,11 @@ def write_goldens(checkpoint: Path, cases_file: Path, out: Path) -> None:
             pixel_values, tiles = torch.from_numpy(pv), pv.shape[0]
         text = reference_prompt(tpl, case["prompt"], case.get("system"), tiles, tokens_per_tile)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
         with torch.no_grad():
             gen = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                max_new_tokens=case.get("max_new_tokens", 32), do_sample=False, eos_token_id=stop,
-                pad_token_id=stop[0],
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=case.get("max_new_tokens", 32),
+                do_sample=False, eos_token_id=stop, pad_token_id=stop[0], **extra,
             )
         new = gen[0, ids.shape[1]:].tolist()
         finish = "stop" if new and new[-1] in stop else "length"

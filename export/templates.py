@@ -13,14 +13,14 @@ INTERNVL_SYSTEM_MESSAGE = (
 TEMPLATES = {
     # InternVL 2.5 and 3 (Qwen2 / Qwen2.5 LLMs). SeparatorStyle.MPT: the system block, then each turn as
     # role + message + sep, and the open assistant role last.
-    "internvl2_5": dict(
-        style="mpt",
-        system_template="<|im_start|>system\n{system_message}",
-        system_message=INTERNVL_SYSTEM_MESSAGE,
-        roles=["<|im_start|>user\n", "<|im_start|>assistant\n"],
-        sep="<|im_end|>\n",
-        stop="<|im_end|>",
-    ),
+    "internvl2_5": {
+        "style": "mpt",
+        "system_template": "<|im_start|>system\n{system_message}",
+        "system_message": INTERNVL_SYSTEM_MESSAGE,
+        "roles": ["<|im_start|>user\n", "<|im_start|>assistant\n"],
+        "sep": "<|im_end|>\n",
+        "stop": "<|im_end|>",
+    },
 }
 
 

@@ -27,20 +27,20 @@ IMG_CONTEXT_ID = 151667
 SHAPES = {
     # A few MB: every dimension small, but every structural feature of the real model kept
     # (448 px tiles, patch 14, 256 tokens per tile, GQA, qkv bias, tied embeddings, the full vocabulary).
-    "tiny": dict(
-        llm_gain=4.0,
-        vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-        text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64),
-    ),
+    "tiny": {
+        "llm_gain": 4.0,
+        "vision": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        "text": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "intermediate_size": 64},
+    },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
-    "internvl2_5-1b": dict(
-        llm_gain=1.0,
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        text=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                  intermediate_size=4864),
-    ),
+    "internvl2_5-1b": {
+        "llm_gain": 1.0,
+        "vision": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+        "text": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                  "intermediate_size": 4864},
+    },
 }
 
 
@@ -75,7 +75,7 @@ def scale_for_diverse_output(model, seed: int, llm_gain: float = 4.0) -> None:
     collapses, 4 gives ~30 distinct tokens out of 32 that change with the image and the prompt) fixes that."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.ndim == 1 and ("norm" in name or name.endswith("lambda_1") or name.endswith("lambda_2")):
+        if p.ndim == 1 and ("norm" in name or name.endswith(("lambda_1", "lambda_2"))):
             p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
         elif p.ndim == 1:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))

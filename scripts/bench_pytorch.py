@@ -23,10 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.checkpoint import inspect, load_model  # noqa: E402
-from export.golden import reference_prompt  # noqa: E402
-from export.reference import dynamic_preprocess, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from export.templates import template  # noqa: E402
+from export.checkpoint import inspect, load_model
+from export.golden import reference_prompt
+from export.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
+from export.templates import template
 
 
 def med(xs):
@@ -71,7 +71,7 @@ def machine_limits(threads: int) -> dict:
         for _ in range(5):
             torch._int_mm(a, b)
         out["gemm_int8_gops"] = 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9
-    except Exception:  # not every torch build has an int8 CPU GEMM
+    except (RuntimeError, AttributeError):  # not every torch build has an int8 CPU GEMM
         out["gemm_int8_gops"] = float("nan")
     buf = np.ones(256 * 1024 * 1024 // 4, np.float32)  # 1 GiB
     buf.sum()

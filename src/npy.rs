@@ -76,7 +76,10 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
-    ensure!(bytes.len() >= 10 && bytes.starts_with(MAGIC), "missing NUMPY magic");
+    ensure!(
+        bytes.len() >= 10 && bytes.starts_with(MAGIC),
+        "missing NUMPY magic"
+    );
     let (header_len, header_start) = match bytes[6] {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
         2 | 3 => {
@@ -87,16 +90,26 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         v => bail!("unsupported npy version {v}"),
     };
     let data_start = header_start + header_len;
-    ensure!(bytes.len() >= data_start, "header runs past the end of the file");
+    ensure!(
+        bytes.len() >= data_start,
+        "header runs past the end of the file"
+    );
     let header = std::str::from_utf8(&bytes[header_start..data_start])?;
 
-    let descr = dict_value(header, "descr")?;
+    let descr_text = dict_value(header, "descr")?;
+    let descr = descr_text
+        .strip_prefix(['\'', '"'])
+        .and_then(|s| s.split(['\'', '"']).next())
+        .ok_or_else(|| anyhow!("malformed descr {descr_text}"))?;
     ensure!(
-        descr.trim_matches(|c| c == '\'' || c == '"') == "<f4",
-        "dtype is {descr}, expected '<f4' (little-endian float32)"
+        descr == "<f4",
+        "dtype is '{descr}', expected '<f4' (little-endian float32)"
     );
     let fortran = dict_value(header, "fortran_order")?;
-    ensure!(fortran.starts_with("False"), "Fortran-ordered arrays are not supported");
+    ensure!(
+        fortran.starts_with("False"),
+        "Fortran-ordered arrays are not supported"
+    );
     let shape_text = dict_value(header, "shape")?;
     let inner = shape_text
         .strip_prefix('(')
@@ -106,7 +119,10 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| anyhow!("malformed shape {shape_text}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| anyhow!("malformed shape {shape_text}"))
+        })
         .collect::<Result<Vec<_>>>()?;
 
     let count = shape
@@ -168,7 +184,8 @@ mod tests {
         let p = tmp("hdr.npy");
         write_f32(&p, &[3], &[1.0, 2.0, 3.0]).unwrap();
         let bytes = std::fs::read(&p).unwrap();
-        let text = std::str::from_utf8(&bytes[10..]).unwrap_or("");
+        let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+        let text = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
         assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"));
     }
 

@@ -33,7 +33,12 @@ pub fn render(t: &TemplateSpec, question: &str, system: Option<&str>, has_image:
 /// Token ids of the prompt. Text between placeholders is tokenised piece by piece and the image
 /// tokens are spliced in as ids: `<img>` and `</img>` are special tokens, so the tokenizer would split
 /// there anyway, and this avoids building and scanning a string of 256 x tiles `<IMG_CONTEXT>`.
-pub fn token_ids(m: &Manifest, tok: &Tokenizer, text: &str, tiles_per_image: &[usize]) -> Result<Vec<u32>> {
+pub fn token_ids(
+    m: &Manifest,
+    tok: &Tokenizer,
+    text: &str,
+    tiles_per_image: &[usize],
+) -> Result<Vec<u32>> {
     let pieces: Vec<&str> = text.split(IMAGE_PLACEHOLDER).collect();
     let placeholders = pieces.len() - 1;
     if placeholders != tiles_per_image.len() {
@@ -47,7 +52,10 @@ pub fn token_ids(m: &Manifest, tok: &Tokenizer, text: &str, tiles_per_image: &[u
     for (i, piece) in pieces.iter().enumerate() {
         if i > 0 {
             ids.push(t.img_start_id);
-            ids.extend(std::iter::repeat_n(t.img_context_id, tiles_per_image[i - 1] * m.vision.tokens_per_tile));
+            ids.extend(std::iter::repeat_n(
+                t.img_context_id,
+                tiles_per_image[i - 1] * m.vision.tokens_per_tile,
+            ));
             ids.push(t.img_end_id);
         }
         if !piece.is_empty() {
@@ -67,7 +75,10 @@ mod tests {
             style: "mpt".into(),
             system_template: "<|im_start|>system\n{system_message}".into(),
             system_message: "SYS".into(),
-            roles: ["<|im_start|>user\n".into(), "<|im_start|>assistant\n".into()],
+            roles: [
+                "<|im_start|>user\n".into(),
+                "<|im_start|>assistant\n".into(),
+            ],
             sep: "<|im_end|>\n".into(),
         }
     }
@@ -81,7 +92,10 @@ mod tests {
     #[test]
     fn own_placeholder_kept_and_system_dropped() {
         let p = render(&tpl(), "Look: <image> now", Some(""), true);
-        assert_eq!(p, "<|im_start|>user\nLook: <image> now<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            p,
+            "<|im_start|>user\nLook: <image> now<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -66,11 +66,21 @@ fn cases() -> Vec<Case> {
 fn golden(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("golden.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    v["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
 }
 
 fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 fn run_case(case: &Case, extra: &[&str]) -> Value {
@@ -82,7 +92,13 @@ fn run_case(case: &Case, extra: &[&str]) -> Value {
     if let Some(n) = case.max_tiles {
         args.extend(["--max-tiles".into(), n.to_string()]);
     }
-    args.extend(["--prompt".into(), case.prompt.clone(), "--max-new-tokens".into(), case.max_new_tokens.to_string(), "--json".into()]);
+    args.extend([
+        "--prompt".into(),
+        case.prompt.clone(),
+        "--max-new-tokens".into(),
+        case.max_new_tokens.to_string(),
+        "--json".into(),
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = bin().args(&args).output().unwrap();
     assert!(out.status.success(), "{}: {}", case.name, stderr(&out));
@@ -94,9 +110,20 @@ fn check_parity(name: &str, extra: &[&str]) {
     let want = golden(name);
     let got = run_case(&case, extra);
     assert_eq!(got["tiles"], want["tiles"], "{name}: tile count");
-    assert_eq!(got["prompt_tokens"].as_u64().unwrap() as usize, ids(&want["prompt_ids"]).len(), "{name}: prompt length");
-    assert_eq!(ids(&got["token_ids"]), ids(&want["tokens"]), "{name}: generated tokens differ from PyTorch");
-    assert_eq!(got["finish_reason"], want["finish_reason"], "{name}: finish reason");
+    assert_eq!(
+        got["prompt_tokens"].as_u64().unwrap() as usize,
+        ids(&want["prompt_ids"]).len(),
+        "{name}: prompt length"
+    );
+    assert_eq!(
+        ids(&got["token_ids"]),
+        ids(&want["tokens"]),
+        "{name}: generated tokens differ from PyTorch"
+    );
+    assert_eq!(
+        got["finish_reason"], want["finish_reason"],
+        "{name}: finish reason"
+    );
 }
 
 #[test]
@@ -111,7 +138,12 @@ fn goldens_depend_on_image_and_prompt() {
     for case in cases() {
         let t = ids(&golden(&case.name)["tokens"]);
         let distinct: std::collections::HashSet<_> = t.iter().collect();
-        assert!(distinct.len() >= 8, "{}: greedy output collapsed to {} distinct tokens", case.name, distinct.len());
+        assert!(
+            distinct.len() >= 8,
+            "{}: greedy output collapsed to {} distinct tokens",
+            case.name,
+            distinct.len()
+        );
     }
 }
 
@@ -140,8 +172,14 @@ fn parity_text_only() {
 
 #[test]
 fn vision_batch_and_prefill_chunk_do_not_change_tokens() {
-    check_parity("grid_thumbnail", &["--vision-batch", "1", "--prefill-chunk", "500"]);
-    check_parity("grid_thumbnail", &["--vision-batch", "13", "--prefill-chunk", "100000"]);
+    check_parity(
+        "grid_thumbnail",
+        &["--vision-batch", "1", "--prefill-chunk", "500"],
+    );
+    check_parity(
+        "grid_thumbnail",
+        &["--vision-batch", "13", "--prefill-chunk", "100000"],
+    );
 }
 
 #[test]
@@ -154,22 +192,38 @@ fn streamed_text_matches_json_text() {
         "--model",
         model.to_str().unwrap(),
         "--image",
-        fixtures().join(case.image.as_ref().unwrap()).to_str().unwrap(),
+        fixtures()
+            .join(case.image.as_ref().unwrap())
+            .to_str()
+            .unwrap(),
         "--prompt",
         &case.prompt,
         "--max-new-tokens",
         &case.max_new_tokens.to_string(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let streamed = String::from_utf8(out.stdout).expect("stdout is valid UTF-8");
+    let streamed = String::from_utf8(out.stdout.clone()).expect("stdout is valid UTF-8");
     assert_eq!(streamed.trim(), json["text"].as_str().unwrap());
-    assert!(out.stderr.is_empty(), "stderr not a terminal: no progress output expected, got {}", stderr(&out));
+    assert!(
+        out.stderr.is_empty(),
+        "stderr not a terminal: no progress output expected, got {}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
     let case = cases().into_iter().find(|c| c.name == "text_only").unwrap();
-    let args = ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--repetition-penalty", "1.1"];
+    let args = [
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--repetition-penalty",
+        "1.1",
+    ];
     let a = run_case(&case, &[&args[..], &["--seed", "1"]].concat());
     let b = run_case(&case, &[&args[..], &["--seed", "1"]].concat());
     let c = run_case(&case, &[&args[..], &["--seed", "2"]].concat());
@@ -182,14 +236,30 @@ fn seeded_sampling_is_reproducible() {
 /// Non-zero exit, exactly one line on stderr that mentions `needle`, and no panic.
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "error must be one line: {err:?}");
-    assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error must be one line: {err:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
 }
 
 fn run_model(model: &Path, image: Option<&Path>, extra: &[&str]) -> Output {
-    let mut args = vec!["run".to_string(), "--model".into(), model.display().to_string(), "--prompt".into(), "Hi".into()];
+    let mut args = vec![
+        "run".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        "Hi".into(),
+    ];
     if let Some(i) = image {
         args.extend(["--image".into(), i.display().to_string()]);
     }
@@ -226,7 +296,10 @@ fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Value)) {
 #[test]
 fn missing_image_file() {
     let img = root().join("build/test-tmp/does-not-exist.png");
-    assert_clean_error(&run_model(&fixtures().join("model"), Some(&img), &[]), "does-not-exist.png");
+    assert_clean_error(
+        &run_model(&fixtures().join("model"), Some(&img), &[]),
+        "does-not-exist.png",
+    );
 }
 
 #[test]
@@ -258,7 +331,10 @@ fn model_folder_missing_a_graph() {
     std::fs::remove_file(m.join("decoder.onnx")).unwrap();
     assert_clean_error(&run_model(&m, None, &[]), "decoder.onnx");
     assert_clean_error(&run_model(&tmp("empty-model"), None, &[]), "manifest.json");
-    assert_clean_error(&run_model(&root().join("build/test-tmp/no-such-model"), None, &[]), "no-such-model");
+    assert_clean_error(
+        &run_model(&root().join("build/test-tmp/no-such-model"), None, &[]),
+        "no-such-model",
+    );
 }
 
 #[test]
@@ -268,9 +344,9 @@ fn manifest_from_another_model() {
     assert_clean_error(&run_model(&m, None, &[]), "different models");
     let m = model_copy("other-manifest-hidden");
     edit_manifest(&m, |v| {
-        for k in [&mut v["decoder"]["hidden"], &mut v["embed"]["hidden"], &mut v["vision"]["embed_dim"]] {
-            *k = 896.into();
-        }
+        v["decoder"]["hidden"] = 896.into();
+        v["embed"]["hidden"] = 896.into();
+        v["vision"]["embed_dim"] = 896.into();
     });
     assert_clean_error(&run_model(&m, None, &[]), "embed_tokens.bin");
     let m = model_copy("other-manifest-version");
@@ -288,12 +364,24 @@ fn prompt_longer_than_context() {
 
 #[test]
 fn unknown_flag_and_bad_values() {
-    assert_clean_error(&run(&["run", "--model", "x", "--prompt", "p", "--bogus"]), "--bogus");
+    assert_clean_error(
+        &run(&["run", "--model", "x", "--prompt", "p", "--bogus"]),
+        "--bogus",
+    );
     let model = fixtures().join("model");
     let m = model.to_str().unwrap();
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--max-tiles", "41"]), "--max-tiles");
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--top-p", "0"]), "--top-p");
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--device", "gpu"]), "gpu");
+    assert_clean_error(
+        &run(&["run", "--model", m, "--prompt", "p", "--max-tiles", "41"]),
+        "--max-tiles",
+    );
+    assert_clean_error(
+        &run(&["run", "--model", m, "--prompt", "p", "--top-p", "0"]),
+        "--top-p",
+    );
+    assert_clean_error(
+        &run(&["run", "--model", m, "--prompt", "p", "--device", "gpu"]),
+        "gpu",
+    );
 }
 
 #[test]
@@ -301,4 +389,35 @@ fn unavailable_gpu_provider_is_an_error() {
     // The CPU build of ONNX Runtime has no CUDA provider: asking for it must not fall back silently.
     let out = run_model(&fixtures().join("model"), None, &["--device", "cuda"]);
     assert_clean_error(&out, "cuda");
+}
+
+#[test]
+fn stops_at_a_stop_token() {
+    // Make the 6th golden token a stop token: the answer must end right before it.
+    let want = ids(&golden("one_tile")["tokens"]);
+    let stop = want[5];
+    let first = want.iter().position(|&t| t == stop).unwrap();
+    let m = model_copy("stop-token");
+    edit_manifest(&m, |v| {
+        v["tokenizer"]["stop_ids"] = serde_json::json!([stop])
+    });
+    let case = cases().into_iter().find(|c| c.name == "one_tile").unwrap();
+    let img = fixtures().join(case.image.as_ref().unwrap());
+    let out = bin()
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            &case.prompt,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&got["token_ids"]), want[..first].to_vec());
+    assert_eq!(got["finish_reason"], "stop");
 }

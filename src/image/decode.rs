@@ -108,9 +108,15 @@ fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
         ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
             anyhow!("image file is truncated ({name} data ends early)")
         }
-        ImageError::Unsupported(u) => anyhow!("unsupported image format or feature ({name}): {}", one_line(u)),
+        ImageError::Unsupported(u) => anyhow!(
+            "unsupported image format or feature ({name}): {}",
+            one_line(u)
+        ),
         ImageError::Limits(l) => anyhow!("image too large to decode ({name}): {}", one_line(l)),
-        other => anyhow!("cannot decode {name} image (corrupt or truncated file): {}", one_line(other)),
+        other => anyhow!(
+            "cannot decode {name} image (corrupt or truncated file): {}",
+            one_line(other)
+        ),
     }
 }
 
@@ -235,7 +241,10 @@ mod tests {
     fn err_of(p: &Path) -> String {
         let e = load_image(p, false).unwrap_err().to_string();
         assert!(!e.contains('\n'), "multi-line error: {e}");
-        assert!(e.contains(&p.display().to_string()), "error does not name the file: {e}");
+        assert!(
+            e.contains(&p.display().to_string()),
+            "error does not name the file: {e}"
+        );
         e
     }
 
@@ -271,7 +280,10 @@ mod tests {
         let gray16 = ::image::ImageBuffer::<::image::Luma<u16>, _>::from_fn(3, 1, |x, _| {
             ::image::Luma([[7u16, 255, 4000][x as usize]])
         });
-        let p = tmp("g16.png", &encode(&DynamicImage::ImageLuma16(gray16), ImageFormat::Png));
+        let p = tmp(
+            "g16.png",
+            &encode(&DynamicImage::ImageLuma16(gray16), ImageFormat::Png),
+        );
         let got = load_image(&p, false).unwrap();
         assert_eq!(got.as_raw(), &[7, 7, 7, 255, 255, 255, 255, 255, 255]);
 
@@ -281,11 +293,17 @@ mod tests {
             vec![0x12FF, 0xAB00, 0x00FF],
         )
         .unwrap();
-        let p = tmp("rgb16.png", &encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png));
+        let p = tmp(
+            "rgb16.png",
+            &encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png),
+        );
         assert_eq!(load_image(&p, false).unwrap().as_raw(), &[0x12, 0xAB, 0x00]);
 
         let rgba = ::image::RgbaImage::from_raw(1, 1, vec![10, 20, 30, 0]).unwrap();
-        let p = tmp("rgba.png", &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png));
+        let p = tmp(
+            "rgba.png",
+            &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png),
+        );
         assert_eq!(load_image(&p, false).unwrap().as_raw(), &[10, 20, 30]);
     }
 
@@ -293,7 +311,9 @@ mod tests {
     fn jpeg_marker_walk() {
         // SOI, APP1 whose payload contains FF D9, SOS, entropy data with stuffing, EOI.
         let mut j = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
-        j.extend([0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
+        j.extend([
+            0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56,
+        ]);
         assert!(!jpeg_has_end_marker(&j));
         j.extend([0xFF, 0xD9]);
         assert!(jpeg_has_end_marker(&j));

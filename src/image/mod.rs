@@ -121,8 +121,14 @@ mod tests {
         assert_eq!((cfg.min_tiles, cfg.max_tiles), (1, 12));
         assert!(cfg.use_thumbnail);
         // Bit patterns of np.array((0.485, 0.456, 0.406), np.float32) etc.
-        assert_eq!(cfg.mean.map(f32::to_bits), [0x3EF8_51EC, 0x3EE9_78D5, 0x3ECF_DF3B]);
-        assert_eq!(cfg.std.map(f32::to_bits), [0x3E6A_7EFA, 0x3E65_6042, 0x3E66_6666]);
+        assert_eq!(
+            cfg.mean.map(f32::to_bits),
+            [0x3EF8_51EC, 0x3EE9_78D5, 0x3ECF_DF3B]
+        );
+        assert_eq!(
+            cfg.std.map(f32::to_bits),
+            [0x3E6A_7EFA, 0x3E65_6042, 0x3E66_6666]
+        );
     }
 
     #[test]

@@ -52,7 +52,12 @@ mod tests {
         normalize_into(&img, &IMAGENET_MEAN, &IMAGENET_STD, &mut out);
         // Bits of ((np.float32(v) / np.float32(255)) - mean) / std from numpy.
         let expected: [u32; 6] = [
-            0xC007_8BBD, 0xBFF9_2C0A, 0x3E52_1B48, 0xBFD7_C0E5, 0x4028_F5C3, 0xBFA4_0A71,
+            0xC007_8BBD,
+            0xBFF9_2C0A,
+            0x3E52_1B48,
+            0xBFD7_C0E5,
+            0x4028_F5C3,
+            0xBFA4_0A71,
         ];
         let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, expected);

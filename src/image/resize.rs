@@ -9,10 +9,12 @@
 //!    `f64`: bicubic kernel with `a = -0.5`, support `2.0` widened by the downscale factor,
 //!    normalised to sum 1, then converted to fixed point with `PRECISION_BITS = 22`
 //!    (rounding half away from zero).
-//! 2. A horizontal pass (skipped when the width is unchanged) computes only the source rows
-//!    the vertical pass will read, accumulating `u8 * i32` in an `i32` that starts at
-//!    `1 << 21` (for rounding), then clips `acc >> 22` to 0..=255.
+//! 2. A horizontal pass (skipped when the width is unchanged) accumulates `u8 * i32` in an
+//!    `i32` that starts at `1 << 21` (for rounding), then clips `acc >> 22` to 0..=255.
+//!    When it runs first it computes only the source rows the vertical pass will read.
 //! 3. A vertical pass (skipped when the height is unchanged) does the same along columns.
+//!    Since Pillow 13 the vertical pass runs first when the height shrinks much more than the
+//!    width (see [`horizontal_first`]); the intermediate rounding makes the order visible.
 //!
 //! Integer addition is associative, so the order in which taps are summed does not matter; only
 //! the coefficients must be bit-identical, which is why [`precompute_coeffs`] follows the C
@@ -210,7 +212,18 @@ fn resample_vertical(src: &[u8], width: usize, out_h: usize, c: &Coeffs) -> Vec<
     out
 }
 
-/// Resizes an RGB image exactly like Pillow's `Image.resize((width, height), BICUBIC)`
+/// Pillow 13's pass-order rule (`ImagingResampleInner`): when the height shrinks by more than
+/// twice as many pixels as the width does, the vertical pass runs first (it makes the
+/// horizontal pass cheaper). Earlier Pillow versions always ran the horizontal pass first;
+/// the order can change a result by one level, so it has to match the Pillow in use.
+fn horizontal_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    // Pillow computes this in C `int`; sizes here are far below overflow in i64.
+    let dy = in_h as i64 - out_h as i64;
+    let dx = in_w as i64 - out_w as i64;
+    !(dy > 0 && dy > dx * 2)
+}
+
+/// Resizes an RGB image exactly like Pillow 13's `Image.resize((width, height), BICUBIC)`
 /// (the default filter for RGB images, no `reducing_gap`).
 ///
 /// Output bytes are identical to Pillow's. Resizing to the same size returns a copy, as
@@ -224,39 +237,36 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     }
     let need_horizontal = out_w != in_w;
     let need_vertical = out_h != in_h;
-    if !need_horizontal && !need_vertical {
-        return img.clone();
-    }
     let src: &[u8] = img.as_raw();
 
-    let vert = precompute_coeffs(in_h, 0.0, in_h as f32, out_h);
-    // Like Pillow, the horizontal pass only produces the source rows the vertical pass reads.
-    let first_row = vert.bounds[0].0;
-    let last_row = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-
-    let horizontal;
-    let (mid, mid_row_offset): (&[u8], usize) = if need_horizontal {
-        let horiz = precompute_coeffs(in_w, 0.0, in_w as f32, out_w);
-        let rows = if need_vertical {
-            last_row - first_row
-        } else {
-            in_h
-        };
-        let offset = if need_vertical { first_row } else { 0 };
-        horizontal = resample_horizontal(src, in_w, offset, out_w, rows, &horiz);
-        (&horizontal, offset)
-    } else {
-        (src, 0)
-    };
-
-    let data = if need_vertical {
-        let mut vert = vert;
-        for b in &mut vert.bounds {
-            b.0 -= mid_row_offset;
+    let data = match (need_horizontal, need_vertical) {
+        (false, false) => return img.clone(),
+        (true, false) => {
+            let horiz = precompute_coeffs(in_w, 0.0, in_w as f32, out_w);
+            resample_horizontal(src, in_w, 0, out_w, in_h, &horiz)
         }
-        resample_vertical(mid, out_w, out_h, &vert)
-    } else {
-        mid.to_vec()
+        (false, true) => {
+            let vert = precompute_coeffs(in_h, 0.0, in_h as f32, out_h);
+            resample_vertical(src, in_w, out_h, &vert)
+        }
+        (true, true) => {
+            let horiz = precompute_coeffs(in_w, 0.0, in_w as f32, out_w);
+            let mut vert = precompute_coeffs(in_h, 0.0, in_h as f32, out_h);
+            if horizontal_first(in_w, in_h, out_w, out_h) {
+                // Like Pillow, only the source rows the vertical pass reads are resampled.
+                let first_row = vert.bounds[0].0;
+                let last_row = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
+                for b in &mut vert.bounds {
+                    b.0 -= first_row;
+                }
+                let mid =
+                    resample_horizontal(src, in_w, first_row, out_w, last_row - first_row, &horiz);
+                resample_vertical(&mid, out_w, out_h, &vert)
+            } else {
+                let mid = resample_vertical(src, in_w, out_h, &vert);
+                resample_horizontal(&mid, in_w, 0, out_w, out_h, &horiz)
+            }
+        }
     };
     // The buffer length is out_w * out_h * 3 by construction, so this cannot fail; fall back
     // to an empty image rather than panicking if it ever did.
@@ -269,14 +279,23 @@ mod tests {
 
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
-        for &(i, o) in &[(10usize, 448usize), (4000, 1792), (447, 448), (1, 448), (500, 1)] {
+        for &(i, o) in &[
+            (10usize, 448usize),
+            (4000, 1792),
+            (447, 448),
+            (1, 448),
+            (500, 1),
+        ] {
             let c = precompute_coeffs(i, 0.0, i as f32, o);
             assert_eq!(c.bounds.len(), o);
             for xx in 0..o {
                 let (start, k) = c.taps(xx);
                 assert!(start + k.len() <= i);
                 let sum: i64 = k.iter().map(|&v| i64::from(v)).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}");
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
+                    "{i}->{o}"
+                );
             }
         }
     }

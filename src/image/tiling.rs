@@ -78,7 +78,11 @@ impl PySet {
                 }
             }
             perturb >>= Self::PERTURB_SHIFT;
-            i = (i.wrapping_mul(5).wrapping_add(1).wrapping_add(perturb as usize)) & mask;
+            i = (i
+                .wrapping_mul(5)
+                .wrapping_add(1)
+                .wrapping_add(perturb as usize))
+                & mask;
         };
         self.table[slot] = Some((hash, key));
         self.fill += 1;
@@ -110,7 +114,11 @@ impl PySet {
                     }
                 }
                 perturb >>= Self::PERTURB_SHIFT;
-                i = (i.wrapping_mul(5).wrapping_add(1).wrapping_add(perturb as usize)) & mask;
+                i = (i
+                    .wrapping_mul(5)
+                    .wrapping_add(1)
+                    .wrapping_add(perturb as usize))
+                    & mask;
             };
             self.table[slot] = Some((hash, key));
         }
@@ -160,7 +168,8 @@ pub fn find_closest_aspect_ratio(
         if ratio_diff < best_ratio_diff {
             best_ratio_diff = ratio_diff;
             best_ratio = (i, j);
-        } else if ratio_diff == best_ratio_diff && area > 0.5 * size * size * f64::from(i) * f64::from(j)
+        } else if ratio_diff == best_ratio_diff
+            && area > 0.5 * size * size * f64::from(i) * f64::from(j)
         {
             best_ratio = (i, j);
         }
@@ -199,7 +208,10 @@ fn validate(cfg: &ImageConfig) -> Result<()> {
 pub fn tile_images(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<RgbImage>, (u32, u32))> {
     validate(cfg)?;
     let (width, height) = img.dimensions();
-    ensure!(width > 0 && height > 0, "cannot tile an empty {width}x{height} image");
+    ensure!(
+        width > 0 && height > 0,
+        "cannot tile an empty {width}x{height} image"
+    );
     let (cols, rows) = closest_grid(width, height, cfg);
     let size = cfg.image_size;
     // cols, rows <= MAX_TILES_LIMIT and size <= MAX_IMAGE_SIZE, so these cannot overflow.
@@ -253,15 +265,57 @@ mod tests {
     #[test]
     fn target_ratio_order_matches_python() {
         let expected_1_12 = [
-            (1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5),
-            (1, 6), (6, 1), (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1),
-            (1, 9), (3, 3), (9, 1), (2, 5), (5, 2), (10, 1), (1, 10), (11, 1), (1, 11), (12, 1),
-            (3, 4), (4, 3), (1, 12), (6, 2), (2, 6),
+            (1, 1),
+            (1, 2),
+            (2, 1),
+            (3, 1),
+            (1, 3),
+            (2, 2),
+            (4, 1),
+            (1, 4),
+            (5, 1),
+            (1, 5),
+            (1, 6),
+            (6, 1),
+            (3, 2),
+            (2, 3),
+            (7, 1),
+            (1, 7),
+            (4, 2),
+            (2, 4),
+            (1, 8),
+            (8, 1),
+            (1, 9),
+            (3, 3),
+            (9, 1),
+            (2, 5),
+            (5, 2),
+            (10, 1),
+            (1, 10),
+            (11, 1),
+            (1, 11),
+            (12, 1),
+            (3, 4),
+            (4, 3),
+            (1, 12),
+            (6, 2),
+            (2, 6),
         ];
         assert_eq!(target_ratios(1, 12), expected_1_12);
         let expected_2_6 = [
-            (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1), (6, 1),
-            (2, 3), (1, 6), (3, 2),
+            (1, 2),
+            (2, 1),
+            (3, 1),
+            (1, 3),
+            (4, 1),
+            (1, 4),
+            (2, 2),
+            (1, 5),
+            (5, 1),
+            (6, 1),
+            (2, 3),
+            (1, 6),
+            (3, 2),
         ];
         assert_eq!(target_ratios(2, 6), expected_2_6);
         assert!(target_ratios(5, 4).is_empty());
@@ -296,16 +350,17 @@ mod tests {
     #[test]
     fn closest_grid_matches_python_exhaustively() {
         let sizes: [u32; 30] = [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 100, 224, 333, 447, 448, 449, 500, 600,
-            777, 800, 896, 1000, 1344, 1600, 2000, 3000, 4000,
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 100, 224, 333, 447, 448, 449, 500, 600, 777,
+            800, 896, 1000, 1344, 1600, 2000, 3000, 4000,
         ];
         let mut h = FNV_OFFSET;
         for mn in 1..=40u32 {
             for mx in mn..=40u32 {
-                let c = cfg(mn, mx);
+                let ratios = target_ratios(mn, mx);
                 for &w in &sizes {
                     for &hh in &sizes {
-                        let (i, j) = closest_grid(w, hh, &c);
+                        let aspect = f64::from(w) / f64::from(hh);
+                        let (i, j) = find_closest_aspect_ratio(aspect, &ratios, w, hh, 448);
                         let mut bytes = vec![mn as u8, mx as u8];
                         bytes.extend(w.to_le_bytes());
                         bytes.extend(hh.to_le_bytes());
@@ -435,7 +490,11 @@ mod tests {
         (40, 40, 4450, 4000, (8, 5)),
         ];
         for &(mn, mx, w, h, want) in cases {
-            assert_eq!(closest_grid(w, h, &cfg(mn, mx)), want, "min {mn} max {mx} {w}x{h}");
+            assert_eq!(
+                closest_grid(w, h, &cfg(mn, mx)),
+                want,
+                "min {mn} max {mx} {w}x{h}"
+            );
         }
     }
 
@@ -472,7 +531,10 @@ mod tests {
             image_size: 0,
             ..ImageConfig::default()
         };
-        assert!(tile_images(&img, &c).unwrap_err().to_string().contains("invalid tile size"));
+        assert!(tile_images(&img, &c)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid tile size"));
         let err = tile_images(&RgbImage::new(0, 5), &ImageConfig::default()).unwrap_err();
         assert!(err.to_string().contains("empty"));
     }
