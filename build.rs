@@ -9,10 +9,7 @@ const LIB: &str = "libonnxruntime.so.1.31.1";
 fn find_in_venv(root: &Path) -> Option<PathBuf> {
     let lib = root.join(".venv/lib");
     for entry in std::fs::read_dir(&lib).ok()?.flatten() {
-        let p = entry
-            .path()
-            .join("site-packages/onnxruntime/capi")
-            .join(LIB);
+        let p = entry.path().join("site-packages/onnxruntime/capi").join(LIB);
         if p.is_file() {
             return Some(p);
         }
@@ -24,18 +21,15 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=ORT_LIB_SOURCE");
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
-    let src = std::env::var_os("ORT_LIB_SOURCE")
-        .map(PathBuf::from)
-        .or_else(|| find_in_venv(&root));
+    let src = std::env::var_os("ORT_LIB_SOURCE").map(PathBuf::from).or_else(|| find_in_venv(&root));
     let Some(src) = src else {
         println!("cargo:warning={LIB} not found in .venv; run scripts/setup.sh or put it beside the binary");
         return;
     };
     println!("cargo:rerun-if-changed={}", src.display());
     // OUT_DIR is target/<profile>/build/<pkg>/out.
-    let Some(profile_dir) = std::env::var_os("OUT_DIR")
-        .map(PathBuf::from)
-        .and_then(|o| o.ancestors().nth(3).map(Path::to_path_buf))
+    let Some(profile_dir) =
+        std::env::var_os("OUT_DIR").map(PathBuf::from).and_then(|o| o.ancestors().nth(3).map(Path::to_path_buf))
     else {
         return;
     };
@@ -46,11 +40,7 @@ fn main() {
     };
     if stale {
         if let Err(e) = std::fs::copy(&src, &dst) {
-            println!(
-                "cargo:warning=copying {} to {}: {e}",
-                src.display(),
-                dst.display()
-            );
+            println!("cargo:warning=copying {} to {}: {e}", src.display(), dst.display());
         }
     }
 }

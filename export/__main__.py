@@ -2,8 +2,7 @@
 
   python -m export --checkpoint DIR_OR_HUB_ID --out models/NAME    checkpoint -> model folder
   python -m export tiny --out DIR [--shape tiny|internvl2_5-1b]     random-weight checkpoint
-  python -m export golden --checkpoint DIR --cases cases.json --out golden.json
-                                                                   PyTorch reference outputs
+  python -m export golden --cases cases.json --out golden.json     PyTorch reference outputs
 """
 
 from __future__ import annotations
@@ -32,11 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b"])
+    p.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "qwen3", "internlm2"], help="LLM")
+    p.add_argument("--vision", default="300m", choices=["300m", "6b"], help="InternViT variant")
+    p.add_argument("--layout", default="hf", choices=["hf", "original"], help="checkpoint layout to write")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("golden", help="PyTorch greedy outputs for test cases")
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--cases", required=True, type=Path, help="JSON list of {name, image, prompt, max_tiles, ...}")
+    p.add_argument("--cases", required=True, type=Path, help="JSON list of cases (see export/golden.py)")
     p.add_argument("--out", required=True, type=Path)
 
     args = parser.parse_args(argv)
@@ -47,11 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "tiny":
         from .tiny import make_checkpoint
 
-        make_checkpoint(args.out, shape=args.shape, seed=args.seed)
+        make_checkpoint(args.out, shape=args.shape, seed=args.seed, family=args.family, vision=args.vision,
+                        layout=args.layout)
     else:
         from .golden import write_goldens
 
-        write_goldens(args.checkpoint, args.cases, args.out)
+        write_goldens(args.cases, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Open a checkpoint as a user downloads it (local folder or hub id) and say what it is.
+"""Open a checkpoint as a user downloads it (local folder or hub id), say what it is, and load it.
 
-Supported now: the Hugging Face layout that transformers loads natively (`InternVLForConditionalGeneration`,
-the "-hf" repos) with a Qwen2 / Qwen2.5 LLM: InternVL 2.5 and 3. Anything else is rejected with a message
-naming what is not supported, before any heavy work starts.
+Two layouts:
+- "hf": what transformers loads natively (`InternVLForConditionalGeneration`, the "-hf" repos);
+- "original": OpenGVLab's `InternVLChatModel` repos (remote code; tensors `vision_model.*`, `mlp1.*`,
+  `language_model.*`; a `template` name in config.json). Its code is never imported: the tensors are
+  mapped onto canonical names (transformers' module names) and loaded into transformers' InternVL with
+  the matching LLM class, which then serves as the PyTorch reference the export is checked against.
+
+Every family is decided from config.json before any heavy work, and anything unsupported is rejected
+with a message naming it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_LLMS = {"qwen2"}
+import torch
+
+from .decoder import LlmSpec
+from .vision import VisionSpec
+
+# LLM families by the model_type / architecture the checkpoint names; value: transformers model_type
+# used for the reference model.
+LLM_FAMILIES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama"}
+DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "llama": "Hermes-2", "internlm2": "internlm2-chat"}
 
 
 @dataclass
@@ -19,7 +33,8 @@ class Checkpoint:
     path: Path
     source: str  # what the user passed
     config: dict
-    llm_arch: str
+    layout: str  # "hf" | "original"
+    llm_family: str
     template: str
 
 
@@ -40,6 +55,17 @@ def resolve(source: str) -> Path:
     raise SystemExit(f"checkpoint {source}: no such folder")
 
 
+def _llm_family(path: Path, llm: dict) -> str:
+    kind = llm.get("model_type") or ""
+    arch = (llm.get("architectures") or [""])[0]
+    for fam in LLM_FAMILIES:
+        if kind == fam or arch.lower().startswith(fam):
+            return fam
+    raise SystemExit(
+        f"checkpoint {path}: LLM {kind or arch!r} is not supported (supported: {', '.join(LLM_FAMILIES)})"
+    )
+
+
 def inspect(source: str, template: str | None = None) -> Checkpoint:
     path = resolve(source)
     cfg_file = path / "config.json"
@@ -51,30 +77,186 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
         raise SystemExit(f"checkpoint {cfg_file}: invalid JSON ({e})") from e
     model_type = config.get("model_type")
     if model_type == "internvl_chat":
-        raise SystemExit(
-            f"checkpoint {path}: original OpenGVLab layout (InternVLChatModel, remote code) is not supported yet; "
-            "use the '-hf' release of the same model"
-        )
-    if model_type != "internvl":
+        layout, llm = "original", config.get("llm_config") or {}
+        template = template or config.get("template")
+    elif model_type == "internvl":
+        layout, llm = "hf", config.get("text_config") or {"model_type": "qwen2"}
+    else:
         raise SystemExit(f"checkpoint {path}: model_type {model_type!r} is not an InternVL checkpoint")
-    llm = (config.get("text_config") or {}).get("model_type", "qwen2")
-    if llm not in SUPPORTED_LLMS:
-        raise SystemExit(f"checkpoint {path}: LLM {llm!r} is not supported yet (supported: {sorted(SUPPORTED_LLMS)})")
-    vision = config.get("vision_config") or {}
-    if vision.get("norm_type", "layer_norm") != "layer_norm" or vision.get("use_qk_norm"):
-        raise SystemExit(f"checkpoint {path}: InternViT-6B vision (RMSNorm / qk-norm) is not supported yet")
-    for f in ("tokenizer.json",):
-        if not (path / f).is_file():
-            raise SystemExit(f"checkpoint {path}: {f} missing")
-    return Checkpoint(path=path, source=source, config=config, llm_arch=llm, template=template or "internvl2_5")
+    family = _llm_family(path, llm)
+    if not list(path.glob("*.safetensors")):
+        raise SystemExit(f"checkpoint {path}: no .safetensors weights")
+    from . import templates
+
+    template = template or DEFAULT_TEMPLATES[family]
+    templates.template(template)  # unknown names fail here
+    return Checkpoint(path=path, source=source, config=config, layout=layout, llm_family=family, template=template)
 
 
-def load_model(ckpt: Checkpoint):
-    """The PyTorch model in float32 with eager attention: the exact math we export and check against."""
-    import torch
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _split_rows(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(t, sizes, dim=0))
+
+
+def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original InternVLChatModel tensor names -> transformers' InternVL module names."""
+    vcfg, lcfg = ckpt.config["vision_config"], ckpt.config["llm_config"]
+    hidden = vcfg["hidden_size"]
+    out: dict[str, torch.Tensor] = {}
+    vis_names = {
+        "embeddings.class_embedding": "embeddings.cls_token",
+        "embeddings.position_embedding": "embeddings.position_embeddings",
+        "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
+        "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
+    }
+    layer_names = {"attn.proj": "attention.projection_layer", "attn.q_norm": "attention.q_norm",
+                   "attn.k_norm": "attention.k_norm", "norm1": "layernorm_before", "norm2": "layernorm_after",
+                   "ls1": "lambda_1", "ls2": "lambda_2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    proj_names = {"mlp1.0": "layer_norm", "mlp1.1": "linear_1", "mlp1.3": "linear_2"}
+    family = ckpt.llm_family
+    heads, kv = lcfg["num_attention_heads"], lcfg.get("num_key_value_heads", lcfg["num_attention_heads"])
+    head_dim = lcfg.get("head_dim") or lcfg["hidden_size"] // heads
+    for name, t in tensors.items():
+        if name.startswith("vision_model."):
+            rest = name[len("vision_model."):]
+            if rest in vis_names:
+                out["model.vision_tower." + vis_names[rest]] = t
+                continue
+            parts = rest.split(".")  # encoder.layers.{i}.<module>.<param>
+            if parts[:2] != ["encoder", "layers"]:
+                raise SystemExit(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
+            pre = f"model.vision_tower.encoder.layer.{parts[2]}."
+            module, param = ".".join(parts[3:-1]), parts[-1]
+            if module == "attn.qkv":  # rows: q, k, v
+                for n, piece in zip(("q_proj", "k_proj", "v_proj"), _split_rows(t, [hidden] * 3), strict=True):
+                    out[f"{pre}attention.{n}.{param}"] = piece
+            elif module == "" and param in ("ls1", "ls2"):  # layer-scale vectors sit on the layer itself
+                out[pre + layer_names[param]] = t
+            elif module in layer_names:
+                out[f"{pre}{layer_names[module]}.{param}"] = t
+            else:
+                raise SystemExit(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
+        elif name.startswith("mlp1."):
+            idx, param = name.rsplit(".", 1)
+            out[f"model.multi_modal_projector.{proj_names[idx]}.{param}"] = t
+        elif name.startswith("language_model."):
+            rest = name[len("language_model."):]
+            if family == "internlm2":
+                out.update(_map_internlm2(rest, t, heads, kv, head_dim))
+            elif rest == "lm_head.weight":
+                out["lm_head.weight"] = t
+            elif rest.startswith("model."):
+                out["model.language_model." + rest[len("model."):]] = t
+            else:
+                raise SystemExit(f"checkpoint {ckpt.path}: unexpected LLM tensor {name}")
+        else:
+            raise SystemExit(f"checkpoint {ckpt.path}: unexpected tensor {name}")
+    return out
+
+
+def _map_internlm2(rest: str, t: torch.Tensor, heads: int, kv: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """InternLM2 names onto Llama's; the packed `wqkv` holds, per kv head, its group of query heads
+    followed by that head's key and value: [(q_0 .. q_{g-1}, k, v) x kv_heads] x head_dim rows."""
+    if rest == "output.weight":
+        return {"lm_head.weight": t}
+    simple = {"model.tok_embeddings.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    if rest in simple:
+        return {"model.language_model." + simple[rest]: t}
+    parts = rest.split(".")  # model.layers.{i}.<...>
+    pre = f"model.language_model.layers.{parts[2]}."
+    sub = ".".join(parts[3:])
+    names = {"attention.wo.weight": "self_attn.o_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}
+    if sub in names:
+        return {pre + names[sub]: t}
+    if sub == "attention.wqkv.weight":
+        group = heads // kv
+        w = t.reshape(kv, group + 2, head_dim, t.shape[-1])
+        return {pre + "self_attn.q_proj.weight": w[:, :group].reshape(heads * head_dim, -1),
+                pre + "self_attn.k_proj.weight": w[:, group].reshape(kv * head_dim, -1),
+                pre + "self_attn.v_proj.weight": w[:, group + 1].reshape(kv * head_dim, -1)}
+    raise SystemExit(f"unexpected InternLM2 tensor language_model.{rest}")
+
+
+def hf_config(ckpt: Checkpoint, image_token_id: int):
+    """transformers' InternVLConfig equivalent to an original-layout config.json."""
+    from transformers import AutoConfig, InternVLConfig
+
+    c, v, llm = ckpt.config, ckpt.config["vision_config"], dict(ckpt.config["llm_config"])
+    vision = {"hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"],
+              "num_attention_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
+              "attention_bias": v.get("qkv_bias", True), "use_qk_norm": v.get("qk_normalization", False),
+              "norm_type": v.get("norm_type", "layer_norm"), "layer_norm_eps": v.get("layer_norm_eps", 1e-6),
+              "image_size": c.get("force_image_size") or v.get("image_size", 448),
+              "patch_size": v.get("patch_size", 14), "hidden_act": v.get("hidden_act", "gelu")}
+    family = ckpt.llm_family
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id")
+    text = {k: llm[k] for k in keep if k in llm and llm[k] is not None}
+    if family == "internlm2":
+        text["attention_bias"] = bool(llm.get("bias", False))
+        text.setdefault("tie_word_embeddings", False)
+        if isinstance(text.get("rope_scaling"), dict) and "type" in text["rope_scaling"]:
+            rs = dict(text["rope_scaling"])
+            rs["rope_type"] = rs.pop("type")
+            text["rope_scaling"] = rs
+    text_cfg = AutoConfig.for_model(LLM_FAMILIES[family], **text)
+    return InternVLConfig(vision_config=vision, text_config=text_cfg.to_dict(), image_token_id=image_token_id,
+                          image_seq_length=int((vision["image_size"] // vision["patch_size"] * c.get("downsample_ratio", 0.5)) ** 2),
+                          downsample_ratio=c.get("downsample_ratio", 0.5), projector_hidden_act="gelu",
+                          vision_feature_layer=c.get("select_layer", -1), vision_feature_select_strategy="default",
+                          tie_word_embeddings=text_cfg.tie_word_embeddings)
+
+
+def load(ckpt: Checkpoint, image_token_id: int):
+    """(transformers reference model in float32 with eager attention, its canonical state dict)."""
     from transformers import InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration.from_pretrained(
-        ckpt.path, dtype=torch.float32, attn_implementation="eager"
-    )
+    if ckpt.layout == "hf":
+        model = InternVLForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32,
+                                                                 attn_implementation="eager")
+    else:
+        cfg = hf_config(ckpt, image_token_id)
+        cfg._attn_implementation = "eager"
+        weights = {k: v.float() for k, v in map_original(ckpt, _read_safetensors(ckpt.path)).items()}
+        with torch.device("meta"):
+            model = InternVLForConditionalGeneration(cfg)
+        if cfg.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+        if missing or unexpected:
+            raise SystemExit(f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+        if cfg.tie_word_embeddings:
+            model.tie_weights()
+        # Buffers (the rotary frequencies) were made on the meta device: build that module for real.
+        lm = model.model.language_model
+        lm.rotary_emb = type(lm.rotary_emb)(config=cfg.text_config)
     return model.eval()
+
+
+def specs(ckpt: Checkpoint, model) -> tuple[VisionSpec, LlmSpec]:
+    cfg = model.config
+    v, t = cfg.vision_config, cfg.text_config
+    c = ckpt.config
+    vision = VisionSpec(hidden=v.hidden_size, layers=v.num_hidden_layers, heads=v.num_attention_heads,
+                        norm=v.norm_type, eps=v.layer_norm_eps, qk_norm=bool(v.use_qk_norm),
+                        image_size=v.image_size[0], patch_size=v.patch_size[0], downsample_ratio=cfg.downsample_ratio,
+                        ps_version=c.get("ps_version", "v2") if ckpt.layout == "original" else "v2",
+                        select_layer=cfg.vision_feature_layer)
+    heads = t.num_attention_heads
+    llm = LlmSpec(arch=t.model_type, family=ckpt.llm_family, hidden=t.hidden_size, layers=t.num_hidden_layers,
+                  heads=heads, kv_heads=t.num_key_value_heads,
+                  head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads, eps=t.rms_norm_eps,
+                  vocab=t.vocab_size, max_context=t.max_position_embeddings)
+    return vision, llm

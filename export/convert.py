@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -31,26 +32,35 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         t0 = time.time()
-        log(f"loading {ckpt.path}")
-        model = checkpoint.load_model(ckpt)
+        tokenizer_json = write_tokenizer(ckpt, work / "tokenizer.json")
+        ids = manifest.special_ids(tokenizer_json)
+        log(f"loading {ckpt.path} ({ckpt.layout} layout, {ckpt.llm_family} LLM, template {ckpt.template})")
+        model = checkpoint.load(ckpt, ids["img_context"])
+        vspec, lspec = checkpoint.specs(ckpt, model)
+        weights = model.state_dict()
+
+        def reference(pv):  # transformers' InternVL: independent of our vision module
+            return model.model.get_image_features(pixel_values=pv, vision_feature_layer=vspec.select_layer,
+                                                  vision_feature_select_strategy="default").pooler_output
+
         log("vision.onnx")
-        vision = export_vision(model, work / "vision.onnx")
-        log(f"  max abs diff to PyTorch {vision['max_abs_diff']:.2e} (tolerance {vision['tolerance']:g})")
+        # transformers implements pixel shuffle v2 only; v1 graphs are checked against our own module.
+        vision = export_vision(vspec, weights, work / "vision.onnx", reference if vspec.ps_version == "v2" else None)
+        log(f"  max abs diff to PyTorch {vision['max_abs_diff']:.2e}")
         log("embed_tokens.bin")
         embed = export_embedding(model, work / "embed_tokens.bin")
         log("decoder.onnx")
-        decoder = export_decoder(model, work / "decoder.onnx")
-        log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e} (tolerance {decoder['tolerance']:g})")
-        shutil.copyfile(ckpt.path / "tokenizer.json", work / "tokenizer.json")
-        ids = manifest.special_ids(work / "tokenizer.json")
-        stop_ids = sorted({ids_of(work / "tokenizer.json", tpl["stop"]), *eos_ids(ckpt)})
+        decoder = export_decoder(lspec, model, work / "decoder.onnx")
+        log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
+        stop_ids = sorted({token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
                      "img_context_id": ids["img_context"], "vocab_size": ids["vocab_size"], "stop_ids": stop_ids}
         image = {"image_size": vision["image_size"], "min_tiles": 1, "max_tiles": 12, "use_thumbnail": True,
-                 "mean": vision.pop("mean"), "std": vision.pop("std")}
+                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
         manifest.write(
-            work, name=out.name, source={"checkpoint": ckpt.source, "layout": "hf", "llm_arch": ckpt.llm_arch},
+            work, name=out.name,
+            source={"checkpoint": ckpt.source, "layout": ckpt.layout, "llm_family": ckpt.llm_family},
             vision=vision, embed=embed, decoder=decoder, tokenizer=tokenizer, template=tpl, image=image,
             generation={"max_new_tokens": 1024},
         )
@@ -69,7 +79,26 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
             shutil.rmtree(work)
 
 
-def ids_of(tokenizer_json: Path, token: str) -> int:
+def write_tokenizer(ckpt: checkpoint.Checkpoint, dst: Path) -> Path:
+    """The checkpoint's tokenizer.json, or one converted by transformers' fast tokenizer when only the
+    slow files (vocab.json + merges.txt, tokenizer.model) ship."""
+    src = ckpt.path / "tokenizer.json"
+    if src.is_file():
+        shutil.copyfile(src, dst)
+        return dst
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt.path, use_fast=True)
+    except Exception as e:  # any conversion failure is one message
+        raise SystemExit(f"checkpoint {ckpt.path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
+    if not getattr(tok, "is_fast", False):
+        raise SystemExit(f"checkpoint {ckpt.path}: no tokenizer.json and no fast tokenizer conversion")
+    tok.backend_tokenizer.save(str(dst))
+    return dst
+
+
+def token_id(tokenizer_json: Path, token: str) -> int:
     from tokenizers import Tokenizer
 
     tid = Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
@@ -80,12 +109,11 @@ def ids_of(tokenizer_json: Path, token: str) -> int:
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:
     """eos ids from generation_config.json (what `generate` stops on), else from the LLM config."""
-    import json
-
     gen = ckpt.path / "generation_config.json"
     eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
     if eos is None:
-        eos = (ckpt.config.get("text_config") or {}).get("eos_token_id")
+        llm = ckpt.config.get("text_config") or ckpt.config.get("llm_config") or {}
+        eos = llm.get("eos_token_id")
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]

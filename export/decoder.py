@@ -5,14 +5,18 @@ inputs:  inputs_embeds [batch, seq, hidden] f32, attention_mask [batch, past+seq
 outputs: logits [batch, vocab] (last position only: prefill never ships seq x vocab floats),
          present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
 
-The same graph serves prefill (past = 0) and decode (seq = 1). The forward pass is written here rather
-than traced through transformers' cache classes, which pin the query length or the past length when
-exported; it reads the checkpoint's own modules' weights, and the self-check compares it with the
-transformers model on prefill and on a decode step.
+The same graph serves prefill (past = 0) and decode (seq = 1). The forward pass is written here, over
+the checkpoint's weights in canonical (transformers) names, rather than traced through transformers'
+cache classes, which pin the query length or the past length when exported. One implementation covers
+the families InternVL ships (they differ only in q/k/v bias and Qwen3's per-head q/k RMSNorm once
+InternLM2's packed projections are unpacked); the rotary frequencies are taken from transformers' own
+rotary module, so every RoPE variant it knows comes for free. The self-check compares the graph with the
+transformers model on a prefill and a decode step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +25,23 @@ from torch import nn
 
 from .common import check_close, export_onnx, ort_session
 
-# Logits: absolute 1e-3 plus 1e-5 of the largest logit (measured: 1e-5 absolute on the tiny model).
+# Logits: absolute 1e-3 plus 1e-5 of the largest logit (float32 rounding grows with the magnitude).
 TOLERANCE = 1e-3
 RTOL = 1e-5
+
+
+@dataclass
+class LlmSpec:
+    arch: str  # transformers model_type of the reference: qwen2 | llama | qwen3
+    family: str  # what the checkpoint calls it: qwen2 | llama | qwen3 | internlm2
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    vocab: int
+    max_context: int
 
 
 def _rms_norm(x, weight, eps):
@@ -32,19 +50,27 @@ def _rms_norm(x, weight, eps):
 
 
 class Decoder(nn.Module):
-    """Qwen2-architecture decoder: RMSNorm, RoPE, grouped-query attention with q/k/v bias, SwiGLU MLP."""
+    """RMSNorm, RoPE, grouped-query attention (optional q/k/v bias, optional per-head q/k norm), SwiGLU."""
 
-    def __init__(self, lm, text_cfg):
+    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], inv_freq: torch.Tensor, rope_scale: float):
         super().__init__()
-        self.lm = lm  # transformers' Qwen2Model
-        self.head = None
-        self.heads = text_cfg.num_attention_heads
-        self.kv_heads = text_cfg.num_key_value_heads
-        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.heads
-        self.eps = text_cfg.rms_norm_eps
-        self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone().float(), persistent=False)
+        self.spec = spec
+        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+                                   for k, v in weights.items()
+                                   if k.startswith("model.language_model.") or k == "lm_head.weight"})
+        if "lm_head__weight" not in self.w:  # tied embeddings
+            self.w["lm_head__weight"] = self.w["model__language_model__embed_tokens__weight"]
+        self.register_buffer("inv_freq", inv_freq.detach().clone().float(), persistent=False)
+        self.rope_scale = float(rope_scale)
+
+    def p(self, name: str):
+        return self.w[name.replace(".", "__")]
+
+    def opt(self, name: str):
+        return self.w.get(name.replace(".", "__"))
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        s = self.spec
         h = inputs_embeds
         # Causal + padding mask without shape arithmetic: a key at cache position p is visible to a query
         # at position q when p <= q and the key is not padding. Works for any past / seq length.
@@ -54,32 +80,40 @@ class Decoder(nn.Module):
         bias = (~visible[:, None, None]).to(torch.float32) * torch.finfo(torch.float32).min
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [b, 1, q, d]
+        cos, sin = emb.cos()[:, None] * self.rope_scale, emb.sin()[:, None] * self.rope_scale  # [b, 1, q, d]
         presents = []
-        for i, layer in enumerate(self.lm.layers):
-            attn = layer.self_attn
-            x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
+        for i in range(s.layers):
+            pre = f"model.language_model.layers.{i}."
+            x = _rms_norm(h, self.p(pre + "input_layernorm.weight"), s.eps)
             b, q_len = x.shape[0], x.shape[1]
-            q = attn.q_proj(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+
+            def proj(name, heads, x=x, pre=pre, b=b, q_len=q_len):
+                y = nn.functional.linear(x, self.p(f"{pre}self_attn.{name}.weight"), self.opt(f"{pre}self_attn.{name}.bias"))
+                y = y.view(b, q_len, heads, s.head_dim)
+                norm = self.opt(f"{pre}self_attn.{name[0]}_norm.weight")  # Qwen3: per-head RMSNorm before RoPE
+                if norm is not None:
+                    y = _rms_norm(y, norm, s.eps)
+                return y.transpose(1, 2)
+
+            q, k, v = proj("q_proj", s.heads), proj("k_proj", s.kv_heads), proj("v_proj", s.kv_heads)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k = torch.cat((past[2 * i], k), dim=2)
             v = torch.cat((past[2 * i + 1], v), dim=2)
             presents += [k, v]
             # Grouped-query attention without repeating K/V: queries [b, kv_heads, group, q, d].
-            qg = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, q_len, self.head_dim)
-            scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * (self.head_dim**-0.5) + bias
+            qg = q.reshape(b, s.kv_heads, s.heads // s.kv_heads, q_len, s.head_dim)
+            scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * (s.head_dim**-0.5) + bias
             probs = torch.softmax(scores, dim=-1)
             ctx = torch.matmul(probs, v[:, :, None])  # [b, kvh, g, q, d]
-            ctx = ctx.reshape(b, self.heads, q_len, self.head_dim).transpose(1, 2).reshape(b, q_len, -1)
-            h = h + attn.o_proj(ctx)
-            x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        last = _rms_norm(h[:, -1, :], self.lm.norm.weight, self.eps)
-        return (self.head(last), *presents)
+            ctx = ctx.reshape(b, s.heads, q_len, s.head_dim).transpose(1, 2).reshape(b, q_len, -1)
+            h = h + nn.functional.linear(ctx, self.p(pre + "self_attn.o_proj.weight"), self.opt(pre + "self_attn.o_proj.bias"))
+            x = _rms_norm(h, self.p(pre + "post_attention_layernorm.weight"), s.eps)
+            gate = nn.functional.linear(x, self.p(pre + "mlp.gate_proj.weight"))
+            up = nn.functional.linear(x, self.p(pre + "mlp.up_proj.weight"))
+            h = h + nn.functional.linear(nn.functional.silu(gate) * up, self.p(pre + "mlp.down_proj.weight"))
+        last = _rms_norm(h[:, -1, :], self.p("model.language_model.norm.weight"), s.eps)
+        return (nn.functional.linear(last, self.p("lm_head.weight")), *presents)
 
 
 def _rotate_half(x):
@@ -93,42 +127,31 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def build(model) -> Decoder:
-    text_cfg = model.config.text_config
-    dec = Decoder(model.model.language_model, text_cfg)
-    dec.head = model.lm_head
-    return dec.eval()
+def build(spec: LlmSpec, model) -> Decoder:
+    """Our decoder over the reference model's tensors (shared, not copied)."""
+    rot = model.model.language_model.rotary_emb
+    weights = dict(model.state_dict(keep_vars=False))
+    return Decoder(spec, weights, rot.inv_freq, getattr(rot, "attention_scaling", 1.0)).eval()
 
 
-def _inputs(dec: Decoder, hidden: int, batch: int, seq: int, past: int, gen: torch.Generator):
-    embeds = torch.randn(batch, seq, hidden, generator=gen)
+def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0) -> dict:
+    dec = build(spec, model)
+    inputs, outputs = io_names(spec.layers)
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq, past = 2, 3, 4
+    embeds = torch.randn(batch, seq, spec.hidden, generator=gen)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq, dtype=torch.int64)[None].repeat(batch, 1)
-    pkv = [torch.randn(batch, dec.kv_heads, past, dec.head_dim, generator=gen)
-           for _ in range(2 * len(dec.lm.layers))]
-    return embeds, mask, pos, pkv
-
-
-def export_decoder(model, out: Path, seed: int = 0) -> dict:
-    dec = build(model)
-    text_cfg = model.config.text_config
-    layers, hidden = len(dec.lm.layers), text_cfg.hidden_size
-    inputs, outputs = io_names(layers)
-    gen = torch.Generator().manual_seed(seed)
-    embeds, mask, pos, pkv = _inputs(dec, hidden, batch=2, seq=3, past=4, gen=gen)
+    pkv = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=gen) for _ in range(2 * spec.layers)]
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
             "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    for name in inputs[3:]:
-        axes[name] = {0: "batch", 2: "past"}
-    for name in outputs[1:]:
-        axes[name] = {0: "batch", 2: "total"}
+    axes.update({name: {0: "batch", 2: "past"} for name in inputs[3:]})
+    axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
     export_onnx(dec, (embeds, mask, pos, *pkv), out, inputs, outputs, axes)
-    diff = self_check(model, out, seed)
+    diff = self_check(spec, model, out, seed)
     return {
-        "file": out.name, "arch": "qwen2", "layers": layers, "hidden": hidden,
-        "heads": dec.heads, "kv_heads": dec.kv_heads, "head_dim": dec.head_dim,
-        "vocab": int(model.lm_head.weight.shape[0]),
-        "max_context": int(text_cfg.max_position_embeddings),
+        "file": out.name, "arch": spec.family, "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
+        "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "max_context": spec.max_context,
         "inputs": {"inputs_embeds": inputs[0], "attention_mask": inputs[1], "position_ids": inputs[2],
                    "past_key": "past_key_values.{}.key", "past_value": "past_key_values.{}.value"},
         "outputs": {"logits": "logits", "present_key": "present.{}.key", "present_value": "present.{}.value"},
@@ -136,18 +159,16 @@ def export_decoder(model, out: Path, seed: int = 0) -> dict:
     }
 
 
-def self_check(model, path: Path, seed: int) -> float:
+def self_check(spec: LlmSpec, model, path: Path, seed: int) -> float:
     """ONNX Runtime vs the transformers model: a prefill from an empty cache, then one decode step fed with
     ONNX Runtime's own present tensors, the way the runtime chains them."""
     from transformers import DynamicCache
 
     sess = ort_session(path)
-    layers = model.config.text_config.num_hidden_layers
-    inputs, outputs = io_names(layers)
+    inputs, outputs = io_names(spec.layers)
     gen = torch.Generator().manual_seed(seed + 7)
-    hidden = model.config.text_config.hidden_size
-    prompt = torch.randn(1, 9, hidden, generator=gen)
-    step = torch.randn(1, 1, hidden, generator=gen)
+    prompt = torch.randn(1, 9, spec.hidden, generator=gen)
+    step = torch.randn(1, 1, spec.hidden, generator=gen)
     lm = model.model.language_model
     with torch.no_grad():
         cache = DynamicCache(config=model.config.text_config)
@@ -155,15 +176,14 @@ def self_check(model, path: Path, seed: int) -> float:
         want_prefill = model.lm_head(h[:, -1]).numpy()
         h = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
         want_step = model.lm_head(h[:, -1]).numpy()
-    dec = build(model)
-    empty = np.zeros((1, dec.kv_heads, 0, dec.head_dim), np.float32)
+    empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
     feed = {inputs[0]: prompt.numpy(), inputs[1]: np.ones((1, 9), np.int64),
             inputs[2]: np.arange(9, dtype=np.int64)[None]}
     feed.update({n: empty for n in inputs[3:]})
     res = sess.run(outputs, feed)
     d1 = check_close("decoder.onnx prefill logits", res[0], want_prefill, TOLERANCE, RTOL)
     feed = {inputs[0]: step.numpy(), inputs[1]: np.ones((1, 10), np.int64), inputs[2]: np.array([[9]], np.int64)}
-    feed.update(dict(zip(inputs[3:], res[1:])))
+    feed.update(dict(zip(inputs[3:], res[1:], strict=True)))
     res = sess.run(outputs, feed)
     d2 = check_close("decoder.onnx decode-step logits", res[0], want_step, TOLERANCE, RTOL)
     return max(d1, d2)

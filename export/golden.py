@@ -2,7 +2,11 @@
 
 Independent of the exported graphs and of the Rust runtime: pixels come from `reference.py` (the
 reference `load_image`), the prompt from the template definitions and the tokenizer as the reference
-`chat()` builds it, and the model is transformers' own `InternVLForConditionalGeneration`.
+`chat()` builds it, and the model is transformers' own `InternVLForConditionalGeneration` loaded from a
+`-hf` checkpoint.
+
+A case: {"name", "prompt", "images": [paths relative to the cases file], "max_tiles", "max_new_tokens",
+"system", "history": [[user, assistant], ...], "template", "checkpoint": -hf reference folder (relative)}.
 """
 
 from __future__ import annotations
@@ -10,46 +14,58 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import templates
-from .checkpoint import inspect, load_model
-from .convert import eos_ids, ids_of
+from .checkpoint import inspect, load
+from .convert import eos_ids, token_id
 from .reference import load_image
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
-def reference_prompt(tpl: dict, question: str, system: str | None, tiles: int | None, tokens_per_tile: int) -> str:
-    """`chat()`: '<image>\\n' before a question without one, the template, then the image-token expansion."""
-    if tiles is not None and "<image>" not in question:
-        question = "<image>\n" + question
-    query = templates.build_prompt(tpl, question, system)
-    if tiles is not None:
-        query = query.replace("<image>", IMG_START + IMG_CONTEXT * tokens_per_tile * tiles + IMG_END, 1)
+def reference_query(tpl: dict, question: str, system: str | None, tiles: list[int], history: list,
+                    tokens_per_tile: int) -> str:
+    """`chat()`: with images and no `<image>` in the question, '<image>\\n' goes before it (several images:
+    the model card's 'Image-1: <image>\\n...' lines); the template with the history turns; then each
+    `<image>`, in order, becomes `<img>` + 256 x tiles `<IMG_CONTEXT>` + `</img>`."""
+    if tiles and not any("<image>" in q for q, _ in history) and "<image>" not in question:
+        if len(tiles) == 1:
+            question = "<image>\n" + question
+        else:
+            question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(tiles))) + question
+    query = templates.build_prompt(tpl, [*[(q, a) for q, a in history], (question, None)], system)
+    for n in tiles:
+        query = query.replace("<image>", IMG_START + IMG_CONTEXT * tokens_per_tile * n + IMG_END, 1)
     return query
 
 
-def write_goldens(checkpoint: Path, cases_file: Path, out: Path) -> None:
+def write_goldens(cases_file: Path, out: Path) -> None:
     from tokenizers import Tokenizer
 
-    ckpt = inspect(str(checkpoint))
-    tpl = templates.template(ckpt.template)
-    model = load_model(ckpt)
-    tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
-    stop = sorted({ids_of(ckpt.path / "tokenizer.json", tpl["stop"]), *eos_ids(ckpt)})
-    tokens_per_tile = int(model.config.image_seq_length)
     cases = json.loads(cases_file.read_text())
+    models: dict[str, tuple] = {}
     results = []
     for case in cases:
-        pixel_values, tiles = None, None
-        if case.get("image"):
-            image = (cases_file.parent / case["image"]).resolve()
-            pv = load_image(image, input_size=448, max_num=case.get("max_tiles", 12))
-            pixel_values, tiles = torch.from_numpy(pv), pv.shape[0]
-        text = reference_prompt(tpl, case["prompt"], case.get("system"), tiles, tokens_per_tile)
+        ref = str((cases_file.parent / case["checkpoint"]).resolve())
+        if ref not in models:
+            ckpt = inspect(ref)
+            tok_file = ckpt.path / "tokenizer.json"
+            ids = Tokenizer.from_file(str(tok_file))
+            models[ref] = (ckpt, load(ckpt, ids.token_to_id(IMG_CONTEXT)), ids)
+        ckpt, model, tok = models[ref]
+        tpl = templates.template(case.get("template") or ckpt.template)
+        stop = sorted({token_id(ckpt.path / "tokenizer.json", tpl["stop"]), *eos_ids(ckpt)})
+        pixel_values, tiles = [], []
+        for image in case.get("images", []):
+            pv = load_image(cases_file.parent / image, input_size=448, max_num=case.get("max_tiles", 12))
+            pixel_values.append(pv)
+            tiles.append(pv.shape[0])
+        text = reference_query(tpl, case["prompt"], case.get("system"), tiles, case.get("history", []),
+                               int(model.config.image_seq_length))
         ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
+        extra = {"pixel_values": torch.from_numpy(np.concatenate(pixel_values))} if pixel_values else {}
         with torch.no_grad():
             gen = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=case.get("max_new_tokens", 32),
@@ -60,5 +76,5 @@ def write_goldens(checkpoint: Path, cases_file: Path, out: Path) -> None:
         if finish == "stop":
             new = new[:-1]
         results.append({"name": case["name"], "prompt_ids": ids[0].tolist(), "tokens": new,
-                        "finish_reason": finish, "tiles": tiles or 0})
+                        "finish_reason": finish, "tiles": sum(tiles)})
     out.write_text(json.dumps({"cases": results}) + "\n")

@@ -27,7 +27,7 @@ def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_
         if ratio_diff < best_ratio_diff:
             best_ratio_diff = ratio_diff
             best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:
+        elif ratio_diff == best_ratio_diff:  # noqa: SIM102 (model card code, kept literal)
             if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
                 best_ratio = ratio
     return best_ratio
@@ -45,13 +45,17 @@ def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
     return sorted(ratios, key=lambda x: x[0] * x[1])
 
 
-def closest_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448):
+def closest_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
+):
     """The `(cols, rows)` grid `dynamic_preprocess` picks for a `width` x `height` image."""
     ratios = target_ratios(min_num, max_num)
     return find_closest_aspect_ratio(width / height, ratios, width, height, image_size)
 
 
-def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+def dynamic_preprocess(
+    image, min_num=1, max_num=12, image_size=448, use_thumbnail=False
+):
     orig_width, orig_height = image.size
     aspect_ratio = orig_width / orig_height
 
@@ -66,7 +70,9 @@ def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbna
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
 
     # find the closest aspect ratio to the target
-    target_aspect_ratio = find_closest_aspect_ratio(aspect_ratio, target_ratios, orig_width, orig_height, image_size)
+    target_aspect_ratio = find_closest_aspect_ratio(
+        aspect_ratio, target_ratios, orig_width, orig_height, image_size
+    )
 
     # calculate the target width and height
     target_width = image_size * target_aspect_ratio[0]
@@ -101,7 +107,9 @@ def to_tensor_normalize(image: Image.Image, input_size: int = 448) -> np.ndarray
     `Normalize` is `(x - mean) / std` with float32 mean and std, all IEEE float32 operations
     that numpy performs identically.
     """
-    image = image.convert("RGB").resize((input_size, input_size), Image.Resampling.BICUBIC)
+    image = image.convert("RGB").resize(
+        (input_size, input_size), Image.Resampling.BICUBIC
+    )
     x = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
     mean = np.array(IMAGENET_MEAN, dtype=np.float32)
     std = np.array(IMAGENET_STD, dtype=np.float32)
@@ -117,14 +125,32 @@ def open_rgb(image_file, apply_exif: bool = False) -> Image.Image:
     return image.convert("RGB")
 
 
-def tiles_uint8(image: Image.Image, input_size: int = 448, max_num: int = 12, min_num: int = 1) -> np.ndarray:
+def tiles_uint8(
+    image: Image.Image, input_size: int = 448, max_num: int = 12, min_num: int = 1
+) -> np.ndarray:
     """The uint8 tiles (thumbnail included) as [n, s, s, 3], before normalisation."""
-    images = dynamic_preprocess(image, min_num=min_num, image_size=input_size, use_thumbnail=True, max_num=max_num)
+    images = dynamic_preprocess(
+        image,
+        min_num=min_num,
+        image_size=input_size,
+        use_thumbnail=True,
+        max_num=max_num,
+    )
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
 
 
-def load_image(image_file, input_size=448, max_num=12, min_num=1, apply_exif=False) -> np.ndarray:
+def load_image(
+    image_file, input_size=448, max_num=12, min_num=1, apply_exif=False
+) -> np.ndarray:
     """The reference `load_image`: float32 pixel values [n, 3, input_size, input_size]."""
     image = open_rgb(image_file, apply_exif)
-    images = dynamic_preprocess(image, min_num=min_num, image_size=input_size, use_thumbnail=True, max_num=max_num)
-    return np.stack([to_tensor_normalize(im, input_size) for im in images]).astype(np.float32, copy=False)
+    images = dynamic_preprocess(
+        image,
+        min_num=min_num,
+        image_size=input_size,
+        use_thumbnail=True,
+        max_num=max_num,
+    )
+    return np.stack([to_tensor_normalize(im, input_size) for im in images]).astype(
+        np.float32, copy=False
+    )

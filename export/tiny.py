@@ -44,24 +44,39 @@ SHAPES = {
 }
 
 
-def build_config(shape: str):
+FAMILIES = ("qwen2", "llama", "qwen3", "internlm2")
+# The conversation template each family's InternVL release uses.
+TEMPLATE = {"qwen2": "internvl2_5", "llama": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "internlm2-chat"}
+
+
+def build_config(shape: str, family: str = "qwen2", vision: str = "300m"):
+    """transformers' InternVLConfig for a shape, an LLM family and an InternViT variant. InternLM2 has
+    no transformers class; it is a Llama once its packed projections are split, so its reference is one."""
     from transformers import InternVLConfig
 
     dims = SHAPES[shape]
-    vision = dict(
-        image_size=448, patch_size=14, hidden_act="gelu", norm_type="layer_norm", layer_norm_eps=1e-6,
-        use_qk_norm=False, attention_bias=True, layer_scale_init_value=0.1, use_mean_pooling=True,
-        **dims["vision"],
+    v = dict(
+        image_size=448, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, layer_scale_init_value=0.1,
+        use_mean_pooling=True, **dims["vision"],
     )
+    # InternViT-6B: RMSNorm, qk-normalisation, no qkv bias.
+    v.update(norm_type="rms_norm", use_qk_norm=True, attention_bias=False) if vision == "6b" else v.update(
+        norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
     text = dict(
-        model_type="qwen2", vocab_size=QWEN2_VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=True, use_sliding_window=False,
-        bos_token_id=151643, eos_token_id=151645, **dims["text"],
+        model_type={"internlm2": "llama"}.get(family, family), vocab_size=QWEN2_VOCAB, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
+        tie_word_embeddings=family == "qwen2", **dims["text"],
     )
+    if family == "qwen2":
+        text["use_sliding_window"] = False
+    if family == "qwen3":
+        text["head_dim"] = 2 * text["hidden_size"] // text["num_attention_heads"]  # Qwen3: head_dim is its own
+    if family in ("llama", "internlm2"):
+        text["attention_bias"] = False
     return InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=IMG_CONTEXT_ID, image_seq_length=256,
+        vision_config=v, text_config=text, image_token_id=IMG_CONTEXT_ID, image_seq_length=256,
         downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
-        vision_feature_select_strategy="default", tie_word_embeddings=True,
+        vision_feature_select_strategy="default", tie_word_embeddings=text["tie_word_embeddings"],
     )
 
 
@@ -75,7 +90,11 @@ def scale_for_diverse_output(model, seed: int, llm_gain: float = 4.0) -> None:
     collapses, 4 gives ~30 distinct tokens out of 32 that change with the image and the prompt) fixes that."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.ndim == 1 and ("norm" in name or name.endswith(("lambda_1", "lambda_2"))):
+        if p.ndim == 1 and "language_model" in name and ("q_norm" in name or "k_norm" in name):
+            # Qwen3 normalises q and k per head: unit-scale weights leave attention nearly uniform and
+            # greedy output falls into a 2-token cycle; wider weights sharpen it.
+            p.copy_(4.0 + 1.0 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1 and ("norm" in name or name.endswith(("lambda_1", "lambda_2"))):
             p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
         elif p.ndim == 1:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
@@ -117,21 +136,135 @@ def write_processor_configs(out: Path) -> None:
         "image_seq_length": 256, "processor_class": "InternVLProcessor"}, indent=2))
 
 
-def make_checkpoint(out: Path, shape: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint to `out` (created; refuses to overwrite a non-empty folder)."""
-    from transformers import GenerationConfig, InternVLForConditionalGeneration
+def make_model(shape: str = "tiny", family: str = "qwen2", vision: str = "300m", seed: int = 0):
+    from transformers import InternVLForConditionalGeneration
 
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(build_config(shape, family, vision)).eval()
+    scale_for_diverse_output(model, seed, llm_gain=SHAPES[shape]["llm_gain"])
+    return model.to(torch.bfloat16)  # hub checkpoints are stored in bf16
+
+
+def _fresh(out: Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"refusing to overwrite non-empty folder {out}")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    config = build_config(shape)
-    model = InternVLForConditionalGeneration(config).eval()
-    scale_for_diverse_output(model, seed, llm_gain=SHAPES[shape]["llm_gain"])
-    model.to(torch.bfloat16)  # hub checkpoints are stored in bf16
+    return out
+
+
+def save_hf(model, out: Path) -> Path:
+    """The -hf layout, exactly as transformers' save_pretrained writes it."""
+    from transformers import GenerationConfig
+
+    out = _fresh(out)
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643).save_pretrained(out)
     write_tokenizer(out)
     write_processor_configs(out)
     return out
+
+
+def save_original(model, out: Path, family: str) -> Path:
+    """The original OpenGVLab layout (InternVLChatModel), written tensor by tensor the way its code names
+    them: `vision_model.*` with fused qkv, `mlp1.{0,1,3}`, `language_model.*` in the LLM's own names
+    (InternLM2: packed `wqkv`, `tok_embeddings`, `output`). Deliberately not derived from the exporter's
+    mapping, so that the parity tests check that mapping against an independent construction."""
+    from safetensors.torch import save_file
+
+    out = _fresh(out)
+    cfg = model.config
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    t: dict[str, torch.Tensor] = {}
+    vt = "model.vision_tower."
+    t["vision_model.embeddings.class_embedding"] = sd[vt + "embeddings.cls_token"]
+    t["vision_model.embeddings.position_embedding"] = sd[vt + "embeddings.position_embeddings"]
+    for p in ("weight", "bias"):
+        t[f"vision_model.embeddings.patch_embedding.{p}"] = sd[f"{vt}embeddings.patch_embeddings.projection.{p}"]
+    for i in range(cfg.vision_config.num_hidden_layers):
+        src, dst = f"{vt}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            if f"{src}attention.q_proj.{p}" in sd:
+                t[f"{dst}attn.qkv.{p}"] = torch.cat([sd[f"{src}attention.{n}_proj.{p}"] for n in "qkv"])
+            t[f"{dst}attn.proj.{p}"] = sd[f"{src}attention.projection_layer.{p}"]
+            t[f"{dst}mlp.fc1.{p}"] = sd[f"{src}mlp.fc1.{p}"]
+            t[f"{dst}mlp.fc2.{p}"] = sd[f"{src}mlp.fc2.{p}"]
+            for a, b in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+                if f"{src}{b}.{p}" in sd:
+                    t[f"{dst}{a}.{p}"] = sd[f"{src}{b}.{p}"]
+        if cfg.vision_config.use_qk_norm:
+            t[f"{dst}attn.q_norm.weight"] = sd[f"{src}attention.q_norm.weight"]
+            t[f"{dst}attn.k_norm.weight"] = sd[f"{src}attention.k_norm.weight"]
+        t[f"{dst}ls1"] = sd[f"{src}lambda_1"]
+        t[f"{dst}ls2"] = sd[f"{src}lambda_2"]
+    for idx, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+        for p in ("weight", "bias"):
+            t[f"mlp1.{idx}.{p}"] = sd[f"model.multi_modal_projector.{name}.{p}"]
+    text = cfg.text_config
+    lm = "model.language_model."
+    if family == "internlm2":
+        heads, kv = text.num_attention_heads, text.num_key_value_heads
+        hd, group = text.hidden_size // heads, text.num_attention_heads // text.num_key_value_heads
+        t["language_model.model.tok_embeddings.weight"] = sd[lm + "embed_tokens.weight"]
+        t["language_model.model.norm.weight"] = sd[lm + "norm.weight"]
+        t["language_model.output.weight"] = sd["lm_head.weight"]
+        for i in range(text.num_hidden_layers):
+            src, dst = f"{lm}layers.{i}.", f"language_model.model.layers.{i}."
+            q = sd[src + "self_attn.q_proj.weight"].reshape(kv, group, hd, -1)
+            k = sd[src + "self_attn.k_proj.weight"].reshape(kv, 1, hd, -1)
+            v = sd[src + "self_attn.v_proj.weight"].reshape(kv, 1, hd, -1)
+            t[dst + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1]).contiguous()
+            t[dst + "attention.wo.weight"] = sd[src + "self_attn.o_proj.weight"]
+            t[dst + "attention_norm.weight"] = sd[src + "input_layernorm.weight"]
+            t[dst + "ffn_norm.weight"] = sd[src + "post_attention_layernorm.weight"]
+            t[dst + "feed_forward.w1.weight"] = sd[src + "mlp.gate_proj.weight"]
+            t[dst + "feed_forward.w3.weight"] = sd[src + "mlp.up_proj.weight"]
+            t[dst + "feed_forward.w2.weight"] = sd[src + "mlp.down_proj.weight"]
+    else:
+        for k, v in sd.items():
+            if k.startswith(lm):
+                t["language_model.model." + k[len(lm):]] = v
+        if not text.tie_word_embeddings:
+            t["language_model.lm_head.weight"] = sd["lm_head.weight"]
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+
+    v = cfg.vision_config
+    llm = {k: val for k, val in text.to_dict().items() if not k.startswith("_")}
+    if family == "internlm2":
+        llm = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+               "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
+               "intermediate_size": text.intermediate_size, "num_hidden_layers": text.num_hidden_layers,
+               "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+               "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
+               "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
+               "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"}
+    else:
+        llm["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[family]]
+        llm["rope_theta"] = 1000000.0
+    config = {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": TEMPLATE[family],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+        "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
+        "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+        "torch_dtype": "bfloat16",
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                          "hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers,
+                          "num_attention_heads": v.num_attention_heads, "intermediate_size": v.intermediate_size,
+                          "qkv_bias": v.attention_bias, "qk_normalization": v.use_qk_norm,
+                          "norm_type": v.norm_type, "layer_norm_eps": v.layer_norm_eps, "image_size": 448,
+                          "patch_size": 14, "hidden_act": "gelu", "use_flash_attn": False},
+        "llm_config": llm,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    write_tokenizer(out)
+    return out
+
+
+def make_checkpoint(out: Path, shape: str = "tiny", seed: int = 0, family: str = "qwen2", vision: str = "300m",
+                    layout: str = "hf") -> Path:
+    """Write a random-weight checkpoint to `out` (refuses to overwrite a non-empty folder)."""
+    model = make_model(shape, family, vision, seed)
+    return save_hf(model, out) if layout == "hf" else save_original(model, out, family)

@@ -1,65 +1,144 @@
 """vision.onnx: pixel_values [tiles,3,448,448] -> image embeddings [tiles,256,llm_hidden].
 
-InternViT, drop of the class token, pixel shuffle (0.5) and the MLP projector in one graph, so the
+InternViT (300M or 6B: LayerNorm or RMSNorm, optional qk-normalisation, layer scale), the drop of the
+class token, pixel shuffle (0.5; `ps_version` v1 or v2) and the MLP projector in one graph, so the
 runtime hands tiles in and gets rows to splice into the LLM's input embeddings out.
+
+The forward pass is written here, over the checkpoint's weights in canonical (transformers `-hf`)
+names, so both checkpoint layouts export through the same code; the self-check and the tests compare
+it with transformers' own InternVL implementation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch import nn
 
 from .common import check_close, export_onnx, ort_session
 
 INPUT = "pixel_values"
 OUTPUT = "image_embeds"
 TOLERANCE = 1e-3
+RTOL = 1e-5
 
 
-class VisionEncoder(torch.nn.Module):
-    def __init__(self, model):
+@dataclass
+class VisionSpec:
+    hidden: int
+    layers: int
+    heads: int
+    norm: str  # "layer_norm" | "rms_norm"
+    eps: float
+    qk_norm: bool
+    image_size: int
+    patch_size: int
+    downsample_ratio: float
+    ps_version: str  # "v1" | "v2"
+    select_layer: int  # -1 = last layer's output
+
+
+def _norm(kind: str, dim: int, w, b, eps):
+    if kind == "rms_norm":
+        return lambda x: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return lambda x: nn.functional.layer_norm(x, (dim,), w, b, eps)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, spec: VisionSpec, weights: dict[str, torch.Tensor]):
         super().__init__()
-        self.inner = model.model
-        cfg = model.config
-        self.layer = cfg.vision_feature_layer
-        self.strategy = cfg.vision_feature_select_strategy
-        emb = self.inner.vision_tower.embeddings
-        # Tiles are always image_size square, so the position table applies as is; the HF code would
-        # otherwise trace a (no-op) bicubic interpolation of it into the graph.
-        emb.interpolate_pos_encoding = lambda embeddings, height, width: emb.position_embeddings
+        self.spec = spec
+        # Registered as parameters so tracing stores them as initializers (external data).
+        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+                                   for k, v in weights.items()
+                                   if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))})
+
+    def p(self, name: str):
+        return self.w[name.replace(".", "__")]
+
+    def has(self, name: str) -> bool:
+        return name.replace(".", "__") in self.w
 
     def forward(self, pixel_values):
-        out = self.inner.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=self.layer, vision_feature_select_strategy=self.strategy
-        )
-        return out.pooler_output
+        s, p = self.spec, self.p
+        e = "model.vision_tower.embeddings."
+        x = nn.functional.conv2d(pixel_values, p(e + "patch_embeddings.projection.weight"),
+                                 p(e + "patch_embeddings.projection.bias"), stride=s.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # [tiles, patches, hidden]
+        cls = p(e + "cls_token").expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1) + p(e + "position_embeddings")
+        head_dim = s.hidden // s.heads
+        last = s.layers + s.select_layer + 1 if s.select_layer < 0 else s.select_layer
+        for i in range(last):
+            pre = f"model.vision_tower.encoder.layer.{i}."
+            norm1 = _norm(s.norm, s.hidden, p(pre + "layernorm_before.weight"),
+                          p(pre + "layernorm_before.bias") if s.norm == "layer_norm" else None, s.eps)
+            norm2 = _norm(s.norm, s.hidden, p(pre + "layernorm_after.weight"),
+                          p(pre + "layernorm_after.bias") if s.norm == "layer_norm" else None, s.eps)
+            h = norm1(x)
+            a = pre + "attention."
+
+            def proj(name, h=h, a=a):
+                bias = p(a + name + ".bias") if self.has(a + name + ".bias") else None
+                return nn.functional.linear(h, p(a + name + ".weight"), bias)
+
+            q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+            if s.qk_norm:
+                q = _norm("rms_norm", s.hidden, p(a + "q_norm.weight"), None, s.eps)(q)
+                k = _norm("rms_norm", s.hidden, p(a + "k_norm.weight"), None, s.eps)(k)
+            b, n = q.shape[0], q.shape[1]
+            q = q.reshape(b, n, s.heads, head_dim).transpose(1, 2)
+            k = k.reshape(b, n, s.heads, head_dim).transpose(1, 2)
+            v = v.reshape(b, n, s.heads, head_dim).transpose(1, 2)
+            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * head_dim**-0.5, dim=-1)
+            ctx = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, s.hidden)
+            ctx = nn.functional.linear(ctx, p(a + "projection_layer.weight"), p(a + "projection_layer.bias"))
+            x = x + p(pre + "lambda_1") * ctx
+            h = norm2(x)
+            h = nn.functional.linear(h, p(pre + "mlp.fc1.weight"), p(pre + "mlp.fc1.bias"))
+            h = nn.functional.gelu(h)
+            h = nn.functional.linear(h, p(pre + "mlp.fc2.weight"), p(pre + "mlp.fc2.bias"))
+            x = x + p(pre + "lambda_2") * h
+        x = x[:, 1:, :]
+        side = s.image_size // s.patch_size
+        x = pixel_shuffle(x.reshape(x.shape[0], side, side, s.hidden), s.downsample_ratio, s.ps_version)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        m = "model.multi_modal_projector."
+        dim = s.hidden * int(1 / s.downsample_ratio) ** 2
+        x = nn.functional.layer_norm(x, (dim,), p(m + "layer_norm.weight"), p(m + "layer_norm.bias"), 1e-5)
+        x = nn.functional.linear(x, p(m + "linear_1.weight"), p(m + "linear_1.bias"))
+        x = nn.functional.gelu(x)
+        return nn.functional.linear(x, p(m + "linear_2.weight"), p(m + "linear_2.bias"))
 
 
-def export_vision(model, out: Path, seed: int = 0) -> dict:
-    cfg = model.config
-    size = cfg.vision_config.image_size[0]
-    enc = VisionEncoder(model).eval()
+def pixel_shuffle(x, scale: float, version: str):
+    """The reference `pixel_shuffle`: v2 swaps height and width back at the end, v1 (early InternVL 1.5)
+    leaves them transposed."""
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3)
+    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3) if version == "v2" else x
+
+
+def export_vision(spec: VisionSpec, weights: dict, out: Path, reference=None, seed: int = 0) -> dict:
+    """`reference(pixel_values) -> embeddings`, when given, is checked against ONNX Runtime; otherwise the
+    module itself is (the tests then compare it with transformers)."""
+    enc = VisionEncoder(spec, weights).eval()
+    size = spec.image_size
     # Two tiles: a batch-1 example can pin the tile dimension (shared/notes).
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     export_onnx(enc, (example,), out, [INPUT], [OUTPUT], {INPUT: {0: "tiles"}, OUTPUT: {0: "tiles"}})
 
-    # Self-check on a tile count other than the traced one.
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
-        want = enc(check).numpy()
+        want = (reference or enc)(check).numpy()
     got = ort_session(out).run([OUTPUT], {INPUT: check.numpy()})[0]
-    diff = check_close("vision.onnx", got, want, TOLERANCE)
-    tokens = int(want.shape[1])
+    diff = check_close("vision.onnx", got, want, TOLERANCE, RTOL)
     return {
-        "file": out.name, "input": INPUT, "output": OUTPUT, "image_size": int(size),
-        "patch_size": int(cfg.vision_config.patch_size[0]), "tokens_per_tile": tokens,
-        "embed_dim": int(want.shape[2]), "max_abs_diff": diff, "tolerance": TOLERANCE,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "file": out.name, "input": INPUT, "output": OUTPUT, "image_size": size, "patch_size": spec.patch_size,
+        "tokens_per_tile": int(want.shape[1]), "embed_dim": int(want.shape[2]), "max_abs_diff": diff,
+        "tolerance": TOLERANCE, "arch": "internvit-6b" if spec.qk_norm or spec.norm == "rms_norm" else "internvit-300m",
+        "ps_version": spec.ps_version, "select_layer": spec.select_layer,
     }
-
-
-def vision_reference(model, pixel_values: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return VisionEncoder(model).eval()(torch.from_numpy(pixel_values)).numpy()

@@ -34,16 +34,8 @@ impl Stat {
     fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Stat {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Stat { median, min: v[0], max: v[n - 1] }
     }
 }
 
@@ -70,13 +62,8 @@ pub struct BenchReport {
 /// A deterministic picture with structure at every scale (the content does not change the cost).
 pub fn synthetic_image(width: u32, height: u32) -> RgbImage {
     RgbImage::from_fn(width, height, |x, y| {
-        let h =
-            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
-        image::Rgb([
-            (x * 255 / width.max(1)) as u8,
-            (y * 255 / height.max(1)) as u8,
-            (h >> 24) as u8,
-        ])
+        let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        image::Rgb([(x * 255 / width.max(1)) as u8, (y * 255 / height.max(1)) as u8, (h >> 24) as u8])
     })
 }
 
@@ -99,22 +86,15 @@ pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
-pub fn run(
-    dir: &Path,
-    rt: &RuntimeOptions,
-    o: &BenchOptions,
-    log: &mut dyn FnMut(&str),
-) -> Result<BenchReport> {
+pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     ensure!(o.runs >= 1, "--runs must be at least 1");
     let threads = crate::runtime::thread_count(rt.threads);
     let mut loads = Vec::new();
@@ -125,9 +105,7 @@ pub fn run(
         model = Some(InternVL::load(dir, rt, false)?);
         loads.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let Some(mut model) = model else {
-        anyhow::bail!("--runs must be at least 1")
-    };
+    let Some(mut model) = model else { anyhow::bail!("--runs must be at least 1") };
     log(&format!("load: {:.0} ms", Stat::of(loads.clone()).median));
 
     // Vision: random normalised tiles, one at a time and in batches.
@@ -160,6 +138,7 @@ pub fn run(
     let request = |images: Vec<RgbImage>, prompt: &str, max_new_tokens: usize| Request {
         images,
         prompt: prompt.to_string(),
+        history: Vec::new(),
         system: None,
         max_tiles: None,
         max_new_tokens,
@@ -175,20 +154,12 @@ pub fn run(
     let mut prefill_tokens = 0;
     for _ in 0..o.runs {
         let out = model.generate(&one, &mut |_| Ok(()))?;
-        ensure!(
-            out.tiles == 1,
-            "bench image gave {} tiles, expected 1",
-            out.tiles
-        );
+        ensure!(out.tiles == 1, "bench image gave {} tiles, expected 1", out.tiles);
         t1.push(out.timings.first_token_ms);
         pf.push(out.timings.prefill_tokens_per_s);
         prefill_tokens = out.prompt_tokens;
         let out = model.generate(&seven, &mut |_| Ok(()))?;
-        ensure!(
-            out.tiles == 7,
-            "bench image gave {} tiles, expected 7",
-            out.tiles
-        );
+        ensure!(out.tiles == 7, "bench image gave {} tiles, expected 7", out.tiles);
         t7.push(out.timings.first_token_ms);
     }
     log(&format!(
@@ -197,20 +168,13 @@ pub fn run(
         Stat::of(t7.clone()).median
     ));
 
-    let text = request(
-        Vec::new(),
-        "Write a long story about a lighthouse keeper.",
-        o.decode_tokens,
-    );
+    let text = request(Vec::new(), "Write a long story about a lighthouse keeper.", o.decode_tokens);
     let mut dec = Vec::new();
     for _ in 0..o.runs {
         let out = model.generate(&text, &mut |_| Ok(()))?;
         dec.push(out.timings.decode_tokens_per_s);
     }
-    log(&format!(
-        "decode: {:.2} tokens/s",
-        Stat::of(dec.clone()).median
-    ));
+    log(&format!("decode: {:.2} tokens/s", Stat::of(dec.clone()).median));
 
     Ok(BenchReport {
         model: dir.display().to_string(),

@@ -39,31 +39,23 @@ impl Decoder {
         }
         // The manifest must describe this graph: same layer count and input width.
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-        for name in past_names
-            .iter()
-            .chain([&spec.inputs.inputs_embeds, &spec.inputs.attention_mask])
-        {
+        for name in past_names.iter().chain([&spec.inputs.inputs_embeds, &spec.inputs.attention_mask]) {
             ensure!(
                 inputs.contains(&name.as_str()),
                 "{} has no input {name:?}: manifest and graph are from different models",
                 path.display()
             );
         }
-        let n_past = inputs
-            .iter()
-            .filter(|n| n.starts_with(spec.inputs.past_key.split("{}").next().unwrap_or("")))
-            .count();
+        let n_past =
+            inputs.iter().filter(|n| n.starts_with(spec.inputs.past_key.split("{}").next().unwrap_or(""))).count();
         ensure!(
             n_past == 2 * spec.layers,
             "{} has {n_past} cache inputs but the manifest says {} layers: manifest and graph are from different models",
             path.display(),
             spec.layers
         );
-        if let Some(ort::value::ValueType::Tensor { shape, .. }) = session
-            .inputs()
-            .iter()
-            .find(|i| i.name() == spec.inputs.inputs_embeds)
-            .map(|i| i.dtype())
+        if let Some(ort::value::ValueType::Tensor { shape, .. }) =
+            session.inputs().iter().find(|i| i.name() == spec.inputs.inputs_embeds).map(|i| i.dtype())
         {
             let width = shape.last().copied().unwrap_or(-1);
             ensure!(
@@ -73,22 +65,14 @@ impl Decoder {
                 spec.hidden
             );
         }
-        Ok(Self {
-            session,
-            spec,
-            past_names,
-            present_names,
-        })
+        Ok(Self { session, spec, past_names, present_names })
     }
 
     pub fn empty_cache(&self) -> Result<KvCache> {
         let mut tensors = Vec::with_capacity(2 * self.spec.layers);
         for _ in 0..2 * self.spec.layers {
-            let t = Tensor::from_array((
-                [1usize, self.spec.kv_heads, 0, self.spec.head_dim],
-                Vec::<f32>::new(),
-            ))
-            .map_err(ort_err)?;
+            let t = Tensor::from_array(([1usize, self.spec.kv_heads, 0, self.spec.head_dim], Vec::<f32>::new()))
+                .map_err(ort_err)?;
             tensors.push(t.into_dyn());
         }
         Ok(KvCache { tensors, len: 0 })
@@ -120,40 +104,27 @@ impl Decoder {
     fn step(&mut self, embeds: &[f32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let seq = embeds.len() / self.spec.hidden;
         let total = cache.len + seq;
-        let embeds = Tensor::from_array(([1usize, seq, self.spec.hidden], embeds.to_vec()))
-            .map_err(ort_err)?;
+        let embeds = Tensor::from_array(([1usize, seq, self.spec.hidden], embeds.to_vec())).map_err(ort_err)?;
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err)?;
         let positions: Vec<i64> = (cache.len as i64..total as i64).collect();
         let positions = Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?;
-        let mut inputs: Vec<(
-            std::borrow::Cow<'_, str>,
-            ort::session::SessionInputValue<'_>,
-        )> = vec![
-            (
-                self.spec.inputs.inputs_embeds.as_str().into(),
-                embeds.into(),
-            ),
+        let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = vec![
+            (self.spec.inputs.inputs_embeds.as_str().into(), embeds.into()),
             (self.spec.inputs.attention_mask.as_str().into(), mask.into()),
-            (
-                self.spec.inputs.position_ids.as_str().into(),
-                positions.into(),
-            ),
+            (self.spec.inputs.position_ids.as_str().into(), positions.into()),
         ];
         for (name, t) in self.past_names.iter().zip(cache.tensors.drain(..)) {
             inputs.push((name.as_str().into(), t.into()));
         }
-        let mut outputs =
-            self.session.run(inputs).map_err(ort_err).with_context(|| {
-                format!("decoder step at position {} ({seq} tokens)", cache.len)
-            })?;
-        let (_, logits) = outputs[self.spec.outputs.logits.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(ort_err)?;
+        let mut outputs = self
+            .session
+            .run(inputs)
+            .map_err(ort_err)
+            .with_context(|| format!("decoder step at position {} ({seq} tokens)", cache.len))?;
+        let (_, logits) = outputs[self.spec.outputs.logits.as_str()].try_extract_tensor::<f32>().map_err(ort_err)?;
         let logits = logits.to_vec();
         for name in &self.present_names {
-            let t = outputs
-                .remove(name.as_str())
-                .with_context(|| format!("decoder returned no {name}"))?;
+            let t = outputs.remove(name.as_str()).with_context(|| format!("decoder returned no {name}"))?;
             cache.tensors.push(t);
         }
         cache.len = total;

@@ -22,12 +22,7 @@ impl Embeddings {
     pub fn open(m: &Manifest) -> Result<Self> {
         let path = m.path(&m.embed.file);
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self {
-            file,
-            path,
-            vocab: m.embed.vocab,
-            hidden: m.embed.hidden,
-        })
+        Ok(Self { file, path, vocab: m.embed.vocab, hidden: m.embed.hidden })
     }
 
     /// Appends the embeddings of `ids` to `out` (row-major, `hidden` floats per id).
@@ -36,18 +31,11 @@ impl Embeddings {
         let mut buf = vec![0u8; row_bytes];
         out.reserve(ids.len() * self.hidden);
         for &id in ids {
-            ensure!(
-                (id as usize) < self.vocab,
-                "token id {id} outside the embedding table ({})",
-                self.vocab
-            );
+            ensure!((id as usize) < self.vocab, "token id {id} outside the embedding table ({})", self.vocab);
             self.file
                 .read_exact_at(&mut buf, id as u64 * row_bytes as u64)
                 .with_context(|| format!("reading row {id} of {}", self.path.display()))?;
-            out.extend(
-                buf.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            out.extend(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
         }
         Ok(())
     }

@@ -9,16 +9,13 @@ use clap::{Args, Parser, Subcommand};
 
 use internvl::bench::{self, BenchOptions};
 use internvl::image::{load_image, preprocess, tile_images, ImageConfig};
+use internvl::prompt::Turn;
 use internvl::runtime::{Device, RuntimeOptions};
 use internvl::sampling::SamplingOptions;
 use internvl::{npy, vision, InternVL, Request};
 
 #[derive(Parser)]
-#[command(
-    name = "internvl",
-    version,
-    about = "Run InternVL vision-language models exported to ONNX"
-)]
+#[command(name = "internvl", version, about = "Run InternVL vision-language models exported to ONNX")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,11 +56,14 @@ struct RunArgs {
     /// Model folder written by `python -m export`.
     #[arg(long)]
     model: PathBuf,
-    /// Image file (PNG, JPEG, WebP, BMP, GIF, TIFF); omit for a text-only prompt.
+    /// Image file (PNG, JPEG, WebP, BMP, GIF, TIFF); repeat for several images; omit for text only.
     #[arg(long)]
     image: Vec<PathBuf>,
     #[arg(long)]
     prompt: String,
+    /// Earlier turns: a JSON list of {"user": ..., "assistant": ...}, oldest first.
+    #[arg(long)]
+    history: Option<PathBuf>,
     /// Replace the template's system prompt; "" drops the system block.
     #[arg(long)]
     system: Option<String>,
@@ -140,11 +140,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let msg = e.to_string();
-            let first = msg
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+            let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
             eprintln!("error: {first} (see internvl --help)");
             return ExitCode::from(2);
         }
@@ -173,26 +169,26 @@ fn run(a: RunArgs) -> Result<()> {
     };
     sampling.validate()?;
     if let Some(n) = a.max_tiles {
-        anyhow::ensure!(
-            (1..=40).contains(&n),
-            "--max-tiles {n} must be between 1 and 40"
-        );
+        anyhow::ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
     }
     // Images first: a bad image fails before the model spends seconds loading.
-    let images = a
-        .image
-        .iter()
-        .map(|p| load_image(p, a.exif))
-        .collect::<Result<Vec<_>>>()?;
-    let progress = std::io::stderr().is_terminal() && !a.json;
-    let opts = RuntimeOptions {
-        device: a.rt.device,
-        threads: a.rt.threads,
+    let images = a.image.iter().map(|p| load_image(p, a.exif)).collect::<Result<Vec<_>>>()?;
+    let history = match &a.history {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading history file {}", p.display()))?;
+            serde_json::from_str::<Vec<Turn>>(&text).with_context(|| {
+                format!("history file {}: expected a JSON list of {{\"user\": ..., \"assistant\": ...}}", p.display())
+            })?
+        }
+        None => Vec::new(),
     };
+    let progress = std::io::stderr().is_terminal() && !a.json;
+    let opts = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
     let mut model = InternVL::load(&a.model, &opts, progress)?;
     let req = Request {
         images,
         prompt: a.prompt,
+        history,
         system: a.system,
         max_tiles: a.max_tiles,
         max_new_tokens: a.max_new_tokens,
@@ -205,9 +201,7 @@ fn run(a: RunArgs) -> Result<()> {
     let json = a.json;
     let out = model.generate(&req, &mut |piece| {
         if !json {
-            stdout
-                .write_all(piece.as_bytes())
-                .context("writing to stdout")?;
+            stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
             stdout.flush().context("writing to stdout")?;
         }
         Ok(())
@@ -240,22 +234,14 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
-    anyhow::ensure!(
-        (1..=40).contains(&a.max_tiles),
-        "--max-tiles {} must be between 1 and 40",
-        a.max_tiles
-    );
+    anyhow::ensure!((1..=40).contains(&a.max_tiles), "--max-tiles {} must be between 1 and 40", a.max_tiles);
     anyhow::ensure!(
         (1..=a.max_tiles).contains(&a.min_tiles),
         "--min-tiles {} must be between 1 and --max-tiles",
         a.min_tiles
     );
     let img = load_image(&a.image, a.exif)?;
-    let cfg = ImageConfig {
-        max_tiles: a.max_tiles,
-        min_tiles: a.min_tiles,
-        ..ImageConfig::default()
-    };
+    let cfg = ImageConfig { max_tiles: a.max_tiles, min_tiles: a.min_tiles, ..ImageConfig::default() };
     let tiles = preprocess(&img, &cfg)?;
     let s = tiles.size as usize;
     npy::write_f32(&a.out, &[tiles.count, 3, s, s], &tiles.data)?;
@@ -264,68 +250,38 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
         let (images, _) = tile_images(&img, &cfg)?;
         for (i, t) in images.iter().enumerate() {
             let p = dir.join(format!("tile_{i:02}.png"));
-            t.save(&p)
-                .with_context(|| format!("writing {}", p.display()))?;
+            t.save(&p).with_context(|| format!("writing {}", p.display()))?;
         }
     }
-    eprintln!(
-        "{} tiles (grid {}x{}) -> {}",
-        tiles.count,
-        tiles.grid.0,
-        tiles.grid.1,
-        a.out.display()
-    );
+    eprintln!("{} tiles (grid {}x{}) -> {}", tiles.count, tiles.grid.0, tiles.grid.1, a.out.display());
     Ok(())
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
-    let rt = RuntimeOptions {
-        device: a.rt.device,
-        threads: a.rt.threads,
-    };
+    let rt = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
     let opts = BenchOptions {
         runs: a.runs,
         vision_batch: a.vision_batch,
         decode_tokens: a.decode_tokens,
         prefill_chunk: a.prefill_chunk,
     };
-    let r = bench::run(&a.model, &rt, &opts, &mut |line| {
-        eprintln!("[bench] {line}")
-    })?;
+    let r = bench::run(&a.model, &rt, &opts, &mut |line| eprintln!("[bench] {line}"))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
     let row = |name: &str, s: &bench::Stat, unit: &str| {
-        println!(
-            "{name:<34} {:>10.2} {:>10.2} {:>10.2}  {unit}",
-            s.median, s.min, s.max
-        );
+        println!("{name:<34} {:>10.2} {:>10.2} {:>10.2}  {unit}", s.median, s.min, s.max);
     };
-    println!(
-        "{} on {} ({} threads), {} runs",
-        r.model, r.device, r.threads, r.runs
-    );
+    println!("{} on {} ({} threads), {} runs", r.model, r.device, r.threads, r.runs);
     println!("{:<34} {:>10} {:>10} {:>10}", "", "median", "min", "max");
     row("model load", &r.load_ms, "ms");
     row("vision, batch 1", &r.vision_ms_per_tile_batch1, "ms/tile");
-    row(
-        &format!("vision, batch {}", r.vision_batch),
-        &r.vision_ms_per_tile_batched,
-        "ms/tile",
-    );
+    row(&format!("vision, batch {}", r.vision_batch), &r.vision_ms_per_tile_batched, "ms/tile");
     row("time to first token, 1 tile", &r.ttft_1tile_ms, "ms");
     row("time to first token, 7 tiles", &r.ttft_7tile_ms, "ms");
-    row(
-        &format!("prefill ({} tokens)", r.prefill_tokens),
-        &r.prefill_tokens_per_s,
-        "tokens/s",
-    );
-    row(
-        &format!("decode ({} tokens)", r.decode_tokens),
-        &r.decode_tokens_per_s,
-        "tokens/s",
-    );
+    row(&format!("prefill ({} tokens)", r.prefill_tokens), &r.prefill_tokens_per_s, "tokens/s");
+    row(&format!("decode ({} tokens)", r.decode_tokens), &r.decode_tokens_per_s, "tokens/s");
     println!(
         "{:<34} {:>10.0}  MiB (weights {:.0} MiB, ratio {:.2})",
         "peak RSS",

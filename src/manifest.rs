@@ -122,9 +122,7 @@ pub struct GenerationSpec {
 
 impl Default for GenerationSpec {
     fn default() -> Self {
-        Self {
-            max_new_tokens: 1024,
-        }
+        Self { max_new_tokens: 1024 }
     }
 }
 
@@ -133,18 +131,12 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         ensure!(dir.is_dir(), "model folder not found: {}", dir.display());
         let path = dir.join("manifest.json");
-        ensure!(
-            path.is_file(),
-            "model folder {} has no manifest.json",
-            dir.display()
-        );
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let mut m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("invalid manifest {}", path.display()))?;
+        ensure!(path.is_file(), "model folder {} has no manifest.json", dir.display());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
         m.dir = dir.to_path_buf();
-        m.validate()
-            .with_context(|| format!("invalid manifest {}", path.display()))?;
+        m.validate().with_context(|| format!("invalid manifest {}", path.display()))?;
         Ok(m)
     }
 
@@ -153,26 +145,14 @@ impl Manifest {
     }
 
     fn validate(&self) -> Result<()> {
-        ensure!(
-            self.format == FORMAT,
-            "format is {:?}, expected {FORMAT:?}",
-            self.format
-        );
+        ensure!(self.format == FORMAT, "format is {:?}, expected {FORMAT:?}", self.format);
         ensure!(
             self.format_version == FORMAT_VERSION,
             "format_version {} is not the {FORMAT_VERSION} this runtime reads; re-export the model",
             self.format_version
         );
-        ensure!(
-            self.template.style == "mpt",
-            "template style {:?} is not supported",
-            self.template.style
-        );
-        ensure!(
-            self.embed.dtype == "float32",
-            "embedding dtype {:?} is not supported",
-            self.embed.dtype
-        );
+        ensure!(self.template.style == "mpt", "template style {:?} is not supported", self.template.style);
+        ensure!(self.embed.dtype == "float32", "embedding dtype {:?} is not supported", self.embed.dtype);
         let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
         ensure!(
             v.image_size == self.image.image_size,
@@ -180,44 +160,13 @@ impl Manifest {
             v.image_size,
             self.image.image_size
         );
-        ensure!(
-            v.embed_dim == d.hidden,
-            "vision embed_dim {} != decoder hidden {}",
-            v.embed_dim,
-            d.hidden
-        );
-        ensure!(
-            e.hidden == d.hidden,
-            "embedding hidden {} != decoder hidden {}",
-            e.hidden,
-            d.hidden
-        );
-        ensure!(
-            e.vocab == d.vocab,
-            "embedding vocab {} != decoder vocab {}",
-            e.vocab,
-            d.vocab
-        );
-        ensure!(
-            t.vocab_size <= d.vocab,
-            "tokenizer has {} ids but the model only {}",
-            t.vocab_size,
-            d.vocab
-        );
-        ensure!(
-            (1..=40).contains(&self.image.max_tiles),
-            "max_tiles {} outside 1..=40",
-            self.image.max_tiles
-        );
-        for id in [t.img_start_id, t.img_end_id, t.img_context_id]
-            .iter()
-            .chain(&t.stop_ids)
-        {
-            ensure!(
-                (*id as usize) < d.vocab,
-                "special token id {id} outside the vocabulary ({})",
-                d.vocab
-            );
+        ensure!(v.embed_dim == d.hidden, "vision embed_dim {} != decoder hidden {}", v.embed_dim, d.hidden);
+        ensure!(e.hidden == d.hidden, "embedding hidden {} != decoder hidden {}", e.hidden, d.hidden);
+        ensure!(e.vocab == d.vocab, "embedding vocab {} != decoder vocab {}", e.vocab, d.vocab);
+        ensure!(t.vocab_size <= d.vocab, "tokenizer has {} ids but the model only {}", t.vocab_size, d.vocab);
+        ensure!((1..=40).contains(&self.image.max_tiles), "max_tiles {} outside 1..=40", self.image.max_tiles);
+        for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
+            ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }
         for file in [&v.file, &e.file, &d.file, &t.file] {
             let p = self.path(file);
@@ -227,9 +176,7 @@ impl Manifest {
         }
         let want = (e.vocab * e.hidden * 4) as u64;
         let path = self.path(&e.file);
-        let got = std::fs::metadata(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .len();
+        let got = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
         ensure!(
             got == want,
             "{} has {got} bytes, expected {want} ({} x {} float32)",

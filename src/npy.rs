@@ -29,22 +29,16 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let dims = match shape {
         [] => String::new(),
         [d] => format!("{d},"),
-        _ => shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        _ => shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
     // magic(6) + version(2) + header_len(2) + header + '\n' is padded with spaces to ALIGN.
     let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(ALIGN) - unpadded));
     header.push('\n');
-    let header_len = u16::try_from(header.len())
-        .map_err(|_| anyhow!("npy header too long for shape {shape:?}"))?;
+    let header_len = u16::try_from(header.len()).map_err(|_| anyhow!("npy header too long for shape {shape:?}"))?;
 
-    let file =
-        File::create(path).with_context(|| format!("cannot create npy file {}", path.display()))?;
+    let file = File::create(path).with_context(|| format!("cannot create npy file {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let write = |w: &mut BufWriter<File>| -> std::io::Result<()> {
         w.write_all(MAGIC)?;
@@ -76,10 +70,7 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 }
 
 fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
-    ensure!(
-        bytes.len() >= 10 && bytes.starts_with(MAGIC),
-        "missing NUMPY magic"
-    );
+    ensure!(bytes.len() >= 10 && bytes.starts_with(MAGIC), "missing NUMPY magic");
     let (header_len, header_start) = match bytes[6] {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
         2 | 3 => {
@@ -90,10 +81,7 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         v => bail!("unsupported npy version {v}"),
     };
     let data_start = header_start + header_len;
-    ensure!(
-        bytes.len() >= data_start,
-        "header runs past the end of the file"
-    );
+    ensure!(bytes.len() >= data_start, "header runs past the end of the file");
     let header = std::str::from_utf8(&bytes[header_start..data_start])?;
 
     let descr_text = dict_value(header, "descr")?;
@@ -101,15 +89,9 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         .strip_prefix(['\'', '"'])
         .and_then(|s| s.split(['\'', '"']).next())
         .ok_or_else(|| anyhow!("malformed descr {descr_text}"))?;
-    ensure!(
-        descr == "<f4",
-        "dtype is '{descr}', expected '<f4' (little-endian float32)"
-    );
+    ensure!(descr == "<f4", "dtype is '{descr}', expected '<f4' (little-endian float32)");
     let fortran = dict_value(header, "fortran_order")?;
-    ensure!(
-        fortran.starts_with("False"),
-        "Fortran-ordered arrays are not supported"
-    );
+    ensure!(fortran.starts_with("False"), "Fortran-ordered arrays are not supported");
     let shape_text = dict_value(header, "shape")?;
     let inner = shape_text
         .strip_prefix('(')
@@ -119,10 +101,7 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| anyhow!("malformed shape {shape_text}"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| anyhow!("malformed shape {shape_text}")))
         .collect::<Result<Vec<_>>>()?;
 
     let count = shape
@@ -130,25 +109,15 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| anyhow!("shape {shape:?} overflows"))?;
     let payload = &bytes[data_start..];
-    ensure!(
-        payload.len() == count * 4,
-        "shape {shape:?} needs {} data bytes, file has {}",
-        count * 4,
-        payload.len()
-    );
-    let data = payload
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    ensure!(payload.len() == count * 4, "shape {shape:?} needs {} data bytes, file has {}", count * 4, payload.len());
+    let data = payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok((shape, data))
 }
 
 /// Text right after `'key':` in a numpy header dict.
 fn dict_value<'a>(header: &'a str, key: &str) -> Result<&'a str> {
     let needle = format!("'{key}':");
-    let at = header
-        .find(&needle)
-        .ok_or_else(|| anyhow!("header has no '{key}' entry"))?;
+    let at = header.find(&needle).ok_or_else(|| anyhow!("header has no '{key}' entry"))?;
     Ok(header[at + needle.len()..].trim_start())
 }
 

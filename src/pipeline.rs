@@ -33,6 +33,8 @@ pub struct InternVL {
 pub struct Request {
     pub images: Vec<RgbImage>,
     pub prompt: String,
+    /// Earlier turns of the conversation, oldest first.
+    pub history: Vec<prompt::Turn>,
     /// None: the template's system message; Some(""): no system block.
     pub system: Option<String>,
     /// None: the manifest's default (12).
@@ -81,15 +83,9 @@ impl InternVL {
         let bar = spinner(progress, "loading model");
         let tokenizer = Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?;
         for (name, id) in [
-            (
-                &manifest.tokenizer.img_start,
-                manifest.tokenizer.img_start_id,
-            ),
+            (&manifest.tokenizer.img_start, manifest.tokenizer.img_start_id),
             (&manifest.tokenizer.img_end, manifest.tokenizer.img_end_id),
-            (
-                &manifest.tokenizer.img_context,
-                manifest.tokenizer.img_context_id,
-            ),
+            (&manifest.tokenizer.img_context, manifest.tokenizer.img_context_id),
         ] {
             ensure!(
                 tokenizer.token_id(name) == Some(id),
@@ -101,15 +97,7 @@ impl InternVL {
         let vision = VisionEncoder::load(&manifest, opts)?;
         let decoder = Decoder::load(&manifest, opts)?;
         bar.finish_and_clear();
-        Ok(Self {
-            manifest,
-            tokenizer,
-            embeddings,
-            vision,
-            decoder,
-            progress,
-            load_ms: ms(t0),
-        })
+        Ok(Self { manifest, tokenizer, embeddings, vision, decoder, progress, load_ms: ms(t0) })
     }
 
     pub fn image_config(&self, max_tiles: Option<u32>) -> ImageConfig {
@@ -133,42 +121,22 @@ impl InternVL {
     }
 
     /// Answers `req`, calling `on_text` with each new piece of text as soon as it is complete UTF-8.
-    pub fn generate(
-        &mut self,
-        req: &Request,
-        on_text: &mut dyn FnMut(&str) -> Result<()>,
-    ) -> Result<Output> {
+    pub fn generate(&mut self, req: &Request, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Output> {
         req.sampling.validate()?;
         if let Some(n) = req.max_tiles {
-            ensure!(
-                (1..=40).contains(&n),
-                "--max-tiles {n} must be between 1 and 40"
-            );
+            ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
         }
-        ensure!(
-            req.images.len() <= 1,
-            "{} images given; one image per request is supported",
-            req.images.len()
-        );
         let start = Instant::now();
         let hidden = self.manifest.decoder.hidden;
 
         // Preprocess.
         let cfg = self.image_config(req.max_tiles);
-        let tiles: Vec<_> = req
-            .images
-            .iter()
-            .map(|img| preprocess(img, &cfg))
-            .collect::<Result<_>>()?;
+        let mut tiles: Vec<_> = req.images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
         let preprocess_ms = ms(start);
 
         // Prompt.
-        let text = prompt::render(
-            &self.manifest.template,
-            &req.prompt,
-            req.system.as_deref(),
-            !req.images.is_empty(),
-        );
+        let text =
+            prompt::render(&self.manifest.template, &req.history, &req.prompt, req.system.as_deref(), req.images.len());
         let counts: Vec<usize> = tiles.iter().map(|t| t.count).collect();
         let ids = prompt::token_ids(&self.manifest, &self.tokenizer, &text, &counts)?;
         let ctx = self.manifest.decoder.max_context;
@@ -179,17 +147,17 @@ impl InternVL {
             counts.iter().sum::<usize>()
         );
 
-        // Vision.
+        // Vision: the tiles of all images, in order, batched together.
         let t = Instant::now();
         let total_tiles: usize = counts.iter().sum();
-        let mut image_embeds = Vec::new();
-        for tile_set in &tiles {
-            image_embeds.extend(self.encode_tiles(
-                &tile_set.data,
-                tile_set.count,
-                req.vision_batch,
-            )?);
-        }
+        let pixels: Vec<f32> = match tiles.len() {
+            1 => std::mem::take(&mut tiles[0].data),
+            _ => tiles.iter().flat_map(|t| t.data.iter().copied()).collect(),
+        };
+        drop(tiles);
+        let image_embeds =
+            if total_tiles > 0 { self.encode_tiles(&pixels, total_tiles, req.vision_batch)? } else { Vec::new() };
+        drop(pixels);
         let vision_ms = ms(t);
 
         // Embed: text rows from the table, image rows from the vision graph at the <IMG_CONTEXT> positions.
@@ -200,30 +168,19 @@ impl InternVL {
         let mut run_start = 0;
         for (i, &id) in ids.iter().enumerate() {
             if id == ctx_id {
-                self.embeddings
-                    .lookup_into(&ids[run_start..i], &mut embeds)?;
+                self.embeddings.lookup_into(&ids[run_start..i], &mut embeds)?;
                 run_start = i + 1;
-                embeds.extend_from_slice(
-                    &image_embeds[next_image_row * hidden..(next_image_row + 1) * hidden],
-                );
+                embeds.extend_from_slice(&image_embeds[next_image_row * hidden..(next_image_row + 1) * hidden]);
                 next_image_row += 1;
             }
         }
-        self.embeddings
-            .lookup_into(&ids[run_start..], &mut embeds)?;
-        ensure!(
-            next_image_row * hidden == image_embeds.len(),
-            "image token count does not match the vision output"
-        );
+        self.embeddings.lookup_into(&ids[run_start..], &mut embeds)?;
+        ensure!(next_image_row * hidden == image_embeds.len(), "image token count does not match the vision output");
 
         // Prefill.
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut cache = self.decoder.empty_cache()?;
-        let mut logits = self
-            .decoder
-            .forward(&embeds, &mut cache, req.prefill_chunk, |n| {
-                bar.inc(n as u64)
-            })?;
+        let mut logits = self.decoder.forward(&embeds, &mut cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
         let prefill_ms = ms(t);
 
@@ -287,11 +244,7 @@ impl InternVL {
 }
 
 /// Streams text with the leading whitespace dropped, as the reference strips its answer.
-fn emit(
-    piece: &str,
-    started: &mut bool,
-    on_text: &mut dyn FnMut(&str) -> Result<()>,
-) -> Result<()> {
+fn emit(piece: &str, started: &mut bool, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<()> {
     let piece = if *started { piece } else { piece.trim_start() };
     if !piece.is_empty() {
         *started = true;

@@ -9,13 +9,26 @@ use crate::tokenizer::Tokenizer;
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
+/// One earlier exchange of a conversation.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Turn {
+    pub user: String,
+    pub assistant: String,
+}
+
 /// The prompt text with `<image>` placeholders still in it (what the reference calls `query` before the
-/// image-token replacement). `system`: None = the template's own system message; Some("") = no system block.
-pub fn render(t: &TemplateSpec, question: &str, system: Option<&str>, has_image: bool) -> String {
-    let question = if has_image && !question.contains(IMAGE_PLACEHOLDER) {
-        format!("{IMAGE_PLACEHOLDER}\n{question}")
-    } else {
-        question.to_string()
+/// image-token replacement), for `question` after the `history` turns.
+///
+/// Images with no placeholder anywhere in the conversation go before the question: `<image>\n` for one
+/// (the reference `chat()`), `Image-1: <image>\nImage-2: <image>\n...` for several (the model card's
+/// multi-image format). `system`: None = the template's own message; Some("") = no system block.
+pub fn render(t: &TemplateSpec, history: &[Turn], question: &str, system: Option<&str>, images: usize) -> String {
+    let placed = history.iter().any(|h| h.user.contains(IMAGE_PLACEHOLDER)) || question.contains(IMAGE_PLACEHOLDER);
+    let question = match images {
+        0 => question.to_string(),
+        _ if placed => question.to_string(),
+        1 => format!("{IMAGE_PLACEHOLDER}\n{question}"),
+        n => (1..=n).map(|i| format!("Image-{i}: {IMAGE_PLACEHOLDER}\n")).collect::<String>() + question,
     };
     let system = system.unwrap_or(&t.system_message);
     let mut out = String::new();
@@ -23,22 +36,25 @@ pub fn render(t: &TemplateSpec, question: &str, system: Option<&str>, has_image:
         out.push_str(&t.system_template.replace("{system_message}", system));
         out.push_str(&t.sep);
     }
-    out.push_str(&t.roles[0]);
-    out.push_str(&question);
-    out.push_str(&t.sep);
-    out.push_str(&t.roles[1]);
+    // SeparatorStyle.MPT: role + message + sep per message, an empty message is the open role alone.
+    for (user, assistant) in
+        history.iter().map(|h| (h.user.as_str(), h.assistant.as_str())).chain([(question.as_str(), "")])
+    {
+        for (role, message) in [(&t.roles[0], user), (&t.roles[1], assistant)] {
+            out.push_str(role);
+            if !message.is_empty() {
+                out.push_str(message);
+                out.push_str(&t.sep);
+            }
+        }
+    }
     out
 }
 
 /// Token ids of the prompt. Text between placeholders is tokenised piece by piece and the image
 /// tokens are spliced in as ids: `<img>` and `</img>` are special tokens, so the tokenizer would split
 /// there anyway, and this avoids building and scanning a string of 256 x tiles `<IMG_CONTEXT>`.
-pub fn token_ids(
-    m: &Manifest,
-    tok: &Tokenizer,
-    text: &str,
-    tiles_per_image: &[usize],
-) -> Result<Vec<u32>> {
+pub fn token_ids(m: &Manifest, tok: &Tokenizer, text: &str, tiles_per_image: &[usize]) -> Result<Vec<u32>> {
     let pieces: Vec<&str> = text.split(IMAGE_PLACEHOLDER).collect();
     let placeholders = pieces.len() - 1;
     if placeholders != tiles_per_image.len() {
@@ -52,10 +68,7 @@ pub fn token_ids(
     for (i, piece) in pieces.iter().enumerate() {
         if i > 0 {
             ids.push(t.img_start_id);
-            ids.extend(std::iter::repeat_n(
-                t.img_context_id,
-                tiles_per_image[i - 1] * m.vision.tokens_per_tile,
-            ));
+            ids.extend(std::iter::repeat_n(t.img_context_id, tiles_per_image[i - 1] * m.vision.tokens_per_tile));
             ids.push(t.img_end_id);
         }
         if !piece.is_empty() {
@@ -75,31 +88,44 @@ mod tests {
             style: "mpt".into(),
             system_template: "<|im_start|>system\n{system_message}".into(),
             system_message: "SYS".into(),
-            roles: [
-                "<|im_start|>user\n".into(),
-                "<|im_start|>assistant\n".into(),
-            ],
+            roles: ["<|im_start|>user\n".into(), "<|im_start|>assistant\n".into()],
             sep: "<|im_end|>\n".into(),
         }
     }
 
     #[test]
     fn image_goes_before_question() {
-        let p = render(&tpl(), "What?", None, true);
-        assert_eq!(p, "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n");
+        let p = render(&tpl(), &[], "What?", None, 1);
+        assert_eq!(
+            p,
+            "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn own_placeholder_kept_and_system_dropped() {
-        let p = render(&tpl(), "Look: <image> now", Some(""), true);
+        let p = render(&tpl(), &[], "Look: <image> now", Some(""), 1);
+        assert_eq!(p, "<|im_start|>user\nLook: <image> now<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn several_images_are_numbered() {
+        let p = render(&tpl(), &[], "Compare.", Some(""), 2);
+        assert!(p.contains("user\nImage-1: <image>\nImage-2: <image>\nCompare.<|im_end|>"), "{p}");
+    }
+
+    #[test]
+    fn history_turns_come_first() {
+        let h = [Turn { user: "<image>\nA?".into(), assistant: "B.".into() }];
+        let p = render(&tpl(), &h, "C?", Some(""), 1);
         assert_eq!(
             p,
-            "<|im_start|>user\nLook: <image> now<|im_end|>\n<|im_start|>assistant\n"
+            "<|im_start|>user\n<image>\nA?<|im_end|>\n<|im_start|>assistant\nB.<|im_end|>\n<|im_start|>user\nC?<|im_end|>\n<|im_start|>assistant\n"
         );
     }
 
     #[test]
     fn text_only_has_no_placeholder() {
-        assert!(!render(&tpl(), "Hi", Some("other"), false).contains(IMAGE_PLACEHOLDER));
+        assert!(!render(&tpl(), &[], "Hi", Some("other"), 0).contains(IMAGE_PLACEHOLDER));
     }
 }

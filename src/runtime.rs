@@ -39,10 +39,7 @@ pub struct RuntimeOptions {
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            threads: 0,
-        }
+        Self { device: Device::Cpu, threads: 0 }
     }
 }
 
@@ -51,9 +48,7 @@ static ENVIRONMENT: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock:
 /// Resolves `threads = 0` to one thread per available core.
 pub fn thread_count(threads: usize) -> usize {
     if threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     } else {
         threads
     }
@@ -70,17 +65,13 @@ pub fn init(threads: usize) -> Result<(&'static Path, &'static Environment)> {
         let path = find_library().map_err(|e| e.to_string())?;
         let fail = |e: ort::Error| format!("starting ONNX Runtime from {}: {e}", path.display());
         // The library must be loaded before any other ort call (thread pool options included).
-        let builder = ort::init_from(&path)
-            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
+        let builder =
+            ort::init_from(&path).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(thread_count(threads))
             .and_then(|p| p.with_inter_threads(1))
             .map_err(fail)?;
-        let env = builder
-            .with_name("internvl")
-            .with_global_thread_pool(pool)
-            .build()
-            .map_err(fail)?;
+        let env = builder.with_name("internvl").with_global_thread_pool(pool).build().map_err(fail)?;
         Ok((path, env))
     });
     match res {
@@ -144,20 +135,14 @@ pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
                 .with_context(what)?
         }
     };
-    builder
-        .commit_from_file(path)
-        .map_err(ort_err)
-        .with_context(what)
+    builder.commit_from_file(path).map_err(ort_err).with_context(what)
 }
 
 fn require_provider<E: ExecutionProvider>(device: Device) -> Result<()> {
     let available = E::is_available().map_err(ort_err)?;
     if !available {
-        let lib = ENVIRONMENT
-            .get()
-            .and_then(|r| r.as_ref().ok())
-            .map(|(p, _)| p.display().to_string())
-            .unwrap_or_default();
+        let lib =
+            ENVIRONMENT.get().and_then(|r| r.as_ref().ok()).map(|(p, _)| p.display().to_string()).unwrap_or_default();
         bail!(
             "--device {}: the {} execution provider is not available in the ONNX Runtime at {lib} (a GPU build of ONNX Runtime is needed)",
             device.name(),

@@ -20,13 +20,7 @@ pub struct SamplingOptions {
 
 impl Default for SamplingOptions {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -37,11 +31,7 @@ impl SamplingOptions {
             "--temperature {} must be >= 0",
             self.temperature
         );
-        ensure!(
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "--top-p {} must be in (0, 1]",
-            self.top_p
-        );
+        ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p {} must be in (0, 1]", self.top_p);
         ensure!(
             self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
             "--repetition-penalty {} must be > 0",
@@ -73,11 +63,7 @@ impl Sampler {
                 if t < logits.len() && !seen[t] {
                     seen[t] = true;
                     let l = &mut logits[t];
-                    *l = if *l < 0.0 {
-                        *l * o.repetition_penalty
-                    } else {
-                        *l / o.repetition_penalty
-                    };
+                    *l = if *l < 0.0 { *l * o.repetition_penalty } else { *l / o.repetition_penalty };
                 }
             }
         }
@@ -85,11 +71,7 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / o.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if o.top_k > 0 && o.top_k < cand.len() {
             cand.truncate(o.top_k);
@@ -146,19 +128,11 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let opts = SamplingOptions {
-            temperature: 1.0,
-            top_p: 0.9,
-            top_k: 50,
-            seed: 7,
-            ..Default::default()
-        };
+        let opts = SamplingOptions { temperature: 1.0, top_p: 0.9, top_k: 50, seed: 7, ..Default::default() };
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let run = |o: SamplingOptions| {
             let mut s = Sampler::new(o);
-            (0..20)
-                .map(|_| s.next(&mut logits.clone(), &[]))
-                .collect::<Vec<_>>()
+            (0..20).map(|_| s.next(&mut logits.clone(), &[])).collect::<Vec<_>>()
         };
         assert_eq!(run(opts.clone()), run(opts.clone()));
         assert_ne!(run(opts.clone()), run(SamplingOptions { seed: 8, ..opts }));
@@ -166,11 +140,7 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingOptions {
-            temperature: 5.0,
-            top_k: 1,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingOptions { temperature: 5.0, top_k: 1, ..Default::default() });
         let logits = vec![0.1, 0.5, 2.0, 1.9];
         for _ in 0..10 {
             assert_eq!(s.next(&mut logits.clone(), &[]), 2);
@@ -179,10 +149,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplingOptions {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingOptions { repetition_penalty: 2.0, ..Default::default() });
         assert_eq!(s.next(&mut [1.0, 1.5, 0.5], &[1]), 0);
         // Negative logits are multiplied, not divided.
         assert_eq!(s.next(&mut [-1.0, -0.6, -2.0], &[1]), 0);

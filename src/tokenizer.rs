@@ -10,24 +10,19 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn load(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         Ok(Self { inner })
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`, `<img>`) map to their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing prompt: {e}"))?;
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing prompt: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("decoding tokens: {e}"))
+        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding tokens: {e}"))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -70,8 +65,6 @@ impl StreamDecoder {
         let now = tok.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
-        Ok((now.len() > before.len())
-            .then(|| now[before.len()..].to_string())
-            .filter(|s| !s.is_empty()))
+        Ok((now.len() > before.len()).then(|| now[before.len()..].to_string()).filter(|s| !s.is_empty()))
     }
 }

@@ -33,20 +33,10 @@ impl VisionEncoder {
     }
 
     /// `pixels` is `[tiles, 3, size, size]`; returns `[tiles, tokens_per_tile, embed_dim]` row-major.
-    pub fn encode(
-        &mut self,
-        pixels: &[f32],
-        tiles: usize,
-        batch: usize,
-        progress: &ProgressBar,
-    ) -> Result<Vec<f32>> {
+    pub fn encode(&mut self, pixels: &[f32], tiles: usize, batch: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
         let size = self.spec.image_size as usize;
         let per_tile = 3 * size * size;
-        ensure!(
-            pixels.len() == tiles * per_tile,
-            "pixel buffer holds {} floats, expected {tiles} tiles",
-            pixels.len()
-        );
+        ensure!(pixels.len() == tiles * per_tile, "pixel buffer holds {} floats, expected {tiles} tiles", pixels.len());
         let out_per_tile = self.spec.tokens_per_tile * self.spec.embed_dim;
         let mut out = Vec::with_capacity(tiles * out_per_tile);
         let batch = batch.max(1);
@@ -57,12 +47,8 @@ impl VisionEncoder {
                 .session
                 .run(ort::inputs![self.spec.input.as_str() => input])
                 .map_err(ort_err)
-                .with_context(|| {
-                    format!("vision graph on tiles {}..{}", i * batch, i * batch + n)
-                })?;
-            let (shape, data) = outputs[self.spec.output.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(ort_err)?;
+                .with_context(|| format!("vision graph on tiles {}..{}", i * batch, i * batch + n))?;
+            let (shape, data) = outputs[self.spec.output.as_str()].try_extract_tensor::<f32>().map_err(ort_err)?;
             ensure!(
                 data.len() == n * out_per_tile,
                 "vision graph returned shape {shape:?}, expected [{n}, {}, {}]",

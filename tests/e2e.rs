@@ -41,10 +41,13 @@ fn stderr(o: &Output) -> String {
 
 struct Case {
     name: String,
-    image: Option<String>,
+    images: Vec<String>,
     prompt: String,
     max_tiles: Option<u64>,
     max_new_tokens: u64,
+    model: String,
+    system: Option<String>,
+    history: Option<Value>,
 }
 
 fn cases() -> Vec<Case> {
@@ -55,50 +58,58 @@ fn cases() -> Vec<Case> {
         .iter()
         .map(|c| Case {
             name: c["name"].as_str().unwrap().to_string(),
-            image: c["image"].as_str().map(str::to_string),
+            images: c["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()).collect(),
             prompt: c["prompt"].as_str().unwrap().to_string(),
             max_tiles: c["max_tiles"].as_u64(),
             max_new_tokens: c["max_new_tokens"].as_u64().unwrap(),
+            model: c["model"].as_str().unwrap().to_string(),
+            system: c["system"].as_str().map(str::to_string),
+            history: c.get("history").cloned(),
         })
         .collect()
+}
+
+fn case(name: &str) -> Case {
+    cases().into_iter().find(|c| c.name == name).unwrap()
 }
 
 fn golden(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("golden.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
+    v["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
 }
 
 fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
-fn run_case(case: &Case, extra: &[&str]) -> Value {
-    let model = fixtures().join("model");
+fn case_args(case: &Case) -> Vec<String> {
+    let model = fixtures().join(&case.model);
     let mut args: Vec<String> = vec!["run".into(), "--model".into(), model.display().to_string()];
-    if let Some(img) = &case.image {
+    for img in &case.images {
         args.extend(["--image".into(), fixtures().join(img).display().to_string()]);
     }
     if let Some(n) = case.max_tiles {
         args.extend(["--max-tiles".into(), n.to_string()]);
     }
-    args.extend([
-        "--prompt".into(),
-        case.prompt.clone(),
-        "--max-new-tokens".into(),
-        case.max_new_tokens.to_string(),
-        "--json".into(),
-    ]);
+    if let Some(s) = &case.system {
+        args.extend(["--system".into(), s.clone()]);
+    }
+    if let Some(h) = &case.history {
+        // The fixture stores [[user, assistant], ...]; the CLI reads [{"user", "assistant"}, ...].
+        let turns: Vec<Value> =
+            h.as_array().unwrap().iter().map(|t| serde_json::json!({"user": t[0], "assistant": t[1]})).collect();
+        let file = tmp(&format!("history-{}", case.name)).join("history.json");
+        std::fs::write(&file, serde_json::to_string(&turns).unwrap()).unwrap();
+        args.extend(["--history".into(), file.display().to_string()]);
+    }
+    args.extend(["--prompt".into(), case.prompt.clone(), "--max-new-tokens".into(), case.max_new_tokens.to_string()]);
+    args
+}
+
+fn run_case(case: &Case, extra: &[&str]) -> Value {
+    let mut args = case_args(case);
+    args.push("--json".into());
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = bin().args(&args).output().unwrap();
     assert!(out.status.success(), "{}: {}", case.name, stderr(&out));
@@ -106,7 +117,7 @@ fn run_case(case: &Case, extra: &[&str]) -> Value {
 }
 
 fn check_parity(name: &str, extra: &[&str]) {
-    let case = cases().into_iter().find(|c| c.name == name).unwrap();
+    let case = case(name);
     let want = golden(name);
     let got = run_case(&case, extra);
     assert_eq!(got["tiles"], want["tiles"], "{name}: tile count");
@@ -115,15 +126,8 @@ fn check_parity(name: &str, extra: &[&str]) {
         ids(&want["prompt_ids"]).len(),
         "{name}: prompt length"
     );
-    assert_eq!(
-        ids(&got["token_ids"]),
-        ids(&want["tokens"]),
-        "{name}: generated tokens differ from PyTorch"
-    );
-    assert_eq!(
-        got["finish_reason"], want["finish_reason"],
-        "{name}: finish reason"
-    );
+    assert_eq!(ids(&got["token_ids"]), ids(&want["tokens"]), "{name}: generated tokens differ from PyTorch");
+    assert_eq!(got["finish_reason"], want["finish_reason"], "{name}: finish reason");
 }
 
 #[test]
@@ -138,12 +142,7 @@ fn goldens_depend_on_image_and_prompt() {
     for case in cases() {
         let t = ids(&golden(&case.name)["tokens"]);
         let distinct: std::collections::HashSet<_> = t.iter().collect();
-        assert!(
-            distinct.len() >= 8,
-            "{}: greedy output collapsed to {} distinct tokens",
-            case.name,
-            distinct.len()
-        );
+        assert!(distinct.len() >= 8, "{}: greedy output collapsed to {} distinct tokens", case.name, distinct.len());
     }
 }
 
@@ -171,59 +170,58 @@ fn parity_text_only() {
 }
 
 #[test]
+fn parity_two_images_batched_together() {
+    check_parity("two_images", &[]);
+    check_parity("two_images", &["--vision-batch", "3"]);
+}
+
+#[test]
+fn parity_history_and_system_prompt() {
+    check_parity("history", &[]);
+    check_parity("system_replaced", &[]);
+}
+
+#[test]
+fn parity_original_layout_qwen2() {
+    check_parity("qwen2-original", &[]);
+}
+
+#[test]
+fn parity_original_layout_llama() {
+    check_parity("llama-original", &[]);
+}
+
+#[test]
+fn parity_original_layout_qwen3_internvit_6b() {
+    check_parity("qwen3-original", &[]);
+}
+
+#[test]
+fn parity_original_layout_internlm2_internvit_6b() {
+    check_parity("internlm2-original", &[]);
+}
+
+#[test]
 fn vision_batch_and_prefill_chunk_do_not_change_tokens() {
-    check_parity(
-        "grid_thumbnail",
-        &["--vision-batch", "1", "--prefill-chunk", "500"],
-    );
-    check_parity(
-        "grid_thumbnail",
-        &["--vision-batch", "13", "--prefill-chunk", "100000"],
-    );
+    check_parity("grid_thumbnail", &["--vision-batch", "1", "--prefill-chunk", "500"]);
+    check_parity("grid_thumbnail", &["--vision-batch", "13", "--prefill-chunk", "100000"]);
 }
 
 #[test]
 fn streamed_text_matches_json_text() {
-    let case = cases().into_iter().find(|c| c.name == "one_tile").unwrap();
+    let case = case("one_tile");
     let json = run_case(&case, &[]);
-    let model = fixtures().join("model");
-    let out = run(&[
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        fixtures()
-            .join(case.image.as_ref().unwrap())
-            .to_str()
-            .unwrap(),
-        "--prompt",
-        &case.prompt,
-        "--max-new-tokens",
-        &case.max_new_tokens.to_string(),
-    ]);
+    let out = bin().args(case_args(&case)).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let streamed = String::from_utf8(out.stdout.clone()).expect("stdout is valid UTF-8");
     assert_eq!(streamed.trim(), json["text"].as_str().unwrap());
-    assert!(
-        out.stderr.is_empty(),
-        "stderr not a terminal: no progress output expected, got {}",
-        stderr(&out)
-    );
+    assert!(out.stderr.is_empty(), "stderr not a terminal: no progress output expected, got {}", stderr(&out));
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let case = cases().into_iter().find(|c| c.name == "text_only").unwrap();
-    let args = [
-        "--temperature",
-        "0.8",
-        "--top-p",
-        "0.9",
-        "--top-k",
-        "40",
-        "--repetition-penalty",
-        "1.1",
-    ];
+    let case = case("text_only");
+    let args = ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--repetition-penalty", "1.1"];
     let a = run_case(&case, &[&args[..], &["--seed", "1"]].concat());
     let b = run_case(&case, &[&args[..], &["--seed", "1"]].concat());
     let c = run_case(&case, &[&args[..], &["--seed", "2"]].concat());
@@ -236,30 +234,15 @@ fn seeded_sampling_is_reproducible() {
 /// Non-zero exit, exactly one line on stderr that mentions `needle`, and no panic.
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "error must be one line: {err:?}"
-    );
-    assert!(
-        err.contains(needle),
-        "error {err:?} does not mention {needle:?}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "error must be one line: {err:?}");
+    assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
 }
 
 fn run_model(model: &Path, image: Option<&Path>, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "run".to_string(),
-        "--model".into(),
-        model.display().to_string(),
-        "--prompt".into(),
-        "Hi".into(),
-    ];
+    let mut args =
+        vec!["run".to_string(), "--model".into(), model.display().to_string(), "--prompt".into(), "Hi".into()];
     if let Some(i) = image {
         args.extend(["--image".into(), i.display().to_string()]);
     }
@@ -296,10 +279,7 @@ fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Value)) {
 #[test]
 fn missing_image_file() {
     let img = root().join("build/test-tmp/does-not-exist.png");
-    assert_clean_error(
-        &run_model(&fixtures().join("model"), Some(&img), &[]),
-        "does-not-exist.png",
-    );
+    assert_clean_error(&run_model(&fixtures().join("model"), Some(&img), &[]), "does-not-exist.png");
 }
 
 #[test]
@@ -331,10 +311,7 @@ fn model_folder_missing_a_graph() {
     std::fs::remove_file(m.join("decoder.onnx")).unwrap();
     assert_clean_error(&run_model(&m, None, &[]), "decoder.onnx");
     assert_clean_error(&run_model(&tmp("empty-model"), None, &[]), "manifest.json");
-    assert_clean_error(
-        &run_model(&root().join("build/test-tmp/no-such-model"), None, &[]),
-        "no-such-model",
-    );
+    assert_clean_error(&run_model(&root().join("build/test-tmp/no-such-model"), None, &[]), "no-such-model");
 }
 
 #[test]
@@ -364,24 +341,12 @@ fn prompt_longer_than_context() {
 
 #[test]
 fn unknown_flag_and_bad_values() {
-    assert_clean_error(
-        &run(&["run", "--model", "x", "--prompt", "p", "--bogus"]),
-        "--bogus",
-    );
+    assert_clean_error(&run(&["run", "--model", "x", "--prompt", "p", "--bogus"]), "--bogus");
     let model = fixtures().join("model");
     let m = model.to_str().unwrap();
-    assert_clean_error(
-        &run(&["run", "--model", m, "--prompt", "p", "--max-tiles", "41"]),
-        "--max-tiles",
-    );
-    assert_clean_error(
-        &run(&["run", "--model", m, "--prompt", "p", "--top-p", "0"]),
-        "--top-p",
-    );
-    assert_clean_error(
-        &run(&["run", "--model", m, "--prompt", "p", "--device", "gpu"]),
-        "gpu",
-    );
+    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--max-tiles", "41"]), "--max-tiles");
+    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--top-p", "0"]), "--top-p");
+    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--device", "gpu"]), "gpu");
 }
 
 #[test]
@@ -398,11 +363,9 @@ fn stops_at_a_stop_token() {
     let stop = want[5];
     let first = want.iter().position(|&t| t == stop).unwrap();
     let m = model_copy("stop-token");
-    edit_manifest(&m, |v| {
-        v["tokenizer"]["stop_ids"] = serde_json::json!([stop])
-    });
-    let case = cases().into_iter().find(|c| c.name == "one_tile").unwrap();
-    let img = fixtures().join(case.image.as_ref().unwrap());
+    edit_manifest(&m, |v| v["tokenizer"]["stop_ids"] = serde_json::json!([stop]));
+    let case = case("one_tile");
+    let img = fixtures().join(&case.images[0]);
     let out = bin()
         .args([
             "run",

@@ -24,16 +24,32 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+IMAGES = {"a": ((448, 448), 1), "b": ((448, 448), 2), "c": ((800, 600), 3), "d": ((600, 900), 4),
+          "e": ((1600, 1000), 5)}
+
+# name, images, prompt, extra case fields. The default model: -hf layout, Qwen2 LLM, InternViT-300M.
 CASES = [
-    # name, image (size, seed) or None, prompt, max_tiles
-    ("one_tile", ((448, 448), 1), "Describe the image.", None),
-    ("one_tile_other_prompt", ((448, 448), 1), "What colour is the sky in this picture?", None),
-    ("one_tile_other_image", ((448, 448), 2), "Describe the image.", None),
-    ("grid_thumbnail", ((800, 600), 3), "Describe the image.", None),
-    ("grid_max6_own_placeholder", ((600, 900), 4), "Look at <image> and list the objects.", 6),
-    ("max_tiles_40", ((1600, 1000), 5), "Describe the image in detail.", 40),
-    ("text_only", None, "Write a short poem about the sea.", None),
+    ("one_tile", ["a"], "Describe the image.", {}),
+    ("one_tile_other_prompt", ["a"], "What colour is the sky in this picture?", {}),
+    ("one_tile_other_image", ["b"], "Describe the image.", {}),
+    ("grid_thumbnail", ["c"], "Describe the image.", {}),
+    ("grid_max6_own_placeholder", ["d"], "Look at <image> and list the objects.", {"max_tiles": 6}),
+    ("max_tiles_40", ["e"], "Describe the image in detail.", {"max_tiles": 40}),
+    ("text_only", [], "Write a short poem about the sea.", {}),
+    ("two_images", ["a", "c"], "What is different between the two images?", {"max_tiles": 4}),
+    ("history", ["a"], "And what colour is it?",
+     {"history": [["<image>\nWhat is in the picture?", "A small red boat on a lake."]]}),
+    ("system_replaced", ["a"], "Describe the image.", {"system": "You are a terse assistant."}),
 ]
+
+# Other LLM families and InternViT-6B, each written in the original OpenGVLab layout (and, from the same
+# weights, in the -hf layout that transformers runs as the reference). name: (family, vision, seed).
+FAMILIES = {
+    "qwen2-original": ("qwen2", "300m", 11),
+    "llama-original": ("llama", "300m", 12),
+    "qwen3-original": ("qwen3", "6b", 13),
+    "internlm2-original": ("internlm2", "6b", 14),
+}
 
 
 def make_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -62,7 +78,7 @@ def source_hash() -> str:
 def main(out: Path) -> None:
     from export.convert import convert
     from export.golden import write_goldens
-    from export.tiny import make_checkpoint
+    from export.tiny import TEMPLATE, make_model, save_hf, save_original
 
     stamp = out / "stamp"
     digest = source_hash()
@@ -72,22 +88,27 @@ def main(out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
-    make_checkpoint(out / "checkpoint", shape="tiny", seed=0)
+    images = {}
+    for key, (size, seed) in IMAGES.items():
+        path = out / "images" / f"{size[0]}x{size[1]}_{seed}.png"
+        make_image(size, seed).save(path)
+        images[key] = str(path.relative_to(out))
+
+    save_hf(make_model("tiny", "qwen2", "300m", seed=0), out / "checkpoint")
     convert(str(out / "checkpoint"), out / "model")
-    cases = []
-    for name, image, prompt, max_tiles in CASES:
-        case = {"name": name, "prompt": prompt, "max_new_tokens": 40}
-        if image:
-            (size, seed) = image
-            path = out / "images" / f"{size[0]}x{size[1]}_{seed}.png"
-            if not path.exists():
-                make_image(size, seed).save(path)
-            case["image"] = str(path.relative_to(out))
-        if max_tiles:
-            case["max_tiles"] = max_tiles
-        cases.append(case)
+    cases = [{"name": name, "prompt": prompt, "images": [images[i] for i in imgs], "max_new_tokens": 40,
+              "checkpoint": "checkpoint", "model": "model", **extra}
+             for name, imgs, prompt, extra in CASES]
+    for name, (family, vision, seed) in FAMILIES.items():
+        model = make_model("tiny", family, vision, seed=seed)
+        save_hf(model, out / "checkpoints" / f"{name}-reference-hf")
+        save_original(model, out / "checkpoints" / name, family)
+        convert(str(out / "checkpoints" / name), out / "models" / name)
+        cases.append({"name": name, "prompt": "Describe the image.", "images": [images["c"]], "max_new_tokens": 40,
+                      "checkpoint": f"checkpoints/{name}-reference-hf", "template": TEMPLATE[family],
+                      "model": f"models/{name}"})
     (out / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
-    write_goldens(out / "checkpoint", out / "cases.json", out / "golden.json")
+    write_goldens(out / "cases.json", out / "golden.json")
     stamp.write_text(digest)
     print(f"fixtures written to {out}", file=sys.stderr)
 

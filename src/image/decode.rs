@@ -54,8 +54,7 @@ pub fn load_image(path: &Path, apply_exif: bool) -> Result<RgbImage> {
     }
     // One flat error (not a context chain) so that however the caller prints it, it is a
     // single line naming the file.
-    decode_bytes(&data, apply_exif)
-        .map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
+    decode_bytes(&data, apply_exif).map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
 }
 
 /// Decodes an in-memory image file; errors do not include a file name (see [`load_image`]).
@@ -63,9 +62,7 @@ fn decode_bytes(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
     let mut reader = ImageReader::new(Cursor::new(data))
         .with_guessed_format()
         .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
-    let format = reader
-        .format()
-        .ok_or_else(|| anyhow!("not a recognised image file (unknown format)"))?;
+    let format = reader.format().ok_or_else(|| anyhow!("not a recognised image file (unknown format)"))?;
     if format == ImageFormat::Jpeg && !jpeg_has_end_marker(data) {
         bail!("image file is truncated (JPEG data ends before the end-of-image marker)");
     }
@@ -108,15 +105,9 @@ fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
         ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
             anyhow!("image file is truncated ({name} data ends early)")
         }
-        ImageError::Unsupported(u) => anyhow!(
-            "unsupported image format or feature ({name}): {}",
-            one_line(u)
-        ),
+        ImageError::Unsupported(u) => anyhow!("unsupported image format or feature ({name}): {}", one_line(u)),
         ImageError::Limits(l) => anyhow!("image too large to decode ({name}): {}", one_line(l)),
-        other => anyhow!(
-            "cannot decode {name} image (corrupt or truncated file): {}",
-            one_line(other)
-        ),
+        other => anyhow!("cannot decode {name} image (corrupt or truncated file): {}", one_line(other)),
     }
 }
 
@@ -124,11 +115,7 @@ fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
 /// mode `I;16`, and the `image` crate turns one with a `tRNS` chunk into 16-bit gray+alpha,
 /// which must still be converted with `I;16` rules rather than `LA` rules.
 fn png_is_16bit_gray(data: &[u8]) -> bool {
-    data.len() >= 26
-        && data.starts_with(PNG_SIGNATURE)
-        && &data[12..16] == b"IHDR"
-        && data[24] == 16
-        && data[25] == 0
+    data.len() >= 26 && data.starts_with(PNG_SIGNATURE) && &data[12..16] == b"IHDR" && data[24] == 16 && data[25] == 0
 }
 
 /// Walks the JPEG marker structure and reports whether an EOI marker is reached before the
@@ -177,13 +164,7 @@ fn jpeg_has_end_marker(data: &[u8]) -> bool {
 }
 
 /// Builds an RGB image from `channels`-sample pixels of `src` with `f`.
-fn map_pixels<T: Copy>(
-    width: u32,
-    height: u32,
-    src: &[T],
-    channels: usize,
-    f: impl Fn(&[T]) -> [u8; 3],
-) -> RgbImage {
+fn map_pixels<T: Copy>(width: u32, height: u32, src: &[T], channels: usize, f: impl Fn(&[T]) -> [u8; 3]) -> RgbImage {
     let mut out = Vec::with_capacity(src.len() / channels * 3);
     for px in src.chunks_exact(channels) {
         out.extend_from_slice(&f(px));
@@ -204,16 +185,10 @@ fn to_rgb_like_pillow(img: DynamicImage, gray16_png: bool) -> RgbImage {
         DynamicImage::ImageLuma8(i) => map_pixels(w, h, i.as_raw(), 1, |p| [p[0]; 3]),
         DynamicImage::ImageLumaA8(i) => map_pixels(w, h, i.as_raw(), 2, |p| [p[0]; 3]),
         DynamicImage::ImageLuma16(i) => map_pixels(w, h, i.as_raw(), 1, |p| [clip(p[0]); 3]),
-        DynamicImage::ImageLumaA16(i) if gray16_png => {
-            map_pixels(w, h, i.as_raw(), 2, |p| [clip(p[0]); 3])
-        }
+        DynamicImage::ImageLumaA16(i) if gray16_png => map_pixels(w, h, i.as_raw(), 2, |p| [clip(p[0]); 3]),
         DynamicImage::ImageLumaA16(i) => map_pixels(w, h, i.as_raw(), 2, |p| [hi(p[0]); 3]),
-        DynamicImage::ImageRgb16(i) => {
-            map_pixels(w, h, i.as_raw(), 3, |p| [hi(p[0]), hi(p[1]), hi(p[2])])
-        }
-        DynamicImage::ImageRgba16(i) => {
-            map_pixels(w, h, i.as_raw(), 4, |p| [hi(p[0]), hi(p[1]), hi(p[2])])
-        }
+        DynamicImage::ImageRgb16(i) => map_pixels(w, h, i.as_raw(), 3, |p| [hi(p[0]), hi(p[1]), hi(p[2])]),
+        DynamicImage::ImageRgba16(i) => map_pixels(w, h, i.as_raw(), 4, |p| [hi(p[0]), hi(p[1]), hi(p[2])]),
         // Float images (e.g. float TIFF) have no Pillow RGB equivalent worth matching.
         other => other.to_rgb8(),
     }
@@ -241,10 +216,7 @@ mod tests {
     fn err_of(p: &Path) -> String {
         let e = load_image(p, false).unwrap_err().to_string();
         assert!(!e.contains('\n'), "multi-line error: {e}");
-        assert!(
-            e.contains(&p.display().to_string()),
-            "error does not name the file: {e}"
-        );
+        assert!(e.contains(&p.display().to_string()), "error does not name the file: {e}");
         e
     }
 
@@ -280,30 +252,16 @@ mod tests {
         let gray16 = ::image::ImageBuffer::<::image::Luma<u16>, _>::from_fn(3, 1, |x, _| {
             ::image::Luma([[7u16, 255, 4000][x as usize]])
         });
-        let p = tmp(
-            "g16.png",
-            &encode(&DynamicImage::ImageLuma16(gray16), ImageFormat::Png),
-        );
+        let p = tmp("g16.png", &encode(&DynamicImage::ImageLuma16(gray16), ImageFormat::Png));
         let got = load_image(&p, false).unwrap();
         assert_eq!(got.as_raw(), &[7, 7, 7, 255, 255, 255, 255, 255, 255]);
 
-        let rgb16 = ::image::ImageBuffer::<::image::Rgb<u16>, _>::from_raw(
-            1,
-            1,
-            vec![0x12FF, 0xAB00, 0x00FF],
-        )
-        .unwrap();
-        let p = tmp(
-            "rgb16.png",
-            &encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png),
-        );
+        let rgb16 = ::image::ImageBuffer::<::image::Rgb<u16>, _>::from_raw(1, 1, vec![0x12FF, 0xAB00, 0x00FF]).unwrap();
+        let p = tmp("rgb16.png", &encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png));
         assert_eq!(load_image(&p, false).unwrap().as_raw(), &[0x12, 0xAB, 0x00]);
 
         let rgba = ::image::RgbaImage::from_raw(1, 1, vec![10, 20, 30, 0]).unwrap();
-        let p = tmp(
-            "rgba.png",
-            &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png),
-        );
+        let p = tmp("rgba.png", &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png));
         assert_eq!(load_image(&p, false).unwrap().as_raw(), &[10, 20, 30]);
     }
 
@@ -311,9 +269,7 @@ mod tests {
     fn jpeg_marker_walk() {
         // SOI, APP1 whose payload contains FF D9, SOS, entropy data with stuffing, EOI.
         let mut j = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
-        j.extend([
-            0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56,
-        ]);
+        j.extend([0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
         assert!(!jpeg_has_end_marker(&j));
         j.extend([0xFF, 0xD9]);
         assert!(jpeg_has_end_marker(&j));

@@ -23,9 +23,7 @@ use anyhow::{ensure, Result};
 pub use decode::{load_image, MAX_IMAGE_PIXELS};
 pub use normalize::normalize_into;
 pub use resize::resize_bicubic;
-pub use tiling::{
-    closest_grid, find_closest_aspect_ratio, target_ratios, tile_images, MAX_TILES_LIMIT,
-};
+pub use tiling::{closest_grid, find_closest_aspect_ratio, target_ratios, tile_images, MAX_TILES_LIMIT};
 
 /// ImageNet channel means used by InternVL's `build_transform`.
 ///
@@ -102,12 +100,7 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageConfig) -> Result<Tiles> {
         );
         normalize_into(tile, &cfg.mean, &cfg.std, out);
     }
-    Ok(Tiles {
-        data,
-        count: tiles.len(),
-        grid,
-        size,
-    })
+    Ok(Tiles { data, count: tiles.len(), grid, size })
 }
 
 #[cfg(test)]
@@ -121,14 +114,8 @@ mod tests {
         assert_eq!((cfg.min_tiles, cfg.max_tiles), (1, 12));
         assert!(cfg.use_thumbnail);
         // Bit patterns of np.array((0.485, 0.456, 0.406), np.float32) etc.
-        assert_eq!(
-            cfg.mean.map(f32::to_bits),
-            [0x3EF8_51EC, 0x3EE9_78D5, 0x3ECF_DF3B]
-        );
-        assert_eq!(
-            cfg.std.map(f32::to_bits),
-            [0x3E6A_7EFA, 0x3E65_6042, 0x3E66_6666]
-        );
+        assert_eq!(cfg.mean.map(f32::to_bits), [0x3EF8_51EC, 0x3EE9_78D5, 0x3ECF_DF3B]);
+        assert_eq!(cfg.std.map(f32::to_bits), [0x3E6A_7EFA, 0x3E65_6042, 0x3E66_6666]);
     }
 
     #[test]

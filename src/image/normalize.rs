@@ -23,11 +23,7 @@ fn channel_lut(mean: f32, std: f32) -> [f32; 256] {
 /// goes (never a panic), a longer one keeps its tail.
 pub fn normalize_into(img: &RgbImage, mean: &[f32; 3], std: &[f32; 3], out: &mut [f32]) {
     let plane = img.width() as usize * img.height() as usize;
-    let luts = [
-        channel_lut(mean[0], std[0]),
-        channel_lut(mean[1], std[1]),
-        channel_lut(mean[2], std[2]),
-    ];
+    let luts = [channel_lut(mean[0], std[0]), channel_lut(mean[1], std[1]), channel_lut(mean[2], std[2])];
     let (r, rest) = out.split_at_mut(plane.min(out.len()));
     let (g, b) = rest.split_at_mut(plane.min(rest.len()));
     let b_len = plane.min(b.len());
@@ -51,14 +47,7 @@ mod tests {
         let mut out = vec![0.0f32; 6];
         normalize_into(&img, &IMAGENET_MEAN, &IMAGENET_STD, &mut out);
         // Bits of ((np.float32(v) / np.float32(255)) - mean) / std from numpy.
-        let expected: [u32; 6] = [
-            0xC007_8BBD,
-            0xBFF9_2C0A,
-            0x3E52_1B48,
-            0xBFD7_C0E5,
-            0x4028_F5C3,
-            0xBFA4_0A71,
-        ];
+        let expected: [u32; 6] = [0xC007_8BBD, 0xBFF9_2C0A, 0x3E52_1B48, 0xBFD7_C0E5, 0x4028_F5C3, 0xBFA4_0A71];
         let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, expected);
     }

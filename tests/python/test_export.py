@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from export.checkpoint import inspect, load_model
+from export.checkpoint import inspect, load, map_original
 from export.common import ort_session
 
 
@@ -30,7 +30,7 @@ def fixtures() -> Path:
 
 @pytest.fixture(scope="module")
 def torch_model(fixtures):
-    return load_model(inspect(str(fixtures / "checkpoint")))
+    return load(inspect(str(fixtures / "checkpoint")), 151667)
 
 
 def manifest(fixtures) -> dict:
@@ -125,8 +125,9 @@ def test_export_never_overwrites_without_force(fixtures, tmp_path):
 
 def test_rejects_what_it_does_not_support(tmp_path):
     cases = {
-        "original": ({"model_type": "internvl_chat", "template": "internvl2_5"}, "original OpenGVLab layout"),
-        "llama-llm": ({"model_type": "internvl", "text_config": {"model_type": "llama"}}, "'llama' is not supported"),
+        "phi3": ({"model_type": "internvl_chat", "template": "phi3-chat",
+                  "llm_config": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}}, "'phi3' is not supported"),
+        "gpt2-llm": ({"model_type": "internvl", "text_config": {"model_type": "gpt2"}}, "'gpt2' is not supported"),
         "other": ({"model_type": "bert"}, "not an InternVL checkpoint"),
     }
     for name, (cfg, msg) in cases.items():
@@ -138,3 +139,19 @@ def test_rejects_what_it_does_not_support(tmp_path):
         assert "Traceback" not in r.stderr
     r = export_cli("--checkpoint", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode != 0 and "no such folder" in r.stderr
+
+
+def test_original_layout_mapping_matches_an_independent_construction(fixtures):
+    """The exporter's original->canonical mapping, applied to the original-layout file that tiny.py wrote
+    from a transformers model, must give back that model's tensors exactly (InternLM2's packed wqkv and
+    InternViT's fused qkv included)."""
+    from safetensors.torch import load_file
+
+    for name in ("internlm2-original", "qwen2-original"):
+        ckpt = inspect(str(fixtures / "checkpoints" / name))
+        mapped = map_original(ckpt, load_file(ckpt.path / "model.safetensors"))
+        ref = load(inspect(str(fixtures / "checkpoints" / f"{name}-reference-hf")), 151667).state_dict()
+        for key, tensor in mapped.items():
+            assert torch.equal(tensor.float(), ref[key]), f"{name}: {key}"
+        tied = ref["lm_head.weight"].data_ptr() == ref["model.language_model.embed_tokens.weight"].data_ptr()
+        assert set(ref) - set(mapped) <= ({"lm_head.weight"} if tied else set()), name
