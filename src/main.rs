@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Answer a prompt about an image (or text only), streaming the answer to stdout.
     Run(RunArgs),
+    /// Converse on stdin, one question per line, keeping the KV cache between turns.
+    Chat(ChatArgs),
     /// Write the exact float32 tensor the vision graph receives for an image.
     Preprocess(PreprocessArgs),
     /// Measure load, vision, time to first token, prefill and decode speed, peak memory.
@@ -51,19 +53,15 @@ struct BenchArgs {
     json: bool,
 }
 
+/// What `run` and `chat` share: the model, the images, and how to generate.
 #[derive(Args)]
-struct RunArgs {
+struct GenArgs {
     /// Model folder written by `python -m export`.
     #[arg(long)]
     model: PathBuf,
     /// Image file (PNG, JPEG, WebP, BMP, GIF, TIFF); repeat for several images; omit for text only.
     #[arg(long)]
     image: Vec<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    /// Earlier turns: a JSON list of {"user": ..., "assistant": ...}, oldest first.
-    #[arg(long)]
-    history: Option<PathBuf>,
     /// Replace the template's system prompt; "" drops the system block.
     #[arg(long)]
     system: Option<String>,
@@ -95,12 +93,29 @@ struct RunArgs {
     /// Prompt positions per prefill run (bounds attention memory on long prompts).
     #[arg(long, default_value_t = 2048)]
     prefill_chunk: usize,
-    /// Print one JSON object (text, token ids, counts, timings) instead of streaming text.
-    #[arg(long)]
-    json: bool,
     /// Timing figures on stderr.
     #[arg(long)]
     verbose: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    gen: GenArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Earlier turns: a JSON list of {"user": ..., "assistant": ...}, oldest first.
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Print one JSON object (text, token ids, counts, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    gen: GenArgs,
 }
 
 #[derive(Args)]
@@ -147,6 +162,7 @@ fn main() -> ExitCode {
     };
     let res = match cli.command {
         Command::Run(a) => run(a),
+        Command::Chat(a) => chat(a),
         Command::Preprocess(a) => preprocess_cmd(a),
         Command::Bench(a) => bench_cmd(a),
     };
@@ -159,20 +175,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: RunArgs) -> Result<()> {
-    let sampling = SamplingOptions {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-    };
-    sampling.validate()?;
-    if let Some(n) = a.max_tiles {
-        anyhow::ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
+impl GenArgs {
+    /// Checks the flags, decodes the images (a bad image fails before the model spends seconds loading),
+    /// then loads the model.
+    fn load(&self, progress: bool) -> Result<(InternVL, Vec<image::RgbImage>, Request)> {
+        let sampling = SamplingOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        sampling.validate()?;
+        if let Some(n) = self.max_tiles {
+            anyhow::ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
+        }
+        let images = self.image.iter().map(|p| load_image(p, self.exif)).collect::<Result<Vec<_>>>()?;
+        let opts = RuntimeOptions { device: self.rt.device, threads: self.rt.threads };
+        let model = InternVL::load(&self.model, &opts, progress)?;
+        let req = Request {
+            images: Vec::new(),
+            prompt: String::new(),
+            history: Vec::new(),
+            system: self.system.clone(),
+            max_tiles: self.max_tiles,
+            max_new_tokens: self.max_new_tokens,
+            sampling,
+            vision_batch: self.vision_batch,
+            prefill_chunk: self.prefill_chunk,
+            ignore_stop: false,
+        };
+        Ok((model, images, req))
     }
-    // Images first: a bad image fails before the model spends seconds loading.
-    let images = a.image.iter().map(|p| load_image(p, a.exif)).collect::<Result<Vec<_>>>()?;
+}
+
+fn print_timings(out: &internvl::Output) {
+    let t = &out.timings;
+    eprintln!(
+        "load {:.0} ms | {} tiles: preprocess {:.0} ms, vision {:.0} ms ({:.0} ms/tile) | prefill {} tokens {:.0} ms ({:.1} tok/s) | first token {:.0} ms | decode {} tokens {:.0} ms ({:.2} tok/s) | {}",
+        t.load_ms,
+        out.tiles,
+        t.preprocess_ms,
+        t.vision_ms,
+        if out.tiles > 0 { t.vision_ms / out.tiles as f64 } else { 0.0 },
+        out.prompt_tokens,
+        t.prefill_ms,
+        t.prefill_tokens_per_s,
+        t.first_token_ms,
+        out.generated_tokens,
+        t.decode_ms,
+        t.decode_tokens_per_s,
+        out.finish_reason
+    );
+}
+
+fn run(a: RunArgs) -> Result<()> {
     let history = match &a.history {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading history file {}", p.display()))?;
@@ -183,20 +240,10 @@ fn run(a: RunArgs) -> Result<()> {
         None => Vec::new(),
     };
     let progress = std::io::stderr().is_terminal() && !a.json;
-    let opts = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
-    let mut model = InternVL::load(&a.model, &opts, progress)?;
-    let req = Request {
-        images,
-        prompt: a.prompt,
-        history,
-        system: a.system,
-        max_tiles: a.max_tiles,
-        max_new_tokens: a.max_new_tokens,
-        sampling,
-        vision_batch: a.vision_batch,
-        prefill_chunk: a.prefill_chunk,
-        ignore_stop: false,
-    };
+    let (mut model, images, mut req) = a.gen.load(progress)?;
+    req.images = images;
+    req.prompt = a.prompt;
+    req.history = history;
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let out = model.generate(&req, &mut |piece| {
@@ -211,26 +258,56 @@ fn run(a: RunArgs) -> Result<()> {
     } else {
         writeln!(stdout).context("writing to stdout")?;
     }
-    if a.verbose {
-        let t = &out.timings;
-        eprintln!(
-            "load {:.0} ms | {} tiles: preprocess {:.0} ms, vision {:.0} ms ({:.0} ms/tile) | prefill {} tokens {:.0} ms ({:.1} tok/s) | first token {:.0} ms | decode {} tokens {:.0} ms ({:.2} tok/s) | {}",
-            t.load_ms,
-            out.tiles,
-            t.preprocess_ms,
-            t.vision_ms,
-            if out.tiles > 0 { t.vision_ms / out.tiles as f64 } else { 0.0 },
-            out.prompt_tokens,
-            t.prefill_ms,
-            t.prefill_tokens_per_s,
-            t.first_token_ms,
-            out.generated_tokens,
-            t.decode_ms,
-            t.decode_tokens_per_s,
-            out.finish_reason
-        );
+    if a.gen.verbose {
+        print_timings(&out);
     }
     Ok(())
+}
+
+/// Interactive conversation on stdin: one question per line, answers streamed; the KV cache is kept
+/// between turns. `/image PATH` attaches an image to the next question, `/reset` starts over.
+fn chat(a: ChatArgs) -> Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    let (mut model, mut images, req) = a.gen.load(std::io::stderr().is_terminal())?;
+    let mut conv = model.new_conversation()?;
+    let mut stdout = std::io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        if std::io::stdin().read_line(&mut line).context("reading stdin")? == 0 {
+            return Ok(());
+        }
+        let q = line.trim_end_matches(['\n', '\r']);
+        if q.trim().is_empty() {
+            continue;
+        }
+        if let Some(path) = q.strip_prefix("/image ") {
+            match load_image(std::path::Path::new(path.trim()), a.gen.exif) {
+                Ok(img) => images.push(img),
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        if q.trim() == "/reset" {
+            conv = model.new_conversation()?;
+            continue;
+        }
+        let out = model.chat(&mut conv, q, req.system.as_deref(), &images, &req, &mut |piece| {
+            stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
+            stdout.flush().context("writing to stdout")
+        });
+        images.clear();
+        writeln!(stdout).context("writing to stdout")?;
+        match out {
+            Ok(out) if a.gen.verbose => print_timings(&out),
+            Ok(_) => {}
+            // A turn that does not fit the context ends the conversation; other errors too.
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {

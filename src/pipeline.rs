@@ -8,7 +8,7 @@ use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::decoder::Decoder;
+use crate::decoder::{Decoder, KvCache};
 use crate::embed::Embeddings;
 use crate::image::{preprocess, ImageConfig};
 use crate::manifest::Manifest;
@@ -122,6 +122,44 @@ impl InternVL {
 
     /// Answers `req`, calling `on_text` with each new piece of text as soon as it is complete UTF-8.
     pub fn generate(&mut self, req: &Request, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<Output> {
+        let text =
+            prompt::render(&self.manifest.template, &req.history, &req.prompt, req.system.as_deref(), req.images.len());
+        let mut conv = self.new_conversation()?;
+        self.turn(&mut conv, &text, &req.images, req, on_text)
+    }
+
+    pub fn new_conversation(&self) -> Result<Conversation> {
+        Ok(Conversation { cache: self.decoder.empty_cache()?, pending: Vec::new(), turns: 0 })
+    }
+
+    /// The next turn of `conv`: `question` (with `<image>` placeholders for `images`, or none) after what
+    /// the cache already holds; only the new tokens are run through the decoder.
+    pub fn chat(
+        &mut self,
+        conv: &mut Conversation,
+        question: &str,
+        system: Option<&str>,
+        images: &[RgbImage],
+        opts: &Request,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Output> {
+        let t = &self.manifest.template;
+        let text = if conv.turns == 0 {
+            prompt::render(t, &[], question, system, images.len())
+        } else {
+            prompt::continuation(t, question, images.len())
+        };
+        self.turn(conv, &text, images, opts, on_text)
+    }
+
+    fn turn(
+        &mut self,
+        conv: &mut Conversation,
+        text: &str,
+        images: &[RgbImage],
+        req: &Request,
+        on_text: &mut dyn FnMut(&str) -> Result<()>,
+    ) -> Result<Output> {
         req.sampling.validate()?;
         if let Some(n) = req.max_tiles {
             ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
@@ -131,19 +169,18 @@ impl InternVL {
 
         // Preprocess.
         let cfg = self.image_config(req.max_tiles);
-        let mut tiles: Vec<_> = req.images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
+        let mut tiles: Vec<_> = images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
         let preprocess_ms = ms(start);
 
-        // Prompt.
-        let text =
-            prompt::render(&self.manifest.template, &req.history, &req.prompt, req.system.as_deref(), req.images.len());
+        // Prompt: tokens generated last turn but not yet run through the decoder come first.
         let counts: Vec<usize> = tiles.iter().map(|t| t.count).collect();
-        let ids = prompt::token_ids(&self.manifest, &self.tokenizer, &text, &counts)?;
+        let mut ids = std::mem::take(&mut conv.pending);
+        ids.extend(prompt::token_ids(&self.manifest, &self.tokenizer, text, &counts)?);
         let ctx = self.manifest.decoder.max_context;
+        let total = conv.cache.len + ids.len();
         ensure!(
-            ids.len() < ctx,
-            "the prompt is {} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (--max-tiles) or a shorter prompt",
-            ids.len(),
+            total < ctx,
+            "the prompt is {total} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (--max-tiles) or a shorter prompt",
             counts.iter().sum::<usize>()
         );
 
@@ -179,8 +216,7 @@ impl InternVL {
 
         // Prefill.
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
-        let mut cache = self.decoder.empty_cache()?;
-        let mut logits = self.decoder.forward(&embeds, &mut cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
+        let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
         let prefill_ms = ms(t);
 
@@ -194,7 +230,7 @@ impl InternVL {
         let mut first_token_ms = 0.0;
         let mut finish_reason = "length";
         let mut steps = 0usize;
-        let budget = req.max_new_tokens.min(ctx - ids.len());
+        let budget = req.max_new_tokens.min(ctx - total);
         while generated.len() < budget {
             let id = sampler.next(&mut logits, &context);
             if generated.is_empty() {
@@ -210,16 +246,19 @@ impl InternVL {
                 emit(&piece, &mut started, on_text)?;
             }
             if generated.len() == budget {
+                // Not run yet: the next turn feeds it first.
+                conv.pending.push(id);
                 break;
             }
             let mut row = Vec::with_capacity(hidden);
             self.embeddings.lookup_into(&[id], &mut row)?;
-            logits = self.decoder.forward(&row, &mut cache, 1, |_| ())?;
+            logits = self.decoder.forward(&row, &mut conv.cache, 1, |_| ())?;
             steps += 1;
         }
         if let Some(piece) = stream.finish(&self.tokenizer)? {
             emit(&piece, &mut started, on_text)?;
         }
+        conv.turns += 1;
         let decode_ms = ms(t);
         let text = self.tokenizer.decode(&generated)?.trim().to_string();
         Ok(Output {
@@ -240,6 +279,26 @@ impl InternVL {
                 decode_tokens_per_s: steps as f64 / (decode_ms / 1e3),
             },
         })
+    }
+}
+
+/// A conversation kept between turns: the KV cache of everything said so far, so a new turn only runs
+/// its own tokens through the decoder.
+pub struct Conversation {
+    cache: KvCache,
+    /// Generated but not yet in the cache (the last token of an answer cut by the token budget).
+    pending: Vec<u32>,
+    turns: usize,
+}
+
+impl Conversation {
+    /// Tokens held in the cache.
+    pub fn len(&self) -> usize {
+        self.cache.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.len == 0
     }
 }
 

@@ -23,13 +23,8 @@ pub struct Turn {
 /// (the reference `chat()`), `Image-1: <image>\nImage-2: <image>\n...` for several (the model card's
 /// multi-image format). `system`: None = the template's own message; Some("") = no system block.
 pub fn render(t: &TemplateSpec, history: &[Turn], question: &str, system: Option<&str>, images: usize) -> String {
-    let placed = history.iter().any(|h| h.user.contains(IMAGE_PLACEHOLDER)) || question.contains(IMAGE_PLACEHOLDER);
-    let question = match images {
-        0 => question.to_string(),
-        _ if placed => question.to_string(),
-        1 => format!("{IMAGE_PLACEHOLDER}\n{question}"),
-        n => (1..=n).map(|i| format!("Image-{i}: {IMAGE_PLACEHOLDER}\n")).collect::<String>() + question,
-    };
+    let placed = history.iter().any(|h| h.user.contains(IMAGE_PLACEHOLDER));
+    let question = with_image_placeholders(question, images, placed);
     let system = system.unwrap_or(&t.system_message);
     let mut out = String::new();
     if !system.is_empty() {
@@ -49,6 +44,22 @@ pub fn render(t: &TemplateSpec, history: &[Turn], question: &str, system: Option
         }
     }
     out
+}
+
+/// The text of a follow-up turn in a conversation whose cache ends with the assistant's answer: the
+/// separator that closes that answer, then the new user turn and the open assistant role.
+pub fn continuation(t: &TemplateSpec, question: &str, images: usize) -> String {
+    let question = with_image_placeholders(question, images, false);
+    format!("{}{}{question}{}{}", t.sep, t.roles[0], t.sep, t.roles[1])
+}
+
+fn with_image_placeholders(question: &str, images: usize, placed: bool) -> String {
+    match images {
+        0 => question.to_string(),
+        _ if placed || question.contains(IMAGE_PLACEHOLDER) => question.to_string(),
+        1 => format!("{IMAGE_PLACEHOLDER}\n{question}"),
+        n => (1..=n).map(|i| format!("Image-{i}: {IMAGE_PLACEHOLDER}\n")).collect::<String>() + question,
+    }
 }
 
 /// Token ids of the prompt. Text between placeholders is tokenised piece by piece and the image
@@ -122,6 +133,18 @@ mod tests {
             p,
             "<|im_start|>user\n<image>\nA?<|im_end|>\n<|im_start|>assistant\nB.<|im_end|>\n<|im_start|>user\nC?<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn chat_continuation_equals_the_full_conversation() {
+        // What `internvl chat` feeds on top of its cache must add up to the reference prompt of the
+        // whole conversation: first turn + answer + continuation == render(history, question).
+        for system in [None, Some("")] {
+            let first = render(&tpl(), &[], "A?", system, 1);
+            let h = [Turn { user: "<image>\nA?".into(), assistant: "B.".into() }];
+            let whole = render(&tpl(), &h, "C?", system, 0);
+            assert_eq!(format!("{first}B.{}", continuation(&tpl(), "C?", 0)), whole);
+        }
     }
 
     #[test]

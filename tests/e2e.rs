@@ -384,3 +384,34 @@ fn stops_at_a_stop_token() {
     assert_eq!(ids(&got["token_ids"]), want[..first].to_vec());
     assert_eq!(got["finish_reason"], "stop");
 }
+
+#[test]
+fn chat_first_turn_equals_run_and_keeps_the_cache() {
+    let case = case("one_tile");
+    let want = run_case(&case, &[]);
+    let model = fixtures().join(&case.model);
+    let img = fixtures().join(&case.images[0]);
+    let mut child = bin()
+        .args(["chat", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap()])
+        .args(["--max-new-tokens", &case.max_new_tokens.to_string(), "--verbose"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let question = format!("{}\nAnd what colour is it?\n", case.prompt);
+    child.stdin.take().unwrap().write_all(question.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let answers: Vec<&str> = stdout.lines().collect();
+    assert_eq!(answers[0].trim(), want["text"].as_str().unwrap(), "first chat turn differs from run");
+    assert!(answers.len() >= 2 && !answers[1].trim().is_empty(), "no second answer: {stdout:?}");
+    // The second turn runs only its own tokens through the decoder: the budget-cut last token of the first
+    // answer, the separator and the new question; not the 300-token first turn again.
+    let err = stderr(&out);
+    let second = err.lines().nth(1).expect("timings of the second turn");
+    let prefill: usize = second.split("prefill ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(prefill < 30, "second turn prefilled {prefill} tokens: {second}");
+}

@@ -19,7 +19,7 @@ pub const MAX_TILES_LIMIT: u32 = 256;
 /// Largest accepted tile edge (keeps every size computation far from `u32` overflow).
 const MAX_IMAGE_SIZE: u32 = 8192;
 
-/// CPython 3.8+ 64-bit `tuplehash` (xxHash-based) of a tuple of two small non-negative ints
+/// CPython 64-bit `tuplehash` (the xxHash-based one of 3.8+) of a tuple of two small non-negative ints
 /// (for which `hash(i) == i`).
 fn py_tuple_hash(items: [u64; 2]) -> u64 {
     const P1: u64 = 11_400_714_785_074_694_791;
@@ -118,7 +118,7 @@ impl PySet {
 }
 
 /// Candidate grids `(cols, rows)` in exactly the order of the reference's
-/// `sorted(set(...), key=lambda x: x[0] * x[1])` (CPython 3.8+, 64-bit).
+/// `sorted(set(...), key=lambda x: x[0] * x[1])` (64-bit CPython; checked against 3.11).
 pub fn target_ratios(min_num: u32, max_num: u32) -> Vec<(u32, u32)> {
     let mut set = PySet::new();
     for n in min_num..=max_num {

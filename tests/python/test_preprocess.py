@@ -389,6 +389,11 @@ def _mode_images(tmp_path: Path, w: int, h: int) -> dict[str, Path]:
     save("rgb.tif", Image.fromarray(base))
     save("lzw.tif", Image.fromarray(grad), compression="tiff_lzw")
     save("lossless.webp", Image.fromarray(grad), lossless=True)
+    rgba = np.dstack([grad, base[..., :1]])
+    save("rgba_lossless.webp", Image.fromarray(rgba, "RGBA"), lossless=True)
+    save("palette_transparency.gif", pal, transparency=3)
+    save("rgba.tif", Image.fromarray(rgba, "RGBA"))
+    save("gray16.tif", Image.fromarray(gray16))
     return files
 
 
@@ -412,6 +417,10 @@ MODE_NAMES = [
     "rgb.tif",
     "lzw.tif",
     "lossless.webp",
+    "rgba_lossless.webp",
+    "palette_transparency.gif",
+    "rgba.tif",
+    "gray16.tif",
 ]
 
 
