@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument("--template", help="conversation template name (default: from the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "int8", "int4"],
+                   help="weights: float32; int8 (vision + decoder); int4 (decoder, vision int8)")
 
     p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
     p.add_argument("--out", required=True, type=Path)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "convert":
         from .convert import convert
 
-        convert(args.checkpoint, args.out, template=args.template, force=args.force)
+        convert(args.checkpoint, args.out, template=args.template, force=args.force, dtype=args.dtype)
     elif args.command == "tiny":
         from .tiny import make_checkpoint
 

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import checkpoint, manifest, templates
+from . import checkpoint, manifest, quantize, templates
 from .common import ExportCheckError
 from .decoder import export_decoder
 from .embed import export_embedding
@@ -20,7 +20,9 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-def convert(source: str, out: Path, template: str | None = None, force: bool = False) -> Path:
+def convert(source: str, out: Path, template: str | None = None, force: bool = False, dtype: str = "float32") -> Path:
+    if dtype not in quantize.DTYPES:
+        raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(quantize.DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
     tpl = templates.template(ckpt.template)
     out = Path(out)
@@ -52,6 +54,8 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         log("decoder.onnx")
         decoder = export_decoder(lspec, model, work / "decoder.onnx")
         log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
+        if dtype != "float32":
+            quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec)
         stop_ids = sorted({token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
@@ -59,7 +63,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         image = {"image_size": vision["image_size"], "min_tiles": 1, "max_tiles": 12, "use_thumbnail": True,
                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
         manifest.write(
-            work, name=out.name,
+            work, name=out.name, dtype=dtype,
             source={"checkpoint": ckpt.source, "layout": ckpt.layout, "llm_family": ckpt.llm_family},
             vision=vision, embed=embed, decoder=decoder, tokenizer=tokenizer, template=tpl, image=image,
             generation={"max_new_tokens": 1024},
@@ -77,6 +81,30 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
     finally:
         if work.exists():
             shutil.rmtree(work)
+
+
+def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec) -> None:
+    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    tiles = [{"pixel_values": torch.randn(2, 3, vision["image_size"], vision["image_size"], generator=gen).numpy()}]
+    ids = torch.randint(0, embed_table.shape[0], (1, 24), generator=gen)
+    empty = np.zeros((1, lspec.kv_heads, 0, lspec.head_dim), np.float32)
+    prompt = {"inputs_embeds": embed_table[ids].detach().numpy(), "attention_mask": np.ones((1, 24), np.int64),
+              "position_ids": np.arange(24)[None]}
+    prompt.update({f"past_key_values.{i}.{kv}": empty for i in range(lspec.layers) for kv in ("key", "value")})
+    jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
+            ("decoder.onnx", decoder, quantize.int4_weights if dtype == "int4" else quantize.int8_dynamic, [prompt])]
+    for name, entry, fn, feeds in jobs:
+        log(f"{name}: {dtype if name == 'decoder.onnx' else 'int8'}")
+        quant = work / ("quantized-" + name)
+        fn(work / name, quant)
+        entry["quantization"] = quantize.compare(work / name, quant, feeds, strict=name == "vision.onnx")
+        entry["dtype"] = "int4" if fn is quantize.int4_weights else "int8"
+        log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["quantization"].items()))
+        quantize.replace(quant, work / name)
 
 
 def write_tokenizer(ckpt: checkpoint.Checkpoint, dst: Path) -> Path:

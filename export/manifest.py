@@ -43,13 +43,13 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def write(out_dir: Path, *, name: str, source: dict, vision: dict, embed: dict, decoder: dict, tokenizer: dict,
+def write(out_dir: Path, *, name: str, dtype: str, source: dict, vision: dict, embed: dict, decoder: dict, tokenizer: dict,
           template: dict, image: dict, generation: dict) -> Path:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name,
-        "dtype": "float32",
+        "dtype": dtype,
         "versions": versions(),
         "source": source,
         "image": image,

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
+use crate::image::ImageConfig;
+
 /// The schema this runtime reads; `export/manifest.py` writes the same number.
 pub const FORMAT: &str = "internvl-onnx";
 pub const FORMAT_VERSION: u32 = 1;
@@ -19,7 +21,8 @@ pub struct Manifest {
     pub format_version: u32,
     pub name: String,
     pub dtype: String,
-    pub image: ImageSpec,
+    /// Tiling and normalisation (`dynamic_preprocess` + `build_transform` parameters).
+    pub image: ImageConfig,
     pub vision: VisionSpec,
     pub embed: EmbedSpec,
     pub decoder: DecoderSpec,
@@ -30,16 +33,6 @@ pub struct Manifest {
     /// Folder the manifest was read from; file names below resolve against it.
     #[serde(skip)]
     pub dir: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ImageSpec {
-    pub image_size: u32,
-    pub min_tiles: u32,
-    pub max_tiles: u32,
-    pub use_thumbnail: bool,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +145,7 @@ impl Manifest {
             self.format_version
         );
         ensure!(self.template.style == "mpt", "template style {:?} is not supported", self.template.style);
+        ensure!(["float32", "int8", "int4"].contains(&self.dtype.as_str()), "dtype {:?} is not supported", self.dtype);
         ensure!(self.embed.dtype == "float32", "embedding dtype {:?} is not supported", self.embed.dtype);
         let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
         ensure!(

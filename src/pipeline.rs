@@ -101,15 +101,7 @@ impl InternVL {
     }
 
     pub fn image_config(&self, max_tiles: Option<u32>) -> ImageConfig {
-        let i = &self.manifest.image;
-        ImageConfig {
-            image_size: i.image_size,
-            min_tiles: i.min_tiles,
-            max_tiles: max_tiles.unwrap_or(i.max_tiles),
-            use_thumbnail: i.use_thumbnail,
-            mean: i.mean,
-            std: i.std,
-        }
+        ImageConfig { max_tiles: max_tiles.unwrap_or(self.manifest.image.max_tiles), ..self.manifest.image.clone() }
     }
 
     /// Image embeddings `[tiles, tokens_per_tile, hidden]` for normalised tiles `[tiles, 3, size, size]`.

@@ -107,6 +107,14 @@ def main(out: Path) -> None:
         cases.append({"name": name, "prompt": "Describe the image.", "images": [images["c"]], "max_new_tokens": 40,
                       "checkpoint": f"checkpoints/{name}-reference-hf", "template": TEMPLATE[family],
                       "model": f"models/{name}"})
+    # The qwen2-original weights again, with pixel shuffle v1 and the features of the second-to-last
+    # ViT layer (InternVL 1.5-era settings): checked graph-level by tests/python/test_export.py.
+    variant = out / "checkpoints" / "qwen2-v1-layer-2"
+    shutil.copytree(out / "checkpoints" / "qwen2-original", variant)
+    cfg = json.loads((variant / "config.json").read_text())
+    cfg.update(ps_version="v1", select_layer=-2)
+    (variant / "config.json").write_text(json.dumps(cfg, indent=2))
+    convert(str(variant), out / "models" / "qwen2-v1-layer-2")
     (out / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
     write_goldens(out / "cases.json", out / "golden.json")
     stamp.write_text(digest)

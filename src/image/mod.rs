@@ -34,8 +34,8 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485_f64 as f32, 0.456_f64 as f32, 0.406_f
 /// ImageNet channel standard deviations (see [`IMAGENET_MEAN`] for why `f64 as f32`).
 pub const IMAGENET_STD: [f32; 3] = [0.229_f64 as f32, 0.224_f64 as f32, 0.225_f64 as f32];
 
-/// Parameters of `dynamic_preprocess` + `build_transform`.
-#[derive(Debug, Clone, PartialEq)]
+/// Parameters of `dynamic_preprocess` + `build_transform` (also the manifest's `image` section).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct ImageConfig {
     /// Tile edge in pixels (`input_size`, 448 for all InternVL2/2.5/3 models).
     pub image_size: u32,

@@ -155,3 +155,44 @@ def test_original_layout_mapping_matches_an_independent_construction(fixtures):
             assert torch.equal(tensor.float(), ref[key]), f"{name}: {key}"
         tied = ref["lm_head.weight"].data_ptr() == ref["model.language_model.embed_tokens.weight"].data_ptr()
         assert set(ref) - set(mapped) <= ({"lm_head.weight"} if tied else set()), name
+
+
+def test_pixel_shuffle_v1_and_select_layer(fixtures):
+    """ps_version v1 and select_layer -2, against transformers' vision tower (hidden_states[-2]) followed
+    by the model card's v1 pixel shuffle written out here and transformers' projector."""
+    ref = load(inspect(str(fixtures / "checkpoints" / "qwen2-original-reference-hf")), 151667)
+    m = json.loads((fixtures / "models" / "qwen2-v1-layer-2" / "manifest.json").read_text())["vision"]
+    assert (m["ps_version"], m["select_layer"]) == ("v1", -2)
+    pv = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        x = ref.model.vision_tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+        n, _, c = x.shape
+        x = x.reshape(n, 32, 32, c)
+        # InternVLChatModel.pixel_shuffle with ps_version 'v1': no final permute.
+        x = x.view(n, 32, 16, c * 2).permute(0, 2, 1, 3).contiguous().view(n, 16, 16, c * 4)
+        want = ref.model.multi_modal_projector(x.reshape(n, -1, c * 4)).numpy()
+    got = ort_session(fixtures / "models" / "qwen2-v1-layer-2" / "vision.onnx").run(None, {"pixel_values": pv.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    print(f"vision v1 / layer -2: max abs diff {diff:.2e}")
+    assert diff < 1e-4
+    # and it is not the v2 / last-layer output
+    v2 = ort_session(fixtures / "models" / "qwen2-original" / "vision.onnx").run(None, {"pixel_values": pv.numpy()})[0]
+    assert float(np.abs(got - v2).max()) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_export_runs(fixtures, tmp_path, dtype):
+    out = tmp_path / f"model-{dtype}"
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", out, "--dtype", dtype)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == dtype and m["decoder"]["dtype"] == dtype and m["vision"]["dtype"] == "int8"
+    assert m["vision"]["quantization"]["cosine_vs_fp32"] > 0.99
+    fp32_bytes = (fixtures / "model" / "decoder.onnx.data").stat().st_size
+    assert (out / "decoder.onnx.data").stat().st_size < fp32_bytes / (3 if dtype == "int8" else 5)
+    binary = ROOT / "target" / "release" / "internvl"
+    run = subprocess.run([str(binary), "run", "--model", str(out), "--image", str(fixtures / "images" / "448x448_1.png"),
+                          "--prompt", "Describe the image.", "--max-new-tokens", "8", "--json"],
+                         check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["generated_tokens"] == 8

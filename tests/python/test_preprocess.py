@@ -54,9 +54,8 @@ def oracle_find_closest_aspect_ratio(
     return best_ratio
 
 
-def oracle_dynamic_preprocess(
-    image, min_num=1, max_num=12, image_size=448, use_thumbnail=False
-):
+def oracle_choose(image, min_num, max_num, image_size):
+    """The first half of the model card's `dynamic_preprocess`: which grid."""
     orig_width, orig_height = image.size
     aspect_ratio = orig_width / orig_height
     target_ratios = set(  # noqa: C401 (model card code, kept literal)
@@ -67,9 +66,15 @@ def oracle_dynamic_preprocess(
         if i * j <= max_num and i * j >= min_num
     )
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-    target_aspect_ratio = oracle_find_closest_aspect_ratio(
+    return oracle_find_closest_aspect_ratio(
         aspect_ratio, target_ratios, orig_width, orig_height, image_size
     )
+
+
+def oracle_dynamic_preprocess(
+    image, min_num=1, max_num=12, image_size=448, use_thumbnail=False
+):
+    target_aspect_ratio = oracle_choose(image, min_num, max_num, image_size)
     target_width = image_size * target_aspect_ratio[0]
     target_height = image_size * target_aspect_ratio[1]
     blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
@@ -89,17 +94,8 @@ def oracle_dynamic_preprocess(
 
 
 def oracle_grid(width, height, min_num, max_num, image_size=448):
-    target_ratios = set(  # noqa: C401 (model card code, kept literal)
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if i * j <= max_num and i * j >= min_num
-    )
-    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-    return oracle_find_closest_aspect_ratio(
-        width / height, target_ratios, width, height, image_size
-    )
+    image = type("Size", (), {"size": (width, height)})()  # only .size is read before the resize
+    return oracle_choose(image, min_num, max_num, image_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Quality cost of a quantised model folder against its fp32 export, on a fixed set of prompts and images.
+
+Runs both folders' graphs in ONNX Runtime on the same inputs: the reference preprocessing, the prompt as
+the reference `chat()` builds it, then greedy decoding that follows the fp32 model's choices (teacher
+forcing), so every step compares the two models on the same context. Prints, per dtype: top-1 agreement
+of the next-token choice, and the max / mean absolute logit difference.
+
+Usage: .venv/bin/python scripts/quality.py --fp32 models/internvl2_5-1b --quant models/internvl2_5-1b-int8 \\
+           [--images a.png b.jpg] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from export.common import ort_session
+from export.golden import reference_query
+from export.reference import load_image
+
+PROMPTS = ["Describe the image in detail.", "What objects are in this picture?", "Write a short story about it."]
+
+
+class Model:
+    def __init__(self, folder: Path):
+        self.m = json.loads((folder / "manifest.json").read_text())
+        self.vision = ort_session(folder / self.m["vision"]["file"])
+        self.decoder = ort_session(folder / self.m["decoder"]["file"])
+        e = self.m["embed"]
+        self.table = np.memmap(folder / e["file"], dtype="<f4", mode="r", shape=(e["vocab"], e["hidden"]))
+        self.inputs = [i.name for i in self.decoder.get_inputs()]
+        self.outputs = [o.name for o in self.decoder.get_outputs()]
+
+    def prefill(self, ids: list[int], image_embeds: np.ndarray | None):
+        emb = np.array(self.table[ids], np.float32)
+        if image_embeds is not None:
+            emb[np.array(ids) == self.m["tokenizer"]["img_context_id"]] = image_embeds.reshape(-1, emb.shape[-1])
+        d = self.m["decoder"]
+        empty = np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32)
+        feed = {self.inputs[0]: emb[None], self.inputs[1]: np.ones((1, len(ids)), np.int64),
+                self.inputs[2]: np.arange(len(ids))[None]}
+        feed.update({n: empty for n in self.inputs[3:]})
+        res = self.decoder.run(self.outputs, feed)
+        return res[0][0], res[1:], len(ids)
+
+    def step(self, token: int, past, n: int):
+        feed = {self.inputs[0]: np.array(self.table[[token]], np.float32)[None],
+                self.inputs[1]: np.ones((1, n + 1), np.int64), self.inputs[2]: np.array([[n]])}
+        feed.update(dict(zip(self.inputs[3:], past, strict=True)))
+        res = self.decoder.run(self.outputs, feed)
+        return res[0][0], res[1:], n + 1
+
+
+def main() -> None:
+    from fixtures import make_image
+    from tokenizers import Tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fp32", required=True, type=Path)
+    ap.add_argument("--quant", required=True, type=Path, nargs="+")
+    ap.add_argument("--images", type=Path, nargs="*")
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args()
+    images = args.images or []
+    if not images:
+        tmp = ROOT / "build" / "quality"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for size, seed in (((448, 448), 1), ((1024, 768), 2)):
+            p = tmp / f"{size[0]}x{size[1]}_{seed}.png"
+            make_image(size, seed).save(p)
+            images.append(p)
+    ref = Model(args.fp32)
+    tok = Tokenizer.from_file(str(args.fp32 / "tokenizer.json"))
+    tpl = ref.m["template"]
+    for qdir in args.quant:
+        q = Model(qdir)
+        agree = total = 0
+        max_diff, diffs = 0.0, []
+        for image in images:
+            pv = load_image(image, input_size=448, max_num=6)
+            emb_ref = ref.vision.run(None, {"pixel_values": pv})[0]
+            emb_q = q.vision.run(None, {"pixel_values": pv})[0]
+            for prompt in PROMPTS:
+                text = reference_query(tpl, prompt, None, [pv.shape[0]], [], 256)
+                ids = tok.encode(text, add_special_tokens=False).ids
+                (a, pa, na), (b, pb, nb) = ref.prefill(ids, emb_ref), q.prefill(ids, emb_q)
+                for _ in range(args.steps):
+                    agree += int(a.argmax() == b.argmax())
+                    total += 1
+                    d = np.abs(a.astype(np.float64) - b)
+                    max_diff, diffs = max(max_diff, float(d.max())), [*diffs, float(d.mean())]
+                    nxt = int(a.argmax())  # both follow the fp32 choice
+                    (a, pa, na), (b, pb, nb) = ref.step(nxt, pa, na), q.step(nxt, pb, nb)
+        print(f"{qdir}: dtype {q.m['dtype']}: top-1 agreement {agree / total:.3f} over {total} steps, "
+              f"max |logit diff| {max_diff:.3f}, mean |logit diff| {np.mean(diffs):.4f}")
+
+
+if __name__ == "__main__":
+    main()
