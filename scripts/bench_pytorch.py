@@ -3,7 +3,8 @@ checkpoint, same thread count, same run; prints each figure with its ratio to bo
 measured limits (GEMM GFLOP/s fp32 / bf16 / int8, memory read GB/s) with how close each figure is.
 
 Usage: .venv/bin/python scripts/bench_pytorch.py --checkpoint build/checkpoints/internvl2_5-1b \\
-           --model models/internvl2_5-1b [--runs 3] [--threads 2] [--json out.json]
+           --model models/internvl2_5-1b [--model models/internvl2_5-1b-int8 ...] [--runs 3] [--threads 2]
+           [--json out.json]
 Not a timed test: numbers are printed, nothing is asserted.
 """
 
@@ -23,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.checkpoint import inspect, load_model
-from export.golden import reference_prompt
+from export.checkpoint import inspect, load
+from export.golden import reference_query
 from export.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
 from export.templates import template
 
@@ -89,9 +90,9 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
     torch.set_num_threads(threads)
     ckpt = inspect(ckpt_dir)
     t = time.perf_counter()
-    model = load_model(ckpt).to(dtype)
-    load_ms = (time.perf_counter() - t) * 1e3
     tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
+    model = load(ckpt, tok.token_to_id("<IMG_CONTEXT>")).to(dtype)
+    load_ms = (time.perf_counter() - t) * 1e3
     tpl = template(ckpt.template)
     lm, head = model.model.language_model, model.lm_head
     r = {"load_ms": med([load_ms])}
@@ -117,7 +118,7 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
         def first_token(img) -> tuple[float, float, int]:
             t0 = time.perf_counter()
             pv = pixel_values(img)
-            text = reference_prompt(tpl, "Describe the image.", None, pv.shape[0], 256)
+            text = reference_query(tpl, "Describe the image.", None, [pv.shape[0]], [], 256)
             ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
             feats = vision(pv)
             emb = lm.embed_tokens(ids)
@@ -138,7 +139,7 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
         r["ttft_1tile_ms"], r["ttft_7tile_ms"], r["prefill_tokens_per_s"] = med(t1s), med(t7s), med(pfs)
         r["prefill_tokens"] = n
 
-        text = reference_prompt(tpl, "Write a long story about a lighthouse keeper.", None, None, 256)
+        text = reference_query(tpl, "Write a long story about a lighthouse keeper.", None, [], [], 256)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
         decs = []
         for _ in range(runs):
@@ -157,6 +158,30 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
     return r
 
 
+def machine_fraction(ckpt_dir: str, model_dir: Path, ours: dict, limits: dict) -> list[str]:
+    """How close the figures are to the machine's limits: vision and prefill as GEMM throughput, decode as
+    weight bytes read per second."""
+    cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    v = cfg["vision_config"]
+    t = cfg.get("text_config") or cfg.get("llm_config")
+    n, h, i = 1025, v["hidden_size"], v["intermediate_size"]
+    tile_flops = v["num_hidden_layers"] * (2 * n * (4 * h * h + 2 * h * i) + 4 * n * n * h)
+    th, ti = t["hidden_size"], t["intermediate_size"]
+    kv = t["num_key_value_heads"] * th // t["num_attention_heads"]
+    layer_params = th * th * 2 + th * kv * 2 + 3 * th * ti
+    token_flops = 2 * t["num_hidden_layers"] * layer_params
+    dtype = json.loads((model_dir / "manifest.json").read_text())["dtype"]
+    peak = limits["gemm_fp32_gflops"] if dtype == "float32" else limits.get("gemm_int8_gops", float("nan"))
+    vis = tile_flops / (ours["vision_ms_per_tile_batched"]["median"] / 1e3) / 1e9
+    pre = token_flops * ours["prefill_tokens_per_s"]["median"] / 1e9
+    dec_bytes = (model_dir / "decoder.onnx.data").stat().st_size
+    dec = dec_bytes * ours["decode_tokens_per_s"]["median"] / 1e9
+    unit = "fp32 GEMM" if dtype == "float32" else "int8 GEMM"
+    return [f"vision {vis:.0f} GFLOP/s ({vis / peak:.0%} of {unit} peak)",
+            f"prefill {pre:.0f} GFLOP/s ({pre / peak:.0%})",
+            f"decode reads {dec:.1f} GB/s of weights ({dec / limits['mem_read_gbs']:.0%} of memory bandwidth)"]
+
+
 FIGURES = [  # key, label, higher is better
     ("load_ms", "model load, ms", False),
     ("vision_ms_per_tile_batch1", "vision ms/tile, batch 1", False),
@@ -171,7 +196,7 @@ FIGURES = [  # key, label, higher is better
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--model", required=True, type=Path, action="append", help="model folder(s) to bench")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -181,12 +206,16 @@ def main() -> None:
 
     limits = machine_limits(args.threads)
     print("machine:", ", ".join(f"{k} {v:.0f}" for k, v in limits.items()), flush=True)
-    cmd = [str(ROOT / "target/release/internvl"), "bench", "--model", str(args.model), "--runs", str(args.runs),
-           "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--json"]
-    ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    print("internvl bench done", flush=True)
+    results = {"limits": limits}
+    ours_cols = []
+    for model in args.model:
+        cmd = [str(ROOT / "target/release/internvl"), "bench", "--model", str(model), "--runs", str(args.runs),
+               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--json"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[f"internvl {model.name}"] = json.loads(out)
+        ours_cols.append(f"internvl {model.name}")
+        print(f"internvl bench {model} done", flush=True)
     # Each PyTorch precision in its own process so peak RSS is its own.
-    results = {"ours": ours, "limits": limits}
     for name in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
         code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.argv=['x'];"
                 f"from scripts.bench_pytorch import bench_torch; import torch;"
@@ -197,19 +226,24 @@ def main() -> None:
         print(f"pytorch {name} done", flush=True)
 
     cols = [k for k in ("pytorch_fp32", "pytorch_bf16") if k in results]
-    print(f"\n{'figure (median)':<36}{'internvl':>11}" + "".join(f"{c.replace('pytorch_', 'PT '):>11}" for c in cols)
-          + "".join(f"{'x vs ' + c.replace('pytorch_', 'PT '):>14}" for c in cols))
-    for key, label, higher in FIGURES:
-        o = ours[key]["median"]
-        row = f"{label:<36}{o:>11.1f}"
-        for c in cols:
-            row += f"{results[c][key]['median']:>11.1f}"
-        for c in cols:
-            p = results[c][key]["median"]
-            row += f"{(o / p if higher else p / o):>13.2f}x"
-        print(row)
-    print(f"{'peak RSS, MiB':<36}{ours['peak_rss_mb']:>11.0f}" + "".join(f"{results[c]['peak_rss_mb']:>11.0f}" for c in cols))
-    print("(ratios: >1 means internvl is faster)")
+    for ours_key in ours_cols:
+        ours = results[ours_key]
+        print(f"\n{ours_key} (ratios > 1: internvl is faster)")
+        print(f"{'figure (median)':<36}{'internvl':>11}" + "".join(f"{c.replace('pytorch_', 'PT '):>11}" for c in cols)
+              + "".join(f"{'vs ' + c.replace('pytorch_', 'PT '):>12}" for c in cols))
+        for key, label, higher in FIGURES:
+            o = ours[key]["median"]
+            row = f"{label:<36}{o:>11.1f}" + "".join(f"{results[c][key]['median']:>11.1f}" for c in cols)
+            for c in cols:
+                p = results[c][key]["median"]
+                row += f"{(o / p if higher else p / o):>11.2f}x"
+            print(row)
+        model_dir = Path(ours["model"])
+        lim = machine_fraction(args.checkpoint, model_dir, ours, limits)
+        print("   against this machine: " + "; ".join(lim))
+        print(f"{'peak RSS, MiB':<36}{ours['peak_rss_mb']:>11.0f}"
+              + "".join(f"{results[c]['peak_rss_mb']:>11.0f}" for c in cols)
+              + f"   (weights {ours['weight_mb']:.0f} MiB)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
