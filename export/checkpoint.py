@@ -55,12 +55,18 @@ def resolve(source: str) -> Path:
     raise SystemExit(f"checkpoint {source}: no such folder")
 
 
+# The causal-LM classes of each family, for configs that name the architecture but not the model_type.
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                 "InternLM2ForCausalLM": "internlm2"}
+
+
 def _llm_family(path: Path, llm: dict) -> str:
     kind = llm.get("model_type") or ""
     arch = (llm.get("architectures") or [""])[0]
-    for fam in LLM_FAMILIES:
-        if kind == fam or arch.lower().startswith(fam):
-            return fam
+    if kind in LLM_FAMILIES:
+        return kind
+    if not kind and arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
     raise SystemExit(
         f"checkpoint {path}: LLM {kind or arch!r} is not supported (supported: {', '.join(LLM_FAMILIES)})"
     )
@@ -91,6 +97,18 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
     template = template or DEFAULT_TEMPLATES[family]
     templates.template(template)  # unknown names fail here
     return Checkpoint(path=path, source=source, config=config, layout=layout, llm_family=family, template=template)
+
+
+def tiling(ckpt: Checkpoint) -> dict:
+    """Tile limits the model was trained with: the original config's max/min_dynamic_patch and
+    use_thumbnail (dynamic_image_size off: one tile); the -hf processor's defaults otherwise."""
+    c = ckpt.config
+    if ckpt.layout == "hf":
+        return {"min_tiles": 1, "max_tiles": 12, "use_thumbnail": True}
+    if not c.get("dynamic_image_size", True):
+        return {"min_tiles": 1, "max_tiles": 1, "use_thumbnail": False}
+    return {"min_tiles": int(c.get("min_dynamic_patch", 1)), "max_tiles": int(c.get("max_dynamic_patch", 12)),
+            "use_thumbnail": bool(c.get("use_thumbnail", True))}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +164,8 @@ def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str
                 raise SystemExit(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
         elif name.startswith("mlp1."):
             idx, param = name.rsplit(".", 1)
+            if idx not in proj_names:
+                raise SystemExit(f"checkpoint {ckpt.path}: unexpected projector tensor {name}")
             out[f"model.multi_modal_projector.{proj_names[idx]}.{param}"] = t
         elif name.startswith("language_model."):
             rest = name[len("language_model."):]
@@ -252,7 +272,8 @@ def specs(ckpt: Checkpoint, model) -> tuple[VisionSpec, LlmSpec]:
     vision = VisionSpec(hidden=v.hidden_size, layers=v.num_hidden_layers, heads=v.num_attention_heads,
                         norm=v.norm_type, eps=v.layer_norm_eps, qk_norm=bool(v.use_qk_norm),
                         image_size=v.image_size[0], patch_size=v.patch_size[0], downsample_ratio=cfg.downsample_ratio,
-                        ps_version=c.get("ps_version", "v2") if ckpt.layout == "original" else "v2",
+                        # InternVLChatConfig's own default is v1 (early InternVL 1.5); -hf is always v2.
+                        ps_version=c.get("ps_version", "v1") if ckpt.layout == "original" else "v2",
                         select_layer=cfg.vision_feature_layer)
     heads = t.num_attention_heads
     llm = LlmSpec(arch=t.model_type, family=ckpt.llm_family, hidden=t.hidden_size, layers=t.num_hidden_layers,

@@ -31,14 +31,18 @@ def export_onnx(module: torch.nn.Module, args: tuple, out: Path, input_names: li
                 module, args, str(raw), input_names=input_names, output_names=output_names,
                 dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
             )
-        model = onnx.load(str(raw), load_external_data=True)
-        data = out.name + ".data"
-        for stale in (out, out.parent / data):
-            if stale.exists():
-                stale.unlink()
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
+        save_onnx(onnx.load(str(raw), load_external_data=True), out)
     onnx.checker.check_model(str(out))
+
+
+def save_onnx(model: onnx.ModelProto, out: Path) -> None:
+    """`out` plus all its weights in one external-data file `<out>.data` (replacing both if present)."""
+    data = out.parent / (out.name + ".data")
+    for stale in (out, data):
+        if stale.exists():
+            stale.unlink()
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
 
 
 def ort_session(path: Path, threads: int | None = None):

@@ -25,9 +25,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(quantize.DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
     tpl = templates.template(ckpt.template)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"output folder {out} is not empty; pass --force to replace it")
+    out = check_output_folder(Path(out), ckpt.path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp folder and move into place at the end: a failed export never leaves a
     # half-written model folder, and never damages the one already there.
@@ -56,11 +54,11 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
         if dtype != "float32":
             quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec)
-        stop_ids = sorted({token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
+        stop_ids = sorted({manifest.token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
                      "img_context_id": ids["img_context"], "vocab_size": ids["vocab_size"], "stop_ids": stop_ids}
-        image = {"image_size": vision["image_size"], "min_tiles": 1, "max_tiles": 12, "use_thumbnail": True,
+        image = {"image_size": vision["image_size"], **checkpoint.tiling(ckpt),
                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
         manifest.write(
             work, name=out.name, dtype=dtype,
@@ -81,6 +79,27 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
     finally:
         if work.exists():
             shutil.rmtree(work)
+
+
+def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:
+    """Never overwrite what the user has: a non-empty `--out` needs --force, and even then only a model
+    folder this exporter wrote (its manifest.json) is replaced, never the checkpoint or a folder holding it."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise SystemExit(f"output folder {out} is not empty; pass --force to replace it")
+        m = out / "manifest.json"
+        try:
+            ours = json.loads(m.read_text()).get("format") == manifest.FORMAT
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise SystemExit(f"output folder {out} is not a model folder written by this exporter; not replacing it")
+    o, c = out.resolve(), checkpoint_dir.resolve()
+    if o == c or o in c.parents:
+        raise SystemExit(f"output folder {out} would replace the checkpoint {checkpoint_dir}")
+    return out
 
 
 def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec) -> None:
@@ -124,15 +143,6 @@ def write_tokenizer(ckpt: checkpoint.Checkpoint, dst: Path) -> Path:
         raise SystemExit(f"checkpoint {ckpt.path}: no tokenizer.json and no fast tokenizer conversion")
     tok.backend_tokenizer.save(str(dst))
     return dst
-
-
-def token_id(tokenizer_json: Path, token: str) -> int:
-    from tokenizers import Tokenizer
-
-    tid = Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
-    if tid is None:
-        raise SystemExit(f"{tokenizer_json}: token {token!r} missing")
-    return tid
 
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:

@@ -19,7 +19,8 @@ import torch
 
 from . import templates
 from .checkpoint import inspect, load
-from .convert import eos_ids, token_id
+from .convert import eos_ids
+from .manifest import token_id
 from .reference import load_image
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -64,7 +65,7 @@ def write_goldens(cases_file: Path, out: Path) -> None:
             tiles.append(pv.shape[0])
         text = reference_query(tpl, case["prompt"], case.get("system"), tiles, case.get("history", []),
                                int(model.config.image_seq_length))
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+        ids = torch.tensor([tok.encode(text).ids])  # `tokenizer(query)`: with the tokenizer's own specials
         extra = {"pixel_values": torch.from_numpy(np.concatenate(pixel_values))} if pixel_values else {}
         with torch.no_grad():
             gen = model.generate(

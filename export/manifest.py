@@ -13,21 +13,23 @@ FORMAT = "internvl-onnx"
 FORMAT_VERSION = 1
 
 
+def token_id(tokenizer_json: Path, token: str) -> int:
+    from tokenizers import Tokenizer
+
+    tid = Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
+    if tid is None:
+        raise SystemExit(f"{tokenizer_json}: token {token!r} missing")
+    return tid
+
+
 def special_ids(tokenizer_json: Path) -> dict:
     """Ids of the tokens the runtime treats specially, looked up in the tokenizer that ships with the model."""
-    tok = json.loads(tokenizer_json.read_text())
-    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    vocab = tok.get("model", {}).get("vocab", {})
+    from tokenizers import Tokenizer
 
-    def lookup(s):
-        if s in added:
-            return added[s]
-        if s in vocab:
-            return vocab[s]
-        raise SystemExit(f"{tokenizer_json}: token {s!r} missing")
-
-    return {"img_start": lookup("<img>"), "img_end": lookup("</img>"), "img_context": lookup("<IMG_CONTEXT>"),
-            "vocab_size": max([*added.values(), *vocab.values()]) + 1}
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = {name: token_id(tokenizer_json, s)
+           for name, s in (("img_start", "<img>"), ("img_end", "</img>"), ("img_context", "<IMG_CONTEXT>"))}
+    return {**ids, "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
 
 
 def versions() -> dict:

@@ -21,26 +21,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .common import ExportCheckError, ort_session
+from .common import ExportCheckError, ort_session, save_onnx
 
 DTYPES = ("float32", "int8", "int4")
 # Lowest cosine similarity to fp32 accepted (measured on random-weight models: > 0.999 for int8 vision).
 MIN_COSINE = 0.98
 
 
-def _resave(model: onnx.ModelProto, out: Path) -> None:
-    data = out.parent / (out.name + ".data")
-    for stale in (out, data):
-        if stale.exists():
-            stale.unlink()
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-
-
 def replace(src: Path, dst: Path) -> None:
     """Move a graph and its external data to `dst` (the data file is renamed inside the graph too)."""
     model = onnx.load(str(src))  # external data loaded into memory
-    _resave(model, dst)
+    save_onnx(model, dst)
     for f in (src, src.parent / (src.name + ".data")):
         f.unlink(missing_ok=True)
 
@@ -52,7 +43,7 @@ def int8_dynamic(src: Path, out: Path) -> None:
     quantize_dynamic(src, tmp, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                      weight_type=QuantType.QInt8, use_external_data_format=True,
                      extra_options={"MatMulConstBOnly": True})
-    _resave(onnx.load(str(tmp)), out)
+    save_onnx(onnx.load(str(tmp)), out)
     for f in tmp.parent.glob(tmp.name + "*"):
         f.unlink()
 
@@ -62,7 +53,7 @@ def int4_weights(src: Path, out: Path, block: int = 32) -> None:
 
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block, is_symmetric=True, accuracy_level=4)
     q.process()
-    _resave(q.model.model, out)
+    save_onnx(q.model.model, out)
 
 
 def compare(ref: Path, quant: Path, feeds: list[dict], strict: bool = True) -> dict:

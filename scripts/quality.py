@@ -89,8 +89,8 @@ def main() -> None:
             emb_ref = ref.vision.run(None, {"pixel_values": pv})[0]
             emb_q = q.vision.run(None, {"pixel_values": pv})[0]
             for prompt in PROMPTS:
-                text = reference_query(tpl, prompt, None, [pv.shape[0]], [], 256)
-                ids = tok.encode(text, add_special_tokens=False).ids
+                text = reference_query(tpl, prompt, None, [pv.shape[0]], [], ref.m["vision"]["tokens_per_tile"])
+                ids = tok.encode(text).ids
                 (a, pa, na), (b, pb, nb) = ref.prefill(ids, emb_ref), q.prefill(ids, emb_q)
                 for _ in range(args.steps):
                     agree += int(a.argmax() == b.argmax())

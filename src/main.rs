@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use internvl::bench::{self, BenchOptions};
-use internvl::image::{load_image, preprocess, tile_images, ImageConfig};
+use internvl::decoder::DEFAULT_PREFILL_CHUNK;
+use internvl::image::{load_image, preprocess, tile_images, ImageConfig, MAX_TILES};
 use internvl::prompt::Turn;
 use internvl::runtime::{Device, RuntimeOptions};
 use internvl::sampling::SamplingOptions;
@@ -31,6 +32,19 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Measure load, vision, time to first token, prefill and decode speed, peak memory.
     Bench(BenchArgs),
+    /// Print the token ids of a text (one JSON list per input line of --file, or of --text).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, conflicts_with = "file")]
+    text: Option<String>,
+    /// A JSON list of strings; prints a JSON list of id lists.
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -44,7 +58,7 @@ struct BenchArgs {
     vision_batch: usize,
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
     #[command(flatten)]
     rt: RuntimeArgs,
@@ -71,8 +85,9 @@ struct GenArgs {
     /// Apply the EXIF orientation tag (the reference ignores it).
     #[arg(long)]
     exif: bool,
-    #[arg(long, default_value_t = 1024)]
-    max_new_tokens: usize,
+    /// Most tokens to generate (default from the model, 1024); also bounded by the context.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// 0 = greedy (default).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -91,7 +106,7 @@ struct GenArgs {
     #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
     vision_batch: usize,
     /// Prompt positions per prefill run (bounds attention memory on long prompts).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
     /// Timing figures on stderr.
     #[arg(long)]
@@ -165,11 +180,12 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat(a),
         Command::Preprocess(a) => preprocess_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Tokenize(a) => tokenize_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -188,7 +204,7 @@ impl GenArgs {
         };
         sampling.validate()?;
         if let Some(n) = self.max_tiles {
-            anyhow::ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
+            anyhow::ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
         }
         let images = self.image.iter().map(|p| load_image(p, self.exif)).collect::<Result<Vec<_>>>()?;
         let opts = RuntimeOptions { device: self.rt.device, threads: self.rt.threads };
@@ -199,7 +215,7 @@ impl GenArgs {
             history: Vec::new(),
             system: self.system.clone(),
             max_tiles: self.max_tiles,
-            max_new_tokens: self.max_new_tokens,
+            max_new_tokens: self.max_new_tokens.unwrap_or(model.manifest.generation.max_new_tokens),
             sampling,
             vision_batch: self.vision_batch,
             prefill_chunk: self.prefill_chunk,
@@ -287,7 +303,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         if let Some(path) = q.strip_prefix("/image ") {
             match load_image(std::path::Path::new(path.trim()), a.gen.exif) {
                 Ok(img) => images.push(img),
-                Err(e) => eprintln!("error: {e:#}"),
+                Err(e) => eprintln!("error: {}", one_line(&e)),
             }
             continue;
         }
@@ -295,7 +311,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             conv = model.new_conversation()?;
             continue;
         }
-        let out = model.chat(&mut conv, q, req.system.as_deref(), &images, &req, &mut |piece| {
+        let out = model.chat(&mut conv, q, &images, &req, &mut |piece| {
             stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
             stdout.flush().context("writing to stdout")
         });
@@ -304,14 +320,29 @@ fn chat(a: ChatArgs) -> Result<()> {
         match out {
             Ok(out) if a.gen.verbose => print_timings(&out),
             Ok(_) => {}
-            // A turn that does not fit the context ends the conversation; other errors too.
-            Err(e) => return Err(e),
+            // Bad input for this turn: say so and keep the conversation (or start over if it was hit).
+            Err(e) => {
+                eprintln!("error: {}", one_line(&e));
+                if conv.is_broken() {
+                    eprintln!("starting a new conversation");
+                    conv = model.new_conversation()?;
+                }
+            }
         }
     }
 }
 
+/// anyhow's chain on one line: "context: cause: cause".
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
 fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
-    anyhow::ensure!((1..=40).contains(&a.max_tiles), "--max-tiles {} must be between 1 and 40", a.max_tiles);
+    anyhow::ensure!(
+        (1..=MAX_TILES).contains(&a.max_tiles),
+        "--max-tiles {} must be between 1 and {MAX_TILES}",
+        a.max_tiles
+    );
     anyhow::ensure!(
         (1..=a.max_tiles).contains(&a.min_tiles),
         "--min-tiles {} must be between 1 and --max-tiles",
@@ -366,5 +397,23 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         r.weight_mb,
         r.peak_rss_mb / r.weight_mb.max(1.0)
     );
+    Ok(())
+}
+
+fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
+    let m = internvl::manifest::Manifest::load(&a.model)?;
+    let tok = internvl::tokenizer::Tokenizer::load(&m.path(&m.tokenizer.file))?;
+    let encode = |t: &str| tok.encode(t, true);
+    let out = match (&a.text, &a.file) {
+        (Some(t), _) => serde_json::to_string(&encode(t)?)?,
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let items: Vec<String> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON list of strings", f.display()))?;
+            serde_json::to_string(&items.iter().map(|t| encode(t)).collect::<Result<Vec<_>>>()?)?
+        }
+        (None, None) => anyhow::bail!("give --text or --file"),
+    };
+    println!("{out}");
     Ok(())
 }

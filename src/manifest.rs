@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
-use crate::image::ImageConfig;
+use crate::image::{ImageConfig, MAX_TILES};
 
 /// The schema this runtime reads; `export/manifest.py` writes the same number.
 pub const FORMAT: &str = "internvl-onnx";
@@ -158,7 +158,11 @@ impl Manifest {
         ensure!(e.hidden == d.hidden, "embedding hidden {} != decoder hidden {}", e.hidden, d.hidden);
         ensure!(e.vocab == d.vocab, "embedding vocab {} != decoder vocab {}", e.vocab, d.vocab);
         ensure!(t.vocab_size <= d.vocab, "tokenizer has {} ids but the model only {}", t.vocab_size, d.vocab);
-        ensure!((1..=40).contains(&self.image.max_tiles), "max_tiles {} outside 1..=40", self.image.max_tiles);
+        ensure!(
+            (1..=MAX_TILES).contains(&self.image.max_tiles),
+            "max_tiles {} outside 1..={MAX_TILES}",
+            self.image.max_tiles
+        );
         for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
             ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::decoder::{Decoder, KvCache};
 use crate::embed::Embeddings;
-use crate::image::{preprocess, ImageConfig};
+use crate::image::{preprocess, ImageConfig, MAX_TILES};
 use crate::manifest::Manifest;
 use crate::prompt;
 use crate::runtime::RuntimeOptions;
@@ -121,7 +121,7 @@ impl InternVL {
     }
 
     pub fn new_conversation(&self) -> Result<Conversation> {
-        Ok(Conversation { cache: self.decoder.empty_cache()?, pending: Vec::new(), turns: 0 })
+        Ok(Conversation { cache: self.decoder.empty_cache()?, pending: Vec::new(), turns: 0, broken: false })
     }
 
     /// The next turn of `conv`: `question` (with `<image>` placeholders for `images`, or none) after what
@@ -130,14 +130,13 @@ impl InternVL {
         &mut self,
         conv: &mut Conversation,
         question: &str,
-        system: Option<&str>,
         images: &[RgbImage],
         opts: &Request,
         on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Output> {
         let t = &self.manifest.template;
         let text = if conv.turns == 0 {
-            prompt::render(t, &[], question, system, images.len())
+            prompt::render(t, &[], question, opts.system.as_deref(), images.len())
         } else {
             prompt::continuation(t, question, images.len())
         };
@@ -154,7 +153,7 @@ impl InternVL {
     ) -> Result<Output> {
         req.sampling.validate()?;
         if let Some(n) = req.max_tiles {
-            ensure!((1..=40).contains(&n), "--max-tiles {n} must be between 1 and 40");
+            ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
         }
         let start = Instant::now();
         let hidden = self.manifest.decoder.hidden;
@@ -166,8 +165,10 @@ impl InternVL {
 
         // Prompt: tokens generated last turn but not yet run through the decoder come first.
         let counts: Vec<usize> = tiles.iter().map(|t| t.count).collect();
-        let mut ids = std::mem::take(&mut conv.pending);
-        ids.extend(prompt::token_ids(&self.manifest, &self.tokenizer, text, &counts)?);
+        ensure!(!conv.broken, "this conversation's cache was lost in an earlier error; start a new one");
+        let first = conv.turns == 0;
+        let mut ids = conv.pending.clone();
+        ids.extend(prompt::token_ids(&self.manifest, &self.tokenizer, text, &counts, first)?);
         let ctx = self.manifest.decoder.max_context;
         let total = conv.cache.len + ids.len();
         ensure!(
@@ -206,7 +207,9 @@ impl InternVL {
         self.embeddings.lookup_into(&ids[run_start..], &mut embeds)?;
         ensure!(next_image_row * hidden == image_embeds.len(), "image token count does not match the vision output");
 
-        // Prefill.
+        // Prefill. From here on the cache changes: a failure leaves the conversation unusable.
+        conv.pending.clear();
+        conv.broken = true;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
@@ -251,6 +254,7 @@ impl InternVL {
             emit(&piece, &mut started, on_text)?;
         }
         conv.turns += 1;
+        conv.broken = false;
         let decode_ms = ms(t);
         let text = self.tokenizer.decode(&generated)?.trim().to_string();
         Ok(Output {
@@ -281,16 +285,14 @@ pub struct Conversation {
     /// Generated but not yet in the cache (the last token of an answer cut by the token budget).
     pending: Vec<u32>,
     turns: usize,
+    /// A turn failed after touching the cache.
+    broken: bool,
 }
 
 impl Conversation {
-    /// Tokens held in the cache.
-    pub fn len(&self) -> usize {
-        self.cache.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cache.len == 0
+    /// A turn failed after touching the cache: only a new conversation can go on.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 }
 

@@ -2,7 +2,7 @@
 //! `<image>`, the conversation template around it, and each `<image>` expanded to
 //! `<img>` + 256 x tiles `<IMG_CONTEXT>` + `</img>`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::manifest::{Manifest, TemplateSpec};
 use crate::tokenizer::Tokenizer;
@@ -62,30 +62,42 @@ fn with_image_placeholders(question: &str, images: usize, placed: bool) -> Strin
     }
 }
 
-/// Token ids of the prompt. Text between placeholders is tokenised piece by piece and the image
-/// tokens are spliced in as ids: `<img>` and `</img>` are special tokens, so the tokenizer would split
-/// there anyway, and this avoids building and scanning a string of 256 x tiles `<IMG_CONTEXT>`.
-pub fn token_ids(m: &Manifest, tok: &Tokenizer, text: &str, tiles_per_image: &[usize]) -> Result<Vec<u32>> {
-    let pieces: Vec<&str> = text.split(IMAGE_PLACEHOLDER).collect();
-    let placeholders = pieces.len() - 1;
+/// Token ids of the prompt, as the reference tokenises it: every `<image>` becomes `<img><IMG_CONTEXT></img>`,
+/// the whole text is encoded at once (`first`: with the tokenizer's own special tokens, e.g. a BOS, as
+/// `tokenizer(query)` adds them; follow-up chat turns continue a sequence and add none), then each
+/// `<IMG_CONTEXT>` is widened to 256 x tiles ids. Encoding in one piece matters for tokenizers that mark
+/// the start of a text (sentencepiece's `▁`); a stray `<IMG_CONTEXT>` typed by the user is an error.
+pub fn token_ids(
+    m: &Manifest,
+    tok: &Tokenizer,
+    text: &str,
+    tiles_per_image: &[usize],
+    first: bool,
+) -> Result<Vec<u32>> {
+    let t = &m.tokenizer;
+    let placeholders = text.matches(IMAGE_PLACEHOLDER).count();
     if placeholders != tiles_per_image.len() {
         bail!(
             "the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {} image(s) were given",
             tiles_per_image.len()
         );
     }
-    let t = &m.tokenizer;
-    let mut ids = Vec::new();
-    for (i, piece) in pieces.iter().enumerate() {
-        if i > 0 {
-            ids.push(t.img_start_id);
-            ids.extend(std::iter::repeat_n(t.img_context_id, tiles_per_image[i - 1] * m.vision.tokens_per_tile));
-            ids.push(t.img_end_id);
-        }
-        if !piece.is_empty() {
-            ids.extend(tok.encode(piece)?);
+    if text.contains(&t.img_context) {
+        bail!("the prompt contains {} itself; that token is reserved for image embeddings", t.img_context);
+    }
+    let expanded = text.replace(IMAGE_PLACEHOLDER, &format!("{}{}{}", t.img_start, t.img_context, t.img_end));
+    let encoded = tok.encode(&expanded, first)?;
+    let mut ids = Vec::with_capacity(encoded.len() + tiles_per_image.iter().sum::<usize>() * m.vision.tokens_per_tile);
+    let mut images = tiles_per_image.iter();
+    for id in encoded {
+        if id == t.img_context_id {
+            let tiles = images.next().context("tokenizer produced more image tokens than placeholders")?;
+            ids.extend(std::iter::repeat_n(id, tiles * m.vision.tokens_per_tile));
+        } else {
+            ids.push(id);
         }
     }
+    ensure!(images.next().is_none(), "tokenizer did not keep every {} token", t.img_context);
     Ok(ids)
 }
 

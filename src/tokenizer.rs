@@ -16,8 +16,9 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`, `<img>`) map to their ids.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing prompt: {e}"))?;
+    /// `add_special`: also what the tokenizer adds around a sequence (a BOS for Llama-3 or InternLM2).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing prompt: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -27,10 +28,6 @@ impl Tokenizer {
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
     }
 }
 
@@ -49,8 +46,10 @@ impl StreamDecoder {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            let piece = now[before.len()..].to_string();
+        // Some decoders rewrite earlier text (spaces, U+FFFD merges): then wait for a clean extension.
+        let new = now.strip_prefix(before.as_str()).filter(|n| !n.is_empty() && !now.ends_with('\u{FFFD}'));
+        if let Some(new) = new {
+            let piece = new.to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
             Ok(Some(piece))
@@ -65,6 +64,6 @@ impl StreamDecoder {
         let now = tok.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
-        Ok((now.len() > before.len()).then(|| now[before.len()..].to_string()).filter(|s| !s.is_empty()))
+        Ok(now.strip_prefix(before.as_str()).filter(|s| !s.is_empty()).map(str::to_string))
     }
 }

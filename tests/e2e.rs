@@ -350,6 +350,17 @@ fn unknown_flag_and_bad_values() {
 }
 
 #[test]
+fn reserved_image_token_in_the_prompt_is_an_error() {
+    let out = run(&["run", "--model", fixtures().join("model").to_str().unwrap(), "--prompt", "say <IMG_CONTEXT> now"]);
+    assert_clean_error(&out, "<IMG_CONTEXT>");
+    let img = fixtures().join("images/448x448_1.png");
+    let model = fixtures().join("model");
+    let args =
+        ["run", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap(), "--prompt", "<image>, <image>"];
+    assert_clean_error(&run(&args), "placeholder");
+}
+
+#[test]
 fn unavailable_gpu_provider_is_an_error() {
     // The CPU build of ONNX Runtime has no CUDA provider: asking for it must not fall back silently.
     let out = run_model(&fixtures().join("model"), None, &["--device", "cuda"]);

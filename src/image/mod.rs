@@ -25,6 +25,9 @@ pub use normalize::normalize_into;
 pub use resize::resize_bicubic;
 pub use tiling::{closest_grid, find_closest_aspect_ratio, target_ratios, tile_images, MAX_TILES_LIMIT};
 
+/// Most tiles per image a request may ask for (`--max-tiles`), as the reference's `max_num` is used.
+pub const MAX_TILES: u32 = 40;
+
 /// ImageNet channel means used by InternVL's `build_transform`.
 ///
 /// Written as `f64 as f32` on purpose: torch/numpy build the float32 tensor from the Python

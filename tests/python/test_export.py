@@ -20,15 +20,6 @@ from export.common import ort_session
 
 
 @pytest.fixture(scope="module")
-def fixtures() -> Path:
-    import fixtures as fx
-
-    out = ROOT / "build" / "fixtures"
-    fx.main(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def torch_model(fixtures):
     return load(inspect(str(fixtures / "checkpoint")), 151667)
 
@@ -121,6 +112,20 @@ def test_export_never_overwrites_without_force(fixtures, tmp_path):
     r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", out)
     assert r.returncode != 0 and "not empty" in r.stderr
     assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_force_replaces_only_an_earlier_export(fixtures, tmp_path):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"precious")
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", mine, "--force")
+    assert r.returncode != 0 and "not a model folder" in r.stderr
+    assert (mine / "holiday.jpg").read_bytes() == b"precious"
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", fixtures / "checkpoint", "--force")
+    assert r.returncode != 0 and (fixtures / "checkpoint" / "config.json").is_file()
+    (tmp_path / "file").write_text("x")
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", tmp_path / "file")
+    assert r.returncode != 0 and "not a folder" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_rejects_what_it_does_not_support(tmp_path):
