@@ -30,6 +30,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, out: Path, input_names: li
             torch.onnx.export(
                 module, args, str(raw), input_names=input_names, output_names=output_names,
                 dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
+                custom_opsets={"com.microsoft": 1},
             )
         save_onnx(onnx.load(str(raw), load_external_data=True), out)
     onnx.checker.check_model(str(out))

@@ -111,8 +111,9 @@ def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_t
     tiles = [{"pixel_values": torch.randn(2, 3, vision["image_size"], vision["image_size"], generator=gen).numpy()}]
     ids = torch.randint(0, embed_table.shape[0], (1, 24), generator=gen)
     empty = np.zeros((1, lspec.kv_heads, 0, lspec.head_dim), np.float32)
-    prompt = {"inputs_embeds": embed_table[ids].detach().numpy(), "attention_mask": np.ones((1, 24), np.int64),
-              "position_ids": np.arange(24)[None]}
+    prompt = {"inputs_embeds": embed_table[ids].detach().numpy(), "attention_mask": np.ones((1, 24), np.int64)}
+    if decoder["inputs"]["position_ids"]:
+        prompt["position_ids"] = np.arange(24)[None]
     prompt.update({f"past_key_values.{i}.{kv}": empty for i in range(lspec.layers) for kv in ("key", "value")})
     jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
             ("decoder.onnx", decoder, quantize.int4_weights if dtype == "int4" else quantize.int8_dynamic, [prompt])]

@@ -30,8 +30,10 @@ SHAPES = {
     "tiny": {
         "llm_gain": 4.0,
         "vision": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-        "text": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "intermediate_size": 64},
+        # head_dim 16: ONNX Runtime's fused GroupQueryAttention needs a multiple of 16 (the llama family is
+        # built with head_dim 8, see build_config, so that the plain-operator attention is tested too).
+        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 128},
     },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
@@ -73,6 +75,8 @@ def build_config(shape: str, family: str = "qwen2", vision: str = "300m"):
         text["head_dim"] = 2 * text["hidden_size"] // text["num_attention_heads"]  # Qwen3: head_dim is its own
     if family in ("llama", "internlm2"):
         text["attention_bias"] = False
+    if family == "llama" and shape == "tiny":
+        text["hidden_size"] = 32  # head_dim 8: the decoder is exported with plain-operator attention
     return InternVLConfig(
         vision_config=v, text_config=text, image_token_id=IMG_CONTEXT_ID, image_seq_length=256,
         downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,

@@ -37,6 +37,7 @@ class Model:
         e = self.m["embed"]
         self.table = np.memmap(folder / e["file"], dtype="<f4", mode="r", shape=(e["vocab"], e["hidden"]))
         self.inputs = [i.name for i in self.decoder.get_inputs()]
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.decoder.get_outputs()]
 
     def prefill(self, ids: list[int], image_embeds: np.ndarray | None):
@@ -45,17 +46,17 @@ class Model:
             emb[np.array(ids) == self.m["tokenizer"]["img_context_id"]] = image_embeds.reshape(-1, emb.shape[-1])
         d = self.m["decoder"]
         empty = np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32)
-        feed = {self.inputs[0]: emb[None], self.inputs[1]: np.ones((1, len(ids)), np.int64),
-                self.inputs[2]: np.arange(len(ids))[None]}
-        feed.update({n: empty for n in self.inputs[3:]})
-        res = self.decoder.run(self.outputs, feed)
+        feed = {"inputs_embeds": emb[None], "attention_mask": np.ones((1, len(ids)), np.int64),
+                "position_ids": np.arange(len(ids))[None]}
+        feed.update({n: empty for n in self.past})
+        res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
         return res[0][0], res[1:], len(ids)
 
     def step(self, token: int, past, n: int):
-        feed = {self.inputs[0]: np.array(self.table[[token]], np.float32)[None],
-                self.inputs[1]: np.ones((1, n + 1), np.int64), self.inputs[2]: np.array([[n]])}
-        feed.update(dict(zip(self.inputs[3:], past, strict=True)))
-        res = self.decoder.run(self.outputs, feed)
+        feed = {"inputs_embeds": np.array(self.table[[token]], np.float32)[None],
+                "attention_mask": np.ones((1, n + 1), np.int64), "position_ids": np.array([[n]])}
+        feed.update(dict(zip(self.past, past, strict=True)))
+        res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
         return res[0][0], res[1:], n + 1
 
 

@@ -45,8 +45,9 @@ impl Decoder {
         // The manifest must describe this graph: its names, layer count and input width.
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        let wanted_in = [&spec.inputs.inputs_embeds, &spec.inputs.attention_mask, &spec.inputs.position_ids];
-        for name in past_names.iter().chain(wanted_in) {
+        let wanted_in =
+            [Some(&spec.inputs.inputs_embeds), Some(&spec.inputs.attention_mask), spec.inputs.position_ids.as_ref()];
+        for name in past_names.iter().chain(wanted_in.into_iter().flatten()) {
             ensure!(
                 inputs.contains(&name.as_str()),
                 "{} has no input {name:?}: manifest and graph are from different models",
@@ -120,13 +121,15 @@ impl Decoder {
         let total = cache.len + seq;
         let embeds = Tensor::from_array(([1usize, seq, self.spec.hidden], embeds.to_vec())).map_err(ort_err)?;
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err)?;
-        let positions: Vec<i64> = (cache.len as i64..total as i64).collect();
-        let positions = Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?;
         let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = vec![
             (self.spec.inputs.inputs_embeds.as_str().into(), embeds.into()),
             (self.spec.inputs.attention_mask.as_str().into(), mask.into()),
-            (self.spec.inputs.position_ids.as_str().into(), positions.into()),
         ];
+        if let Some(name) = &self.spec.inputs.position_ids {
+            let positions: Vec<i64> = (cache.len as i64..total as i64).collect();
+            let positions = Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?;
+            inputs.push((name.as_str().into(), positions.into()));
+        }
         for (name, t) in self.past_names.iter().zip(cache.tensors.drain(..)) {
             inputs.push((name.as_str().into(), t.into()));
         }

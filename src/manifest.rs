@@ -71,7 +71,8 @@ pub struct DecoderSpec {
 pub struct DecoderInputs {
     pub inputs_embeds: String,
     pub attention_mask: String,
-    pub position_ids: String,
+    /// Absent in graphs whose fused attention takes positions from the cache length.
+    pub position_ids: Option<String>,
     /// Per-layer names with `{}` standing for the layer index.
     pub past_key: String,
     pub past_value: String,
