@@ -40,6 +40,24 @@ class VisionSpec:
     select_layer: int  # -1 = last layer's output
 
 
+class FusedMHA(torch.autograd.Function):
+    """Full (non-causal) multi-head attention as ONNX Runtime's `com.microsoft::MultiHeadAttention`:
+    measured 17.9 vs 21.3 ms per layer for the same math in plain operators (1025 tokens, 16 heads, 2
+    threads), about 80 ms per tile over InternViT-300M's 24 layers. q, k, v, output: [tiles, tokens, hidden]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads):
+        b, n, hidden = q.shape
+        d = hidden // heads
+        q, k, v = (x.reshape(b, n, heads, d).transpose(1, 2) for x in (q, k, v))
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)
+        return torch.matmul(attn, v).transpose(1, 2).reshape(b, n, hidden)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads):
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+
+
 def _norm(kind: str, dim: int, w, b, eps):
     if kind == "rms_norm":
         return lambda x: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -69,7 +87,6 @@ class VisionEncoder(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [tiles, patches, hidden]
         cls = p(e + "cls_token").expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1) + p(e + "position_embeddings")
-        head_dim = s.hidden // s.heads
         last = s.layers + s.select_layer + 1 if s.select_layer < 0 else s.select_layer
         for i in range(last):
             pre = f"model.vision_tower.encoder.layer.{i}."
@@ -88,12 +105,7 @@ class VisionEncoder(nn.Module):
             if s.qk_norm:
                 q = _norm("rms_norm", s.hidden, p(a + "q_norm.weight"), None, s.eps)(q)
                 k = _norm("rms_norm", s.hidden, p(a + "k_norm.weight"), None, s.eps)(k)
-            b, n = q.shape[0], q.shape[1]
-            q = q.reshape(b, n, s.heads, head_dim).transpose(1, 2)
-            k = k.reshape(b, n, s.heads, head_dim).transpose(1, 2)
-            v = v.reshape(b, n, s.heads, head_dim).transpose(1, 2)
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * head_dim**-0.5, dim=-1)
-            ctx = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, s.hidden)
+            ctx = FusedMHA.apply(q, k, v, s.heads)
             ctx = nn.functional.linear(ctx, p(a + "projection_layer.weight"), p(a + "projection_layer.bias"))
             x = x + p(pre + "lambda_1") * ctx
             h = norm2(x)
