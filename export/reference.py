@@ -118,17 +118,15 @@ def open_rgb(image_file, apply_exif: bool = False) -> Image.Image:
     return image.convert("RGB")
 
 
+def _tiles(image: Image.Image, input_size: int, max_num: int, min_num: int) -> list[Image.Image]:
+    return dynamic_preprocess(image, min_num=min_num, image_size=input_size, use_thumbnail=True, max_num=max_num)
+
+
 def tiles_uint8(
     image: Image.Image, input_size: int = 448, max_num: int = 12, min_num: int = 1
 ) -> np.ndarray:
     """The uint8 tiles (thumbnail included) as [n, s, s, 3], before normalisation."""
-    images = dynamic_preprocess(
-        image,
-        min_num=min_num,
-        image_size=input_size,
-        use_thumbnail=True,
-        max_num=max_num,
-    )
+    images = _tiles(image, input_size, max_num, min_num)
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
 
 
@@ -136,14 +134,7 @@ def load_image(
     image_file, input_size=448, max_num=12, min_num=1, apply_exif=False
 ) -> np.ndarray:
     """The reference `load_image`: float32 pixel values [n, 3, input_size, input_size]."""
-    image = open_rgb(image_file, apply_exif)
-    images = dynamic_preprocess(
-        image,
-        min_num=min_num,
-        image_size=input_size,
-        use_thumbnail=True,
-        max_num=max_num,
-    )
+    images = _tiles(open_rgb(image_file, apply_exif), input_size, max_num, min_num)
     return np.stack([to_tensor_normalize(im, input_size) for im in images]).astype(
         np.float32, copy=False
     )
