@@ -118,23 +118,17 @@ pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(ort_err)
         .with_context(what)?;
-    builder = match opts.device {
-        Device::Cpu => builder,
-        Device::Cuda => {
-            require_provider::<ep::CUDA>(opts.device)?;
-            builder
-                .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
-                .map_err(ort_err)
-                .with_context(what)?
-        }
+    let provider = match opts.device {
+        Device::Cpu => None,
+        Device::Cuda => require_provider::<ep::CUDA>(opts.device).map(|()| Some(ep::CUDA::default().build()))?,
         Device::Tensorrt => {
-            require_provider::<ep::TensorRT>(opts.device)?;
-            builder
-                .with_execution_providers([ep::TensorRT::default().build().error_on_failure()])
-                .map_err(ort_err)
-                .with_context(what)?
+            require_provider::<ep::TensorRT>(opts.device).map(|()| Some(ep::TensorRT::default().build()))?
         }
     };
+    if let Some(provider) = provider {
+        builder =
+            builder.with_execution_providers([provider.error_on_failure()]).map_err(ort_err).with_context(what)?;
+    }
     builder.commit_from_file(path).map_err(ort_err).with_context(what)
 }
 
