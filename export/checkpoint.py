@@ -24,8 +24,9 @@ from .vision import VisionSpec
 
 # LLM families by the model_type / architecture the checkpoint names; value: transformers model_type
 # used for the reference model.
-LLM_FAMILIES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama"}
-DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "llama": "Hermes-2", "internlm2": "internlm2-chat"}
+LLM_FAMILIES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama", "phi3": "phi3"}
+DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "llama": "Hermes-2", "internlm2": "internlm2-chat",
+                     "phi3": "phi3-chat"}
 
 
 @dataclass
@@ -57,7 +58,7 @@ def resolve(source: str) -> Path:
 
 # The causal-LM classes of each family, for configs that name the architecture but not the model_type.
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
-                 "InternLM2ForCausalLM": "internlm2"}
+                 "InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
 
 
 def _llm_family(path: Path, llm: dict) -> str:
@@ -90,6 +91,9 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
     else:
         raise SystemExit(f"checkpoint {path}: model_type {model_type!r} is not an InternVL checkpoint")
     family = _llm_family(path, llm)
+    window = llm.get("sliding_window") if family == "phi3" else None  # Qwen2 configs carry an unused one
+    if window and window < llm.get("max_position_embeddings", 4096):
+        raise SystemExit(f"checkpoint {path}: sliding-window attention (window {window}) is not supported")
     if not list(path.glob("*.safetensors")):
         raise SystemExit(f"checkpoint {path}: no .safetensors weights")
     from . import templates
@@ -221,7 +225,8 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
     family = ckpt.llm_family
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id")
+            "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id",
+            "original_max_position_embeddings")
     text = {k: llm[k] for k in keep if k in llm and llm[k] is not None}
     if family == "internlm2":
         text["attention_bias"] = bool(llm.get("bias", False))
@@ -230,6 +235,10 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
             rs = dict(text["rope_scaling"])
             rs["rope_type"] = rs.pop("type")
             text["rope_scaling"] = rs
+    if family == "phi3" and isinstance(text.get("rope_scaling"), dict):
+        # Phi-3's configs keep the pre-training length beside rope_scaling; transformers 5 wants it inside.
+        text["rope_scaling"] = {**text["rope_scaling"],
+                                "original_max_position_embeddings": llm.get("original_max_position_embeddings", 4096)}
     text_cfg = AutoConfig.for_model(LLM_FAMILIES[family], **text)
     return InternVLConfig(vision_config=vision, text_config=text_cfg.to_dict(), image_token_id=image_token_id,
                           image_seq_length=int((vision["image_size"] // vision["patch_size"] * c.get("downsample_ratio", 0.5)) ** 2),

@@ -2,6 +2,7 @@
 
 inputs:  inputs_embeds [batch, seq, hidden] f32, attention_mask [batch, past+seq] i64 (1 = attend),
          position_ids [batch, seq] i64, past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+         long_rope [1] i64 (LongRoPE models only: 1 = use the long factors for this call)
 outputs: logits [batch, vocab] (last position only: prefill never ships seq x vocab floats),
          present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
 
@@ -9,7 +10,7 @@ The same graph serves prefill (past = 0) and decode (seq = 1). The forward pass 
 the checkpoint's weights in canonical (transformers) names, rather than traced through transformers'
 cache classes, which pin the query length or the past length when exported. One implementation covers
 the families InternVL ships (they differ only in q/k/v bias and Qwen3's per-head q/k RMSNorm once
-InternLM2's packed projections are unpacked); the rotary frequencies are taken from transformers' own
+InternLM2's and Phi-3's packed projections are unpacked); the rotary frequencies are taken from transformers' own
 rotary module, so every RoPE variant it knows comes for free. The self-check compares the graph with the
 transformers model on a prefill and a decode step.
 """
@@ -32,8 +33,8 @@ RTOL = 1e-5
 
 @dataclass
 class LlmSpec:
-    arch: str  # transformers model_type of the reference: qwen2 | llama | qwen3
-    family: str  # what the checkpoint calls it: qwen2 | llama | qwen3 | internlm2
+    arch: str  # transformers model_type of the reference: qwen2 | llama | qwen3 | phi3
+    family: str  # what the checkpoint calls it: qwen2 | llama | qwen3 | internlm2 | phi3
     hidden: int
     layers: int
     heads: int
@@ -88,22 +89,27 @@ class Decoder(nn.Module):
     otherwise plain ONNX operators. Positions then come from the cache length inside the kernel, so the
     graph has no position_ids input (the runtime feeds it only to graphs that have it)."""
 
-    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], inv_freq: torch.Tensor, rope_scale: float,
-                 fused: bool = False):
+    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], rope: Rope, fused: bool = False):
         super().__init__()
         self.spec = spec
         self.fused = fused
+        self.rope = rope
         if fused:
-            freqs = torch.arange(spec.max_context, dtype=torch.float32)[:, None] * inv_freq.float()[None]
-            self.register_buffer("cos_cache", freqs.cos() * rope_scale, persistent=False)
-            self.register_buffer("sin_cache", freqs.sin() * rope_scale, persistent=False)
+            pos = torch.arange(spec.max_context, dtype=torch.float32)[:, None]
+            for name, inv in (("", rope.inv_freq), ("long_", rope.long_inv_freq)):
+                if inv is not None:
+                    freqs = pos * inv.float()[None]
+                    self.register_buffer(name + "cos_cache", freqs.cos() * rope.scale, persistent=False)
+                    self.register_buffer(name + "sin_cache", freqs.sin() * rope.scale, persistent=False)
         self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
                                    for k, v in weights.items()
                                    if k.startswith("model.language_model.") or k == "lm_head.weight"})
         if "lm_head__weight" not in self.w:  # tied embeddings
             self.w["lm_head__weight"] = self.w["model__language_model__embed_tokens__weight"]
-        self.register_buffer("inv_freq", inv_freq.detach().clone().float(), persistent=False)
-        self.rope_scale = float(rope_scale)
+        self.register_buffer("inv_freq", rope.inv_freq.detach().clone().float(), persistent=False)
+        if rope.long_inv_freq is not None:
+            self.register_buffer("long_inv_freq", rope.long_inv_freq.detach().clone().float(), persistent=False)
+        self.rope_scale = float(rope.scale)
 
     def p(self, name: str):
         return self.w[name.replace(".", "__")]
@@ -111,13 +117,20 @@ class Decoder(nn.Module):
     def opt(self, name: str):
         return self.w.get(name.replace(".", "__"))
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, long_rope, *past):
         s = self.spec
         h = inputs_embeds
         if self.fused:
             # GroupQueryAttention's view of the mask: index of each sequence's last key, and the width.
             seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
             total = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
+            cos_cache, sin_cache = self.cos_cache, self.sin_cache
+            if long_rope is not None:
+                # Only the rows in use are selected, so a step costs O(context), not O(max_context).
+                n = total.to(torch.int64)
+                use_long = long_rope.reshape(()) > 0
+                cos_cache = torch.where(use_long, self.long_cos_cache[:n], self.cos_cache[:n])
+                sin_cache = torch.where(use_long, self.long_sin_cache[:n], self.sin_cache[:n])
         else:
             # Causal + padding mask without shape arithmetic: a key at cache position p is visible to a query
             # at position q when p <= q and the key is not padding. Works for any past / seq length.
@@ -125,7 +138,10 @@ class Decoder(nn.Module):
             visible = (key_pos[:, None, :] <= position_ids[:, :, None]) & (attention_mask[:, None, :] > 0)
             # Additive bias [b, 1, 1, q, kv], built once and broadcast over kv heads and group in every layer.
             bias = (~visible[:, None, None]).to(torch.float32) * torch.finfo(torch.float32).min
-            freqs = position_ids[..., None].float() * self.inv_freq
+            inv_freq = self.inv_freq
+            if long_rope is not None:
+                inv_freq = torch.where(long_rope.reshape(()) > 0, self.long_inv_freq, self.inv_freq)
+            freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos()[:, None] * self.rope_scale, emb.sin()[:, None] * self.rope_scale  # [b, 1, q, d]
         presents = []
@@ -146,7 +162,7 @@ class Decoder(nn.Module):
             if self.fused:
                 ctx, k, v = FusedAttention.apply(
                     q.reshape(b, q_len, -1), k.reshape(b, q_len, -1), v.reshape(b, q_len, -1), past[2 * i],
-                    past[2 * i + 1], seqlens_k, total, self.cos_cache, self.sin_cache, s.heads, s.kv_heads,
+                    past[2 * i + 1], seqlens_k, total, cos_cache, sin_cache, s.heads, s.kv_heads,
                     s.head_dim**-0.5)
                 presents += [k, v]
             else:
@@ -171,13 +187,19 @@ class Decoder(nn.Module):
         return (nn.functional.linear(last, self.p("lm_head.weight")), *presents)
 
 
-class _WithoutPositions(nn.Module):
-    def __init__(self, dec: Decoder):
-        super().__init__()
-        self.dec = dec
+class _Graph(nn.Module):
+    """The decoder with exactly the graph's inputs: position_ids only without fused attention (the kernel
+    counts positions itself), long_rope only for LongRoPE models."""
 
-    def forward(self, inputs_embeds, attention_mask, *past):
-        return self.dec(inputs_embeds, attention_mask, None, *past)
+    def __init__(self, dec: Decoder, positions: bool, long_rope: bool):
+        super().__init__()
+        self.dec, self.positions, self.long_rope = dec, positions, long_rope
+
+    def forward(self, inputs_embeds, attention_mask, *rest):
+        pos = rest[0] if self.positions else None
+        rest = rest[1:] if self.positions else rest
+        flag = rest[0] if self.long_rope else None
+        return self.dec(inputs_embeds, attention_mask, pos, flag, *(rest[1:] if self.long_rope else rest))
 
 
 def _rotate_half(x):
@@ -185,17 +207,63 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class Rope:
+    """Rotary frequencies as transformers computes them (every RoPE variant it knows), plus LongRoPE's
+    second set: transformers switches a whole forward call to the long factors when its last position
+    passes `original_max_position_embeddings`; the graph gets that choice as its `long_rope` input."""
+
+    inv_freq: torch.Tensor
+    scale: float
+    long_inv_freq: torch.Tensor | None = None
+    long_after: int | None = None
+
+
+def rope_of(model) -> Rope:
+    rot = model.model.language_model.rotary_emb
+    cfg = model.config.text_config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise SystemExit(f"LLM {cfg.model_type}: partial rotary embeddings are not supported")
+    scale = float(getattr(rot, "attention_scaling", 1.0))
+    if getattr(rot, "rope_type", "default") != "longrope":
+        return Rope(rot.inv_freq, scale)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    after = int(params.get("original_max_position_embeddings") or cfg.original_max_position_embeddings)
+    long_inv, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=after + 1)
+    return Rope(rot.original_inv_freq, scale, long_inv, after)
+
+
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+    return ["inputs_embeds", "attention_mask", "position_ids", "long_rope", *past], ["logits", *present]
+
+
+def canonical_weights(model) -> dict[str, torch.Tensor]:
+    """The reference's LLM tensors under the names the decoder reads: Phi-3's fused `qkv_proj` (rows q, k, v)
+    and `gate_up_proj` (rows gate, up) split into views, everything else as is (shared, not copied)."""
+    out = {}
+    cfg = model.config.text_config
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            pre = name[: -len("qkv_proj.weight")]
+            sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+            out.update(zip((pre + n + ".weight" for n in ("q_proj", "k_proj", "v_proj")), t.split(sizes), strict=True))
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            pre = name[: -len("gate_up_proj.weight")]
+            out[pre + "gate_proj.weight"], out[pre + "up_proj.weight"] = t.chunk(2, dim=0)
+        else:
+            out[name] = t
+    return out
 
 
 def build(spec: LlmSpec, model, fused: bool = False) -> Decoder:
-    """Our decoder over the reference model's tensors (shared, not copied)."""
-    rot = model.model.language_model.rotary_emb
-    weights = dict(model.state_dict(keep_vars=False))
-    return Decoder(spec, weights, rot.inv_freq, getattr(rot, "attention_scaling", 1.0), fused).eval()
+    """Our decoder over the reference model's tensors."""
+    return Decoder(spec, canonical_weights(model), rope_of(model), fused).eval()
 
 
 def can_fuse(spec: LlmSpec) -> bool:
@@ -206,6 +274,7 @@ def can_fuse(spec: LlmSpec) -> bool:
 def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0) -> dict:
     fused = can_fuse(spec)
     dec = build(spec, model, fused)
+    long_rope = dec.rope.long_inv_freq is not None
     inputs, outputs = io_names(spec.layers)
     gen = torch.Generator().manual_seed(seed)
     batch, seq, past = 2, 3, 4
@@ -215,24 +284,22 @@ def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0) -> dict:
     pkv = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=gen) for _ in range(2 * spec.layers)]
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
             "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    axes.update({name: {0: "batch", 2: "past"} for name in inputs[3:]})
+    axes.update({name: {0: "batch", 2: "past"} for name in inputs[4:]})
     axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
-    args = (embeds, mask, pos, *pkv)
-    module = dec
+    args = [embeds, mask, pos, torch.ones(1, dtype=torch.int64), *pkv]
+    keep = [True, True, not fused, long_rope] + [True] * len(pkv)
+    inputs = [n for n, k in zip(inputs, keep, strict=True) if k]
+    args = tuple(a for a, k in zip(args, keep, strict=True) if k)
     if fused:
-        # The kernel takes positions from the cache length: no position_ids input (batch rows unpadded).
-        inputs = [n for n in inputs if n != "position_ids"]
         axes.pop("position_ids")
-        args = (embeds, mask, *pkv)
-        module = _WithoutPositions(dec)
-    export_onnx(module, args, out, inputs, outputs, axes)
+    export_onnx(_Graph(dec, not fused, long_rope), args, out, inputs, outputs, axes)
     diff = self_check(spec, model, out, seed)
     return {
         "file": out.name, "arch": spec.family, "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
         "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "max_context": spec.max_context,
-        "attention": "GroupQueryAttention" if fused else "onnx",
+        "attention": "GroupQueryAttention" if fused else "onnx", "long_rope_after": dec.rope.long_after,
         "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                   "position_ids": None if fused else "position_ids",
+                   "position_ids": None if fused else "position_ids", "long_rope": "long_rope" if long_rope else None,
                    "past_key": "past_key_values.{}.key", "past_value": "past_key_values.{}.value"},
         "outputs": {"logits": "logits", "present_key": "present.{}.key", "present_value": "present.{}.value"},
         "max_abs_diff": diff, "tolerance": TOLERANCE, "rtol": RTOL,
@@ -241,10 +308,26 @@ def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0) -> dict:
 
 def self_check(spec: LlmSpec, model, path: Path, seed: int) -> float:
     """ONNX Runtime vs the transformers model: a prefill from an empty cache, then one decode step fed with
-    ONNX Runtime's own present tensors, the way the runtime chains them."""
+    ONNX Runtime's own present tensors, the way the runtime chains them. LongRoPE models are checked with
+    both factor sets (the reference made to use the long ones throughout for the second pass)."""
+    sess = ort_session(path)
+    rot = model.model.language_model.rotary_emb
+    rope = rope_of(model)
+    diff = _check_pair(spec, model, sess, seed, long=False)
+    if rope.long_inv_freq is not None:
+        short = rot.original_inv_freq.clone()
+        try:
+            rot.original_inv_freq.copy_(rope.long_inv_freq)
+            diff = max(diff, _check_pair(spec, model, sess, seed, long=True))
+        finally:
+            rot.original_inv_freq.copy_(short)
+            rot.inv_freq.copy_(short)
+    return diff
+
+
+def _check_pair(spec: LlmSpec, model, sess, seed: int, long: bool) -> float:
     from transformers import DynamicCache
 
-    sess = ort_session(path)
     inputs, outputs = io_names(spec.layers)
     have = {i.name for i in sess.get_inputs()}
     gen = torch.Generator().manual_seed(seed + 7)
@@ -257,14 +340,17 @@ def self_check(spec: LlmSpec, model, path: Path, seed: int) -> float:
         want_prefill = model.lm_head(h[:, -1]).numpy()
         h = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
         want_step = model.lm_head(h[:, -1]).numpy()
+    flag = np.array([int(long)], np.int64)
     empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
     feed = {inputs[0]: prompt.numpy(), inputs[1]: np.ones((1, 9), np.int64),
-            inputs[2]: np.arange(9, dtype=np.int64)[None]}
-    feed.update({n: empty for n in inputs[3:]})
+            inputs[2]: np.arange(9, dtype=np.int64)[None], inputs[3]: flag}
+    feed.update({n: empty for n in inputs[4:]})
     res = sess.run(outputs, {k: v for k, v in feed.items() if k in have})
-    d1 = check_close("decoder.onnx prefill logits", res[0], want_prefill, TOLERANCE, RTOL)
-    feed = {inputs[0]: step.numpy(), inputs[1]: np.ones((1, 10), np.int64), inputs[2]: np.array([[9]], np.int64)}
-    feed.update(dict(zip(inputs[3:], res[1:], strict=True)))
+    what = "long-factor " if long else ""
+    d1 = check_close(f"decoder.onnx {what}prefill logits", res[0], want_prefill, TOLERANCE, RTOL)
+    feed = {inputs[0]: step.numpy(), inputs[1]: np.ones((1, 10), np.int64), inputs[2]: np.array([[9]], np.int64),
+            inputs[3]: flag}
+    feed.update(dict(zip(inputs[4:], res[1:], strict=True)))
     res = sess.run(outputs, {k: v for k, v in feed.items() if k in have})
-    d2 = check_close("decoder.onnx decode-step logits", res[0], want_step, TOLERANCE, RTOL)
+    d2 = check_close(f"decoder.onnx {what}decode-step logits", res[0], want_step, TOLERANCE, RTOL)
     return max(d1, d2)

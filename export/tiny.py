@@ -46,12 +46,25 @@ SHAPES = {
 }
 
 
-FAMILIES = ("qwen2", "llama", "qwen3", "internlm2")
+FAMILIES = ("qwen2", "llama", "qwen3", "internlm2", "phi3")
 # The conversation template each family's InternVL release uses.
-TEMPLATE = {"qwen2": "internvl2_5", "llama": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "internlm2-chat"}
+TEMPLATE = {"qwen2": "internvl2_5", "llama": "Hermes-2", "qwen3": "internvl2_5", "internlm2": "internlm2-chat",
+            "phi3": "phi3-chat"}
+ARCHITECTURE = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "phi3": "Phi3ForCausalLM"}
 
 
-def build_config(shape: str, family: str = "qwen2", vision: str = "300m"):
+def longrope(head_dim: int, after: int, seed: int) -> dict:
+    """Phi-3-128k's rotary scaling: per-frequency rescale factors, short ones up to `after` positions and
+    long ones past it (the real model: after 4096, near 1 short, up to ~60 long)."""
+    gen = torch.Generator().manual_seed(seed)
+    short = 1.0 + 0.3 * torch.rand(head_dim // 2, generator=gen)
+    long = 1.0 + 7.0 * torch.rand(head_dim // 2, generator=gen)
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short.tolist(),
+            "long_factor": long.tolist(), "original_max_position_embeddings": after}
+
+
+def build_config(shape: str, family: str = "qwen2", vision: str = "300m", long_rope_after: int = 4096):
     """transformers' InternVLConfig for a shape, an LLM family and an InternViT variant. InternLM2 has
     no transformers class; it is a Llama once its packed projections are split, so its reference is one."""
     from transformers import InternVLConfig
@@ -75,6 +88,11 @@ def build_config(shape: str, family: str = "qwen2", vision: str = "300m"):
         text["head_dim"] = 2 * text["hidden_size"] // text["num_attention_heads"]  # Qwen3: head_dim is its own
     if family in ("llama", "internlm2"):
         text["attention_bias"] = False
+    if family == "phi3":  # Phi-3-mini-128k: fused qkv / gate_up projections, LongRoPE
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        del text["rope_theta"]
+        text.update(original_max_position_embeddings=long_rope_after,
+                    rope_parameters=longrope(head_dim, long_rope_after, seed=head_dim))
     if family == "llama" and shape == "tiny":
         text["hidden_size"] = 32  # head_dim 8: the decoder is exported with plain-operator attention
     return InternVLConfig(
@@ -140,11 +158,12 @@ def write_processor_configs(out: Path) -> None:
         "image_seq_length": 256, "processor_class": "InternVLProcessor"}, indent=2))
 
 
-def make_model(shape: str = "tiny", family: str = "qwen2", vision: str = "300m", seed: int = 0):
+def make_model(shape: str = "tiny", family: str = "qwen2", vision: str = "300m", seed: int = 0,
+               long_rope_after: int = 4096):
     from transformers import InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(build_config(shape, family, vision)).eval()
+    model = InternVLForConditionalGeneration(build_config(shape, family, vision, long_rope_after)).eval()
     scale_for_diverse_output(model, seed, llm_gain=SHAPES[shape]["llm_gain"])
     return model.to(torch.bfloat16)  # hub checkpoints are stored in bf16
 
@@ -242,9 +261,19 @@ def save_original(model, out: Path, family: str) -> Path:
                "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
                "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
                "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"}
+    elif family == "phi3":  # as Phi-3-mini-128k-instruct's config.json (transformers 4.3x) writes it
+        rope = text.rope_parameters
+        llm = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": text.vocab_size,
+               "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+               "num_hidden_layers": text.num_hidden_layers, "num_attention_heads": text.num_attention_heads,
+               "num_key_value_heads": text.num_key_value_heads, "hidden_act": "silu",
+               "max_position_embeddings": text.max_position_embeddings,
+               "original_max_position_embeddings": text.original_max_position_embeddings,
+               "rms_norm_eps": text.rms_norm_eps, "rope_theta": rope["rope_theta"], "sliding_window": 262144,
+               "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
+               "tie_word_embeddings": False, "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id}
     else:
-        llm["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                                 "qwen3": "Qwen3ForCausalLM"}[family]]
+        llm["architectures"] = [ARCHITECTURE[family]]
         llm["rope_theta"] = 1000000.0
     config = {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": TEMPLATE[family],

@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub vision_batch: usize,
     pub decode_tokens: usize,
     pub prefill_chunk: usize,
+    /// Context lengths at which one decode step is timed (those beyond the model's context are skipped).
+    pub decode_curve: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +57,8 @@ pub struct BenchReport {
     pub prefill_tokens_per_s: Stat,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: Stat,
+    /// (context length, ms per decode step) at each point of `BenchOptions::decode_curve`.
+    pub decode_curve_ms: Vec<(usize, Stat)>,
     pub peak_rss_mb: f64,
     pub weight_mb: f64,
 }
@@ -176,6 +180,27 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
     }
     log(&format!("decode: {:.2} tokens/s", Stat::of(dec.clone()).median));
 
+    // Decode cost against context: 16 steps after a cache of L positions, per run.
+    let hidden = model.manifest.decoder.hidden;
+    let max_context = model.manifest.decoder.max_context;
+    let row: Vec<f32> = (0..hidden).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let mut curve = Vec::new();
+    for &len in o.decode_curve.iter().filter(|&&l| l + 16 < max_context) {
+        let mut per_step = Vec::new();
+        for _ in 0..o.runs {
+            let dec = model.decoder_mut();
+            let mut cache = dec.synthetic_cache(len, 16)?;
+            dec.forward(&row, &mut cache, 1, |_| ())?; // first step pays for allocation
+            let t = Instant::now();
+            for _ in 0..15 {
+                dec.forward(&row, &mut cache, 1, |_| ())?;
+            }
+            per_step.push(t.elapsed().as_secs_f64() * 1e3 / 15.0);
+        }
+        log(&format!("decode step at {len} tokens of context: {:.1} ms", Stat::of(per_step.clone()).median));
+        curve.push((len, Stat::of(per_step)));
+    }
+
     Ok(BenchReport {
         model: dir.display().to_string(),
         device: rt.device.name().to_string(),
@@ -191,6 +216,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         prefill_tokens_per_s: Stat::of(pf),
         decode_tokens: o.decode_tokens,
         decode_tokens_per_s: Stat::of(dec),
+        decode_curve_ms: curve,
         peak_rss_mb: peak_rss_mb(),
         weight_mb: weight_bytes(dir) as f64 / (1024.0 * 1024.0),
     })

@@ -1,14 +1,18 @@
 //! The LLM through `decoder.onnx`: prefill, then one step per token, the KV cache carried between calls.
 //!
-//! The cache tensors ONNX Runtime returns (`present.*`) are handed back unchanged as the next call's
-//! `past_key_values.*`: no copy on our side. Long prompts are prefilled in chunks so the attention
-//! scores of one call stay bounded (`chunk` x context instead of context x context).
+//! With fused attention (GroupQueryAttention) the cache lives in preallocated buffers bound through an
+//! `IoBinding` as both `past_key_values.*` and `present.*`: the kernel sees the same buffer on both sides
+//! and only writes the new positions, so a decode step costs the same at 8k tokens of context as at 256
+//! (no per-step copy of the whole cache). Graphs with plain-operator attention concatenate past and new
+//! keys into fresh tensors, which are handed back unchanged as the next call's past. Long prompts are
+//! prefilled in chunks so the attention scores of one call stay bounded (`chunk` x context).
 
 use anyhow::{ensure, Context, Result};
-use ort::session::Session;
+use ort::memory::{Allocator, MemoryInfo};
+use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor};
 
-use crate::manifest::{layer_name, DecoderSpec, Manifest};
+use crate::manifest::{layer_name, Attention, DecoderSpec, Manifest};
 use crate::runtime::{open_session, ort_err, RuntimeOptions};
 
 /// Default prompt positions per prefill run. Measured on the InternVL2.5-1B shape, int8, 2 threads, a
@@ -23,10 +27,18 @@ pub struct Decoder {
     present_names: Vec<String>,
 }
 
-/// The KV cache of one sequence: `2 * layers` tensors `[1, kv_heads, len, head_dim]`.
+/// Positions a shared cache starts with; it grows by doubling (one copy of the filled part each time)
+/// unless [`Decoder::reserve`] sized it for the whole request up front.
+const MIN_CAPACITY: usize = 256;
+
+/// The KV cache of one sequence: `2 * layers` tensors `[1, kv_heads, capacity, head_dim]`, of which the
+/// first `len` positions are filled (plain attention: capacity == len, a new set per step).
 pub struct KvCache {
     tensors: Vec<DynValue>,
     pub len: usize,
+    capacity: usize,
+    /// Fused attention: every past/present pair bound to its buffer, the logits to CPU memory.
+    binding: Option<IoBinding>,
 }
 
 impl Decoder {
@@ -45,8 +57,17 @@ impl Decoder {
         // The manifest must describe this graph: its names, layer count and input width.
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        let wanted_in =
-            [Some(&spec.inputs.inputs_embeds), Some(&spec.inputs.attention_mask), spec.inputs.position_ids.as_ref()];
+        ensure!(
+            spec.inputs.long_rope.is_some() == spec.long_rope_after.is_some(),
+            "{}: manifest names a LongRoPE input without its threshold, or the reverse",
+            path.display()
+        );
+        let wanted_in = [
+            Some(&spec.inputs.inputs_embeds),
+            Some(&spec.inputs.attention_mask),
+            spec.inputs.position_ids.as_ref(),
+            spec.inputs.long_rope.as_ref(),
+        ];
         for name in past_names.iter().chain(wanted_in.into_iter().flatten()) {
             ensure!(
                 inputs.contains(&name.as_str()),
@@ -90,7 +111,70 @@ impl Decoder {
                 .map_err(ort_err)?;
             tensors.push(t.into_dyn());
         }
-        Ok(KvCache { tensors, len: 0 })
+        Ok(KvCache { tensors, len: 0, capacity: 0, binding: None })
+    }
+
+    /// A cache that claims `len` filled positions (zeros) with room for `room` more: what a decode step
+    /// costs at a given context does not depend on the cached values, so benchmarks skip the prefill.
+    pub fn synthetic_cache(&mut self, len: usize, room: usize) -> Result<KvCache> {
+        let mut cache = self.empty_cache()?;
+        if self.shared() {
+            self.reserve(&mut cache, len + room)?;
+        } else {
+            let shape = [1usize, self.spec.kv_heads, len, self.spec.head_dim];
+            for t in &mut cache.tensors {
+                *t = Tensor::from_array((shape, vec![0f32; shape.iter().product()])).map_err(ort_err)?.into_dyn();
+            }
+            cache.capacity = len;
+        }
+        for t in &mut cache.tensors {
+            if let Ok((_, data)) = t.try_extract_tensor_mut::<f32>() {
+                data.fill(0.0);
+            }
+        }
+        cache.len = len;
+        Ok(cache)
+    }
+
+    fn shared(&self) -> bool {
+        self.spec.attention == Attention::GroupQueryAttention
+    }
+
+    /// Makes room for `positions` in total (prompt + answer), so that a request does not grow the cache
+    /// step by step. Capped at the model's context; a no-op for plain-attention graphs.
+    pub fn reserve(&mut self, cache: &mut KvCache, positions: usize) -> Result<()> {
+        if !self.shared() || positions <= cache.capacity {
+            return Ok(());
+        }
+        let capacity = positions.min(self.spec.max_context.max(cache.len));
+        let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let mut tensors = Vec::with_capacity(cache.tensors.len());
+        for old in &cache.tensors {
+            let mut t = Tensor::<f32>::new(&Allocator::default(), [1usize, kv, capacity, d])
+                .map_err(ort_err)
+                .with_context(|| format!("allocating a KV cache of {capacity} positions"))?;
+            if cache.len > 0 {
+                let (_, src) = old.try_extract_tensor::<f32>().map_err(ort_err)?;
+                let (_, dst) = t.extract_tensor_mut();
+                for h in 0..kv {
+                    let n = cache.len * d;
+                    dst[h * capacity * d..][..n].copy_from_slice(&src[h * cache.capacity * d..][..n]);
+                }
+            }
+            tensors.push(t.into_dyn());
+        }
+        cache.binding = None; // holds the old buffers
+        let mut binding = self.session.create_binding().map_err(ort_err)?;
+        for (i, t) in tensors.iter_mut().enumerate() {
+            binding.bind_input(self.past_names[i].as_str(), t).map_err(ort_err)?;
+            binding.bind_output(self.present_names[i].as_str(), &mut *t).map_err(ort_err)?;
+        }
+        let cpu = MemoryInfo::default();
+        binding.bind_output_to_device(self.spec.outputs.logits.as_str(), &cpu).map_err(ort_err)?;
+        cache.tensors = tensors;
+        cache.capacity = capacity;
+        cache.binding = Some(binding);
+        Ok(())
     }
 
     /// Runs `embeds` (`seq` x hidden) after what `cache` holds, in chunks of at most `chunk` positions,
@@ -108,43 +192,65 @@ impl Decoder {
             "embedding buffer of {} floats is not a multiple of {hidden}",
             embeds.len()
         );
+        let end = cache.len + embeds.len() / hidden;
+        if self.shared() && end > cache.capacity {
+            let grown = (2 * cache.capacity).max(MIN_CAPACITY).max(end);
+            self.reserve(cache, grown)?;
+        }
+        // transformers picks LongRoPE's factor set once per forward call, from its last position: every
+        // chunk of this call uses the choice the whole call would get.
+        let long_rope = self.spec.long_rope_after.is_some_and(|after| end > after);
         let mut logits = Vec::new();
         for piece in embeds.chunks(chunk.max(1) * hidden) {
-            logits = self.step(piece, cache)?;
+            logits = self.step(piece, cache, long_rope)?;
             on_chunk(piece.len() / hidden);
         }
         Ok(logits)
     }
 
-    fn step(&mut self, embeds: &[f32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn step(&mut self, embeds: &[f32], cache: &mut KvCache, long_rope: bool) -> Result<Vec<f32>> {
         let seq = embeds.len() / self.spec.hidden;
         let total = cache.len + seq;
         let embeds = Tensor::from_array(([1usize, seq, self.spec.hidden], embeds.to_vec())).map_err(ort_err)?;
+        // The mask's width tells the kernel the sequence length; the buffer may be longer.
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err)?;
-        let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = vec![
-            (self.spec.inputs.inputs_embeds.as_str().into(), embeds.into()),
-            (self.spec.inputs.attention_mask.as_str().into(), mask.into()),
+        let mut inputs: Vec<(&str, DynValue)> = vec![
+            (self.spec.inputs.inputs_embeds.as_str(), embeds.into_dyn()),
+            (self.spec.inputs.attention_mask.as_str(), mask.into_dyn()),
         ];
         if let Some(name) = &self.spec.inputs.position_ids {
             let positions: Vec<i64> = (cache.len as i64..total as i64).collect();
-            let positions = Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?;
-            inputs.push((name.as_str().into(), positions.into()));
+            inputs.push((name, Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?.into_dyn()));
         }
-        for (name, t) in self.past_names.iter().zip(cache.tensors.drain(..)) {
-            inputs.push((name.as_str().into(), t.into()));
+        if let Some(name) = &self.spec.inputs.long_rope {
+            inputs
+                .push((name, Tensor::from_array(([1usize], vec![i64::from(long_rope)])).map_err(ort_err)?.into_dyn()));
         }
-        let mut outputs = self
-            .session
-            .run(inputs)
-            .map_err(ort_err)
-            .with_context(|| format!("decoder step at position {} ({seq} tokens)", cache.len))?;
-        let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
-        let (_, logits) = logits.try_extract_tensor::<f32>().map_err(ort_err)?;
-        let logits = logits.to_vec();
-        for name in &self.present_names {
-            let t = outputs.remove(name.as_str()).with_context(|| format!("decoder returned no {name}"))?;
-            cache.tensors.push(t);
-        }
+        let at = || format!("decoder step at position {} ({seq} tokens)", cache.len);
+        let logits = if let Some(binding) = cache.binding.as_mut() {
+            ensure!(total <= cache.capacity, "KV cache of {} positions cannot take {total}", cache.capacity);
+            for (name, value) in &inputs {
+                binding.bind_input(*name, value).map_err(ort_err)?;
+            }
+            let outputs = self.session.run_binding(binding).map_err(ort_err).with_context(at)?;
+            let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
+            logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec()
+        } else {
+            let mut feed: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
+                inputs.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
+            for (name, t) in self.past_names.iter().zip(cache.tensors.drain(..)) {
+                feed.push((name.as_str().into(), t.into()));
+            }
+            let mut outputs = self.session.run(feed).map_err(ort_err).with_context(at)?;
+            let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
+            let logits = logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec();
+            for name in &self.present_names {
+                let t = outputs.remove(name.as_str()).with_context(|| format!("decoder returned no {name}"))?;
+                cache.tensors.push(t);
+            }
+            cache.capacity = total;
+            logits
+        };
         cache.len = total;
         Ok(logits)
     }

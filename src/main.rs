@@ -60,6 +60,9 @@ struct BenchArgs {
     decode_tokens: usize,
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
+    /// Context lengths at which a decode step is timed (comma-separated; empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048,4096,8192")]
+    decode_curve: Vec<usize>,
     #[command(flatten)]
     rt: RuntimeArgs,
     /// Print the report as one JSON object.
@@ -372,6 +375,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         vision_batch: a.vision_batch,
         decode_tokens: a.decode_tokens,
         prefill_chunk: a.prefill_chunk,
+        decode_curve: a.decode_curve,
     };
     let r = bench::run(&a.model, &rt, &opts, &mut |line| eprintln!("[bench] {line}"))?;
     if a.json {
@@ -390,6 +394,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     row("time to first token, 7 tiles", &r.ttft_7tile_ms, "ms");
     row(&format!("prefill ({} tokens)", r.prefill_tokens), &r.prefill_tokens_per_s, "tokens/s");
     row(&format!("decode ({} tokens)", r.decode_tokens), &r.decode_tokens_per_s, "tokens/s");
+    for (len, s) in &r.decode_curve_ms {
+        row(&format!("decode step at {len} context"), s, "ms");
+    }
     println!(
         "{:<34} {:>10.0}  MiB (weights {:.0} MiB, ratio {:.2})",
         "peak RSS",

@@ -63,8 +63,25 @@ pub struct DecoderSpec {
     pub head_dim: usize,
     pub vocab: usize,
     pub max_context: usize,
+    /// How the graph attends; decides how the runtime keeps the KV cache.
+    #[serde(default)]
+    pub attention: Attention,
+    /// LongRoPE (Phi-3 128k): a forward call whose last position reaches past this many tokens uses the
+    /// long rotary factors throughout, as transformers does; absent for plain RoPE.
+    #[serde(default)]
+    pub long_rope_after: Option<usize>,
     pub inputs: DecoderInputs,
     pub outputs: DecoderOutputs,
+}
+
+/// `GroupQueryAttention`: ONNX Runtime's fused kernel, which can append to a preallocated cache in place.
+/// `onnx`: plain operators that concatenate past and new keys into a fresh present tensor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Attention {
+    GroupQueryAttention,
+    #[default]
+    #[serde(rename = "onnx")]
+    Onnx,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +90,9 @@ pub struct DecoderInputs {
     pub attention_mask: String,
     /// Absent in graphs whose fused attention takes positions from the cache length.
     pub position_ids: Option<String>,
+    /// The LongRoPE switch (`[1]` i64, 1 = long factors); only in LongRoPE graphs.
+    #[serde(default)]
+    pub long_rope: Option<String>,
     /// Per-layer names with `{}` standing for the layer index.
     pub past_key: String,
     pub past_value: String,

@@ -120,6 +120,11 @@ impl InternVL {
         self.turn(&mut conv, &text, &req.images, req, on_text)
     }
 
+    /// The LLM stage on its own (benchmarks time decode steps at a chosen context).
+    pub fn decoder_mut(&mut self) -> &mut Decoder {
+        &mut self.decoder
+    }
+
     pub fn new_conversation(&self) -> Result<Conversation> {
         Ok(Conversation { cache: self.decoder.empty_cache()?, pending: Vec::new(), turns: 0, broken: false })
     }
@@ -210,6 +215,7 @@ impl InternVL {
         // Prefill. From here on the cache changes: a failure leaves the conversation unusable.
         conv.pending.clear();
         conv.broken = true;
+        self.decoder.reserve(&mut conv.cache, total + req.max_new_tokens.min(ctx - total))?;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
