@@ -426,3 +426,32 @@ fn chat_first_turn_equals_run_and_keeps_the_cache() {
     let prefill: usize = second.split("prefill ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(prefill < 30, "second turn prefilled {prefill} tokens: {second}");
 }
+
+/// The KV cache grows (a copy of the filled positions into a larger buffer) when a conversation outgrows
+/// it; the logits must be exactly those of a cache sized for everything up front.
+#[test]
+fn kv_cache_growth_keeps_logits_exact() {
+    let dir = fixtures().join("model");
+    let rt = internvl::runtime::RuntimeOptions::default();
+    let mut model = internvl::pipeline::InternVL::load(&dir, &rt, false).unwrap();
+    let hidden = model.manifest.decoder.hidden;
+    let rows = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n * hidden).map(|i| (((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0).collect()
+    };
+    let (a, b, c) = (rows(200, 1), rows(150, 2), rows(1, 3));
+    let dec = model.decoder_mut();
+
+    let mut sized = dec.empty_cache().unwrap();
+    dec.reserve(&mut sized, 400).unwrap();
+    // Starts empty: 256 positions for the first 200, then 512 (copying the 200) for the next 150.
+    let mut grown = dec.empty_cache().unwrap();
+    let mut want = Vec::new();
+    let mut got = Vec::new();
+    for (piece, chunk) in [(&a, 64), (&b, 256), (&c, 1), (&c, 1)] {
+        want.push(dec.forward(piece, &mut sized, chunk, |_| ()).unwrap());
+        got.push(dec.forward(piece, &mut grown, chunk, |_| ()).unwrap());
+    }
+    assert_eq!(grown.len, 352);
+    assert_eq!(got, want, "logits after cache growth differ");
+    assert!(want[2] != want[3], "decode steps gave identical logits: the test would not see a stale cache");
+}
