@@ -11,9 +11,11 @@ checkpoints ship them, so that export/tokenizer.py converts it exactly as it wou
 - "phi3": LlamaTokenizer, legacy=False, add_bos_token=False, eos `<|endoftext|>`, the chat tokens of
   Phi-3-mini-128k-instruct's tokenizer_config (ids 32000+ there: `<|endoftext|>` rstrip=False, the role
   tokens and `</s>` rstrip=True) and, as there, none of them in additional_special_tokens.
-- "internlm2": remote-code InternLM2Tokenizer (auto_map), pad `</s>`, the ChatML tokens as USER_DEFINED pieces
-  (InternLM2 keeps its chat tokens inside tokenizer.model). `add_dummy_prefix` True by default (what
-  InternLM2's own fast converter assumes); pass False to test the other setting.
+- "internlm2": remote-code InternLM2Tokenizer (auto_map), pad `</s>`. Like InternLM2's tokenizer.model, the
+  model has USER_DEFINED "[UNUSED_TOKEN_n]" pieces, and added_tokens_decoder gives the ids of the last two
+  to `<|im_end|>` / `<|im_start|>` (InternLM2: 92542 / 92543, with <|plugin|> etc. before them; that these
+  pieces are USER_DEFINED and not CONTROL is a guess, both are converted). `add_dummy_prefix` True by
+  default (what InternLM2's own fast converter reads from the model); pass False to test the other setting.
 
 Every kind ends with InternVL's added tokens (`<img>` ... `</box>`, special, never normalized).
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 
 KINDS = ("llama-legacy", "llama", "phi3", "internlm2")
 CHATML = ["<|im_start|>", "<|im_end|>"]
+UNUSED = [f"[UNUSED_TOKEN_{i}]" for i in range(1, 5)]
 PHI3_CHAT = [  # (content, rstrip) in Phi-3-mini-128k-instruct's order, ids 32000.. there
     ("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True), ("<|placeholder2|>", True),
     ("<|placeholder3|>", True), ("<|placeholder4|>", True), ("<|system|>", True), ("<|end|>", True),
@@ -75,7 +78,7 @@ def _train(kind: str, add_dummy_prefix: bool) -> bytes:
         sentence_iterator=iter(corpus()), model_writer=model, model_type="bpe", vocab_size=VOCAB_SIZE,
         byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, add_dummy_prefix=add_dummy_prefix, character_coverage=1.0,
-        user_defined_symbols=CHATML if kind in ("llama", "internlm2") else [], num_threads=1,
+        user_defined_symbols={"llama": CHATML, "internlm2": UNUSED}.get(kind, []), num_threads=1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16, minloglevel=2)
     return model.getvalue()
 
@@ -109,8 +112,11 @@ def make_sp_tokenizer(out: Path, kind: str, add_dummy_prefix: bool | None = None
     additional = list(INTERNVL)
     if kind == "llama-legacy":
         extra += [_token(t) for t in CHATML]
-    if kind in ("llama", "internlm2"):
+    if kind == "llama":
         added |= {sp.piece_to_id(t): _token(t) for t in CHATML}
+    if kind == "internlm2":
+        added |= {sp.piece_to_id(u): _token(t) for u, t in zip(UNUSED[2:], ["<|im_end|>", "<|im_start|>"], strict=True)}
+    if kind in ("llama", "internlm2"):
         additional = CHATML + additional
     if kind == "phi3":
         added[2] = _token("</s>", rstrip=True, special=False)

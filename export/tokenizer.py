@@ -133,48 +133,47 @@ def convert_sentencepiece(path: Path, kind: str) -> dict:
             if t not in vocab:
                 refuse(f"special token {t!r} is neither in the model nor in added_tokens_decoder")
             added[vocab[t]] = {"content": t, "lstrip": False, "rstrip": False, "special": True}
-    # Non-legacy: every added token is matched in the normalized text (see the module doc); the normalizer
-    # only turns "▁" into " " and prepends one "▁", so the contents still match.
-    normalized = not c.legacy
+    for i, t in added.items():
+        if vocab.get(t["content"], i) != i:
+            refuse(f"added token {t['content']!r} has id {i}, the model's piece {vocab[t['content']]}")
+        if i < len(m.pieces) and m.pieces[i].type == NORMAL and m.pieces[i].piece != t["content"]:
+            refuse(f"added token {t['content']!r} replaces the model's ordinary piece {m.pieces[i].piece!r}")
+    # Each added token in the model vocabulary at its id: `tokenizers` keeps an added token's id only when the
+    # model knows its content (else it numbers it anew), and InternLM2 maps ids of its "[UNUSED_TOKEN_n]"
+    # pieces to its chat tokens in added_tokens_decoder.
+    vocab = {p.piece: i for i, p in enumerate(m.pieces) if i not in added} | {t["content"]: i for i, t in added.items()}
     tokens = [{"id": i, "content": t["content"], "single_word": False, "lstrip": bool(t.get("lstrip")),
-               "rstrip": bool(t.get("rstrip")), "normalized": normalized, "special": bool(t.get("special", True))}
+               "rstrip": bool(t.get("rstrip")), "normalized": not c.legacy, "special": bool(t.get("special", True))}
               for i, t in sorted(added.items())]
-    # USER_DEFINED pieces 4.37 does not split on: sentencepiece matches them inside each (normalized) chunk.
+    # USER_DEFINED pieces 4.37 does not split on: sentencepiece matches them inside each (normalized) chunk,
+    # so they are matched after normalization.
     tokens += [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": True, "special": False}
                for i, p in enumerate(m.pieces) if p.type == USER_DEFINED and i not in added]
-    if c.legacy and any(t["normalized"] for t in tokens):
-        refuse("USER_DEFINED pieces that are not added tokens (their in-chunk matching is not reproduced)")
     if not c.legacy and any(SPIECE in t["content"] for t in tokens):
         refuse("an added token containing '▁' (non-legacy replaces it by a space)")
-    for t in tokens:
-        if vocab.get(t["content"], t["id"]) != t["id"]:
-            refuse(f"added token {t['content']!r} has id {t['id']}, the model's piece {vocab[t['content']]}")
-
     ids = {t["content"]: t["id"] for t in tokens}
-
-    def token_id(content: str) -> int:
-        return ids[content] if content in ids else vocab[content]
-
+    # `tokenizers` normalizes the contents of normalized added tokens before matching them, Prepend included:
+    # a regex takes that "▁" off again. The price: a chunk that is exactly such a token loses its "▁"
+    # (4.37 encodes it as ["▁", token]), e.g. the whole text "<|end|>" for Phi-3.
+    restore = "|".join(_onig_escape(t["content"]) for t in tokens if t["normalized"])
     if c.legacy:
         normalizer = [{"type": "Prepend", "prepend": SPIECE}] if ns.add_dummy_prefix else []
         normalizer.append({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE})
+        if restore and ns.add_dummy_prefix:
+            normalizer.append(_drop_lead(f"(?:{restore})\\z"))
         pre_tokenizer = None
     else:
-        # "▁" once before the whole text. `tokenize` then drops tokens[0] == "▁" when tokens[1] is in
-        # all_special_tokens (whitespace between them already gone if that token lstrips). The same regex
-        # undoes the Prepend on the added tokens' own contents, which `tokenizers` normalizes before matching
-        # them: so a text that is exactly one non-special added token loses its "▁" (4.37 keeps it).
-        lead = [(r"\s*" if added[token_id(t)].get("lstrip") else "") + _onig_escape(t) for t in c.all_special]
-        whole = [_onig_escape(t["content"]) for t in tokens]
+        # "▁" once before the whole text; `tokenize` drops tokens[0] == "▁" when tokens[1] is in
+        # all_special_tokens (whitespace between them is gone already if that token lstrips).
+        lead = [(r"\s*" if added[ids[t]].get("lstrip") else "") + _onig_escape(t) for t in c.all_special]
         normalizer = [{"type": "Replace", "pattern": {"String": SPIECE}, "content": " "},
                       {"type": "Prepend", "prepend": SPIECE},
-                      {"type": "Replace", "pattern": {"Regex": rf"\A{SPIECE}(?=(?:{'|'.join(lead)})|(?:{'|'.join(whole)})\z)"},
-                       "content": ""}]
+                      _drop_lead("|".join([f"(?:{'|'.join(lead)})"] + [f"(?:{restore})\\z"] * bool(restore)))]
         pre_tokenizer = {"type": "Metaspace", "replacement": SPIECE, "prepend_scheme": "never", "split": False}
 
     specials = [(c.special["bos_token"], c.add_bos), (c.special["eos_token"], c.add_eos)]
-    specials = [(t, token_id(t)) for t, on in specials if on]
+    specials = [(t, ids[t] if t in ids else vocab[t]) for t, on in specials if on]
 
     def template(seqs):
         out = [{"SpecialToken": {"id": specials[0][0], "type_id": 0}}] if c.add_bos else []
@@ -208,9 +207,10 @@ def convert_sentencepiece(path: Path, kind: str) -> dict:
 
 def bpe_merges(m) -> list[list[str]]:
     """Merges that replay sentencepiece's BPE: it repeatedly joins the adjacent pair whose joined piece
-    scores highest, so every split of a NORMAL piece into two known pieces is a merge, ranked by that
-    piece's score (ties by id, then by where it splits)."""
-    symbols = {p.piece: i for i, p in enumerate(m.pieces) if p.type in (NORMAL, USER_DEFINED)}
+    scores highest, so every split of a NORMAL piece into two NORMAL pieces is a merge, ranked by that
+    piece's score (ties by id, then by where it splits). USER_DEFINED pieces are added tokens here, split
+    off before BPE runs."""
+    symbols = {p.piece for p in m.pieces if p.type == NORMAL}
     merges = []
     for i, p in enumerate(m.pieces):
         if p.type != NORMAL:
@@ -220,6 +220,11 @@ def bpe_merges(m) -> list[list[str]]:
             if left in symbols and right in symbols:
                 merges.append((-p.score, i, k, [left, right]))
     return [pair for *_, pair in sorted(merges)]
+
+
+def _drop_lead(lookahead: str) -> dict:
+    """Normalizer step removing a "▁" at the start when `lookahead` follows."""
+    return {"type": "Replace", "pattern": {"Regex": f"\\A{SPIECE}(?={lookahead})"}, "content": ""}
 
 
 def _content(t) -> str | None:

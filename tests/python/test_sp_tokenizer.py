@@ -10,6 +10,7 @@ tokens, lstrip / rstrip), `LlamaTokenizer.tokenize` / `_tokenize` (legacy and no
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ SP_CORPUS = CORPUS + [
     "<|im_start|>", " <|im_start|> x", "▁▁ two markers ▁", "trailing space ", "tab\t<|end|>\tafter",
     "<|end|>\n\n\nnewlines after end", "<unk> and <unk>", "<|placeholder1|>   x", "x<|end|>", "<|end|>",
     "<|end|> ", "数字1234567890 and 😀😀", "<ref>a dog</ref><box>[[1, 2, 3, 4]]</box>",
+    "[UNUSED_TOKEN_1]", "a[UNUSED_TOKEN_2] b [UNUSED_TOKEN_1]\n<|im_end|>",
 ]
 
 KINDS = [("llama-legacy", None), ("llama", None), ("phi3", None), ("internlm2", None), ("internlm2", False)]
@@ -40,7 +42,7 @@ KINDS = [("llama-legacy", None), ("llama", None), ("phi3", None), ("internlm2", 
 class Slow437:
     """transformers 4.37's slow `LlamaTokenizer` / `InternLM2Tokenizer`, reduced to `tokenizer(text).input_ids`."""
 
-    def __init__(self, folder: Path, internlm2: bool):
+    def __init__(self, folder: Path, internlm2: bool, known_difference: bool = False):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -78,6 +80,15 @@ class Slow437:
         # The Trie finds the earliest match, the longest one there.
         self.trie = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
         self.unk_token_length = len(self.sp.encode(self.unk))
+        # export/tokenizer.py's one documented difference, emulated when `known_difference`: a piece of text
+        # sentencepiece gets with a "▁" in front (legacy: each chunk, given add_dummy_prefix; non-legacy: the
+        # whole text) that is otherwise exactly one token the conversion matches after normalization (a
+        # non-special added token in non-legacy mode, a USER_DEFINED piece 4.37 does not split on) encodes
+        # without that "▁" token.
+        self.known_difference = known_difference
+        model = pb.ModelProto.FromString(proto)
+        self.user_defined = {p.piece for p in model.pieces if p.type == p.USER_DEFINED} - set(self.added)
+        self.dummy = model.normalizer_spec.add_dummy_prefix
 
     def split(self, text: str) -> list[str]:
         out, pos = [], 0
@@ -105,6 +116,9 @@ class Slow437:
         return out
 
     def tokenize(self, text: str) -> list[str]:
+        if self.known_difference and not self.legacy and (text in self.user_defined or (
+                text in self.added and text not in self.all_special)):
+            return [text]
         if self.internlm2 or self.legacy or len(text) == 0:
             return self.base_tokenize(text)
         tokens = self.base_tokenize(SPIECE + text.replace(SPIECE, " "))
@@ -113,6 +127,8 @@ class Slow437:
         return tokens
 
     def _tokenize(self, text: str) -> list[str]:
+        if self.known_difference and (self.internlm2 or self.legacy) and self.dummy and text in self.user_defined:
+            return [text]
         tokens = self.sp.encode(text, out_type=str)
         if self.internlm2 or self.legacy or not text.startswith((SPIECE, " ")):
             return tokens
@@ -125,6 +141,15 @@ class Slow437:
     def encode(self, text: str) -> list[int]:
         ids = [self.token_id(t) for t in self.tokenize(text)]
         return [self.token_id(self.bos)] * self.add_bos + ids + [self.token_id(self.eos)] * self.add_eos
+
+
+def fuzz_texts(n: int = 1500) -> list[str]:
+    """Random concatenations of the fragments where the slow and fast paths part ways."""
+    rng = random.Random(7)
+    atoms = [" ", "  ", "\n", "\t", " \n ", SPIECE, "a", "the", "image", "你好", "😀", "Ωλ", "1234", "x", ".", "<s>",
+             "</s>", "<unk>", "<|end|>", "<|user|>", "<|system|>", "<|endoftext|>", "<img>", "<IMG_CONTEXT>",
+             "<|im_start|>", "<|im_end|>", "[UNUSED_TOKEN_1]", "def f():", "<", "|", ">"]
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 8))) for _ in range(n)]
 
 
 def rust_tokenize(tokenizer_json: Path, texts: list[str], tmp: Path) -> list[list[int]]:
@@ -146,14 +171,17 @@ def build(tmp: Path, kind: str, dummy: bool | None) -> tuple[Path, dict]:
 def test_sp_rust_tokenization_equals_slow_437(kind, dummy, tmp_path):
     folder, info = build(tmp_path, kind, dummy)
     slow = Slow437(folder, internlm2=kind == "internlm2")
-    rust = rust_tokenize(tmp_path / "tokenizer.json", SP_CORPUS, tmp_path)
-    for text, ids in zip(SP_CORPUS, rust, strict=True):
-        want = slow.encode(text)
-        if not slow.legacy and text in slow.added and text not in slow.all_special:
-            # The one known difference (export/tokenizer.py): a text that is exactly one non-special added
-            # token keeps 4.37's leading "▁" token only in the reference.
-            want.remove(slow.token_id(SPIECE))
+    known = Slow437(folder, internlm2=kind == "internlm2", known_difference=True)
+    texts = SP_CORPUS + fuzz_texts()
+    rust = rust_tokenize(tmp_path / "tokenizer.json", texts, tmp_path)
+    differ = []
+    for text, ids in zip(texts, rust, strict=True):
+        want = known.encode(text)
         assert ids == want, f"{text!r}: rust {ids} reference {want}"
+        if want != slow.encode(text):
+            differ.append(text)
+    # The known difference stays rare: texts made of added tokens only, e.g. "<|end|>" or "x<s>[UNUSED_TOKEN_1]".
+    assert len(differ) < len(texts) // 20, differ
     assert sum(len(i) for i in rust) > 500
     assert max(max(i, default=0) for i in rust) < info["vocab_size"]
 
