@@ -13,6 +13,7 @@ from . import checkpoint, manifest, quantize, templates
 from .common import ExportCheckError
 from .decoder import export_decoder
 from .embed import export_embedding
+from .tokenizer import write_tokenizer
 from .vision import export_vision
 
 
@@ -32,7 +33,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         t0 = time.time()
-        tokenizer_json = write_tokenizer(ckpt, work / "tokenizer.json")
+        tokenizer_json = write_tokenizer(ckpt.path, work / "tokenizer.json")
         ids = manifest.special_ids(tokenizer_json)
         log(f"loading {ckpt.path} ({ckpt.layout} layout, {ckpt.llm_family} LLM, template {ckpt.template})")
         model = checkpoint.load(ckpt, ids["img_context"])
@@ -127,25 +128,6 @@ def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_t
         entry["dtype"] = "int4" if fn is quantize.int4_weights else "int8"
         log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["quantization"].items()))
         quantize.replace(quant, work / name)
-
-
-def write_tokenizer(ckpt: checkpoint.Checkpoint, dst: Path) -> Path:
-    """The checkpoint's tokenizer.json, or one converted by transformers' fast tokenizer when only the
-    slow files (vocab.json + merges.txt, tokenizer.model) ship."""
-    src = ckpt.path / "tokenizer.json"
-    if src.is_file():
-        shutil.copyfile(src, dst)
-        return dst
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(ckpt.path, use_fast=True)
-    except Exception as e:  # any conversion failure is one message
-        raise SystemExit(f"checkpoint {ckpt.path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
-    if not getattr(tok, "is_fast", False):
-        raise SystemExit(f"checkpoint {ckpt.path}: no tokenizer.json and no fast tokenizer conversion")
-    tok.backend_tokenizer.save(str(dst))
-    return dst
 
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:

@@ -38,8 +38,12 @@ enum Command {
 
 #[derive(Args)]
 struct TokenizeArgs {
+    /// An exported model folder (its manifest names the tokenizer).
+    #[arg(long, conflicts_with = "tokenizer")]
+    model: Option<PathBuf>,
+    /// A tokenizer.json directly, e.g. one the exporter converted (instead of --model).
     #[arg(long)]
-    model: PathBuf,
+    tokenizer: Option<PathBuf>,
     #[arg(long, conflicts_with = "file")]
     text: Option<String>,
     /// A JSON list of strings; prints a JSON list of id lists.
@@ -408,8 +412,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
-    let m = internvl::manifest::Manifest::load(&a.model)?;
-    let tok = internvl::tokenizer::Tokenizer::load(&m.path(&m.tokenizer.file))?;
+    let path = match (&a.model, &a.tokenizer) {
+        (Some(dir), None) => {
+            let m = internvl::manifest::Manifest::load(dir)?;
+            m.path(&m.tokenizer.file)
+        }
+        (None, Some(file)) => file.clone(),
+        _ => anyhow::bail!("give exactly one of --model and --tokenizer"),
+    };
+    let tok = internvl::tokenizer::Tokenizer::load(&path)?;
     let encode = |t: &str| tok.encode(t, true);
     let out = match (&a.text, &a.file) {
         (Some(t), _) => serde_json::to_string(&encode(t)?)?,
