@@ -36,7 +36,8 @@ SP_CORPUS = CORPUS + [
     "[UNUSED_TOKEN_1]", "a[UNUSED_TOKEN_2] b [UNUSED_TOKEN_1]\n<|im_end|>",
 ]
 
-KINDS = [("llama-legacy", None), ("llama", None), ("phi3", None), ("internlm2", None), ("internlm2", False)]
+KINDS = [("llama-legacy", None), ("llama-legacy", False), ("llama", None), ("phi3", None), ("internlm2", None),
+         ("internlm2", False)]
 
 
 class Slow437:
