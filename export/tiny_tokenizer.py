@@ -1,6 +1,6 @@
 """Tiny sentencepiece tokenizers shaped like the real InternVL checkpoints' slow ones, for tests.
 
-`make_sp_tokenizer(out, kind)` trains a small BPE `tokenizer.model` (a few seconds, deterministic: fixed
+`make_sp_tokenizer(out, kind)` trains a small BPE `tokenizer.model` (well under a second, deterministic: fixed
 synthetic corpus, one thread) and writes tokenizer_config.json + special_tokens_map.json the way the hub
 checkpoints ship them, so that export/tokenizer.py converts it exactly as it would a real one:
 

@@ -36,7 +36,8 @@ SP_CORPUS = CORPUS + [
     "[UNUSED_TOKEN_1]", "a[UNUSED_TOKEN_2] b [UNUSED_TOKEN_1]\n<|im_end|>",
 ]
 
-KINDS = [("llama-legacy", None), ("llama", None), ("phi3", None), ("internlm2", None), ("internlm2", False)]
+KINDS = [("llama-legacy", None), ("llama-legacy", False), ("llama", None), ("phi3", None), ("internlm2", None),
+         ("internlm2", False)]
 
 
 class Slow437:
@@ -216,3 +217,16 @@ def test_sp_refuses_what_it_cannot_reproduce(tmp_path):
     (folder / "tokenizer.model").write_bytes(m.SerializeToString())
     with pytest.raises(SystemExit, match="remove_extra_whitespaces"):
         write_tokenizer(folder, tmp_path / "t.json")
+
+
+def test_sp_bos_eos_flags(tmp_path):
+    """add_bos_token / add_eos_token as the config sets them (the tiny kinds only vary add_bos_token)."""
+    folder = tmp_path / "ckpt"
+    make_sp_tokenizer(folder, "internlm2")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"add_bos_token": False, "add_eos_token": True}))
+    write_tokenizer(folder, tmp_path / "tokenizer.json")
+    slow = Slow437(folder, internlm2=True, known_difference=True)
+    rust = rust_tokenize(tmp_path / "tokenizer.json", SP_CORPUS, tmp_path)
+    assert rust == [slow.encode(t) for t in SP_CORPUS]
+    assert rust[SP_CORPUS.index("")] == [2] and all(ids[-1] == 2 for ids in rust)
