@@ -226,7 +226,7 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
             "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id",
-            "original_max_position_embeddings")
+            "original_max_position_embeddings", "pad_token_id")
     text = {k: llm[k] for k in keep if k in llm and llm[k] is not None}
     if family == "internlm2":
         text["attention_bias"] = bool(llm.get("bias", False))

@@ -43,7 +43,17 @@ def reference_query(tpl: dict, question: str, system: str | None, tiles: list[in
 
 
 def write_goldens(cases_file: Path, out: Path) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_goldens(cases_file, out, Path(tmp))
+
+
+def _write_goldens(cases_file: Path, out: Path, tmp: Path) -> None:
     from tokenizers import Tokenizer
+
+    from .reference_tokenizer import Slow437
+    from .tokenizer import slow_class, write_tokenizer
 
     cases = json.loads(cases_file.read_text())
     models: dict[str, tuple] = {}
@@ -52,12 +62,18 @@ def write_goldens(cases_file: Path, out: Path) -> None:
         ref = str((cases_file.parent / case["checkpoint"]).resolve())
         if ref not in models:
             ckpt = inspect(ref)
-            tok_file = ckpt.path / "tokenizer.json"
+            # The reference's (slow) tokenizer as a tokenizer.json; tests/python/test_sp_tokenizer.py holds
+            # the conversion to transformers 4.37's slow classes.
+            tok_file = write_tokenizer(ckpt.path, tmp / f"tokenizer-{len(models)}.json")
             ids = Tokenizer.from_file(str(tok_file))
-            models[ref] = (ckpt, load(ckpt, ids.token_to_id(IMG_CONTEXT)), ids)
-        ckpt, model, tok = models[ref]
+            kind = slow_class(json.loads((ckpt.path / "tokenizer_config.json").read_text()))
+            # Sentencepiece checkpoints: prompts tokenized the way 4.37's slow class does, not by the conversion.
+            encode = (Slow437(ckpt.path, internlm2=kind == "internlm2").encode if kind
+                      else lambda text, ids=ids: ids.encode(text).ids)
+            models[ref] = (ckpt, load(ckpt, ids.token_to_id(IMG_CONTEXT)), encode, tok_file)
+        ckpt, model, encode, tok_file = models[ref]
         tpl = templates.template(case.get("template") or ckpt.template)
-        stop = sorted({token_id(ckpt.path / "tokenizer.json", tpl["stop"]), *eos_ids(ckpt)})
+        stop = sorted({token_id(tok_file, tpl["stop"]), *eos_ids(ckpt)})
         pixel_values, tiles = [], []
         for image in case.get("images", []):
             pv = load_image(cases_file.parent / image, input_size=448, max_num=case.get("max_tiles", 12))
@@ -65,7 +81,7 @@ def write_goldens(cases_file: Path, out: Path) -> None:
             tiles.append(pv.shape[0])
         text = reference_query(tpl, case["prompt"], case.get("system"), tiles, case.get("history", []),
                                int(model.config.image_seq_length))
-        ids = torch.tensor([tok.encode(text).ids])  # `tokenizer(query)`: with the tokenizer's own specials
+        ids = torch.tensor([encode(text)])  # `tokenizer(query)`: with the tokenizer's own specials
         extra = {"pixel_values": torch.from_numpy(np.concatenate(pixel_values))} if pixel_values else {}
         with torch.no_grad():
             gen = model.generate(
@@ -76,6 +92,6 @@ def write_goldens(cases_file: Path, out: Path) -> None:
         finish = "stop" if new and new[-1] in stop else "length"
         if finish == "stop":
             new = new[:-1]
-        results.append({"name": case["name"], "prompt_ids": ids[0].tolist(), "tokens": new,
+        results.append({"name": case["name"], "prompt_text": text, "prompt_ids": ids[0].tolist(), "tokens": new,
                         "finish_reason": finish, "tiles": sum(tiles)})
     out.write_text(json.dumps({"cases": results}) + "\n")

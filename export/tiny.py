@@ -21,8 +21,9 @@ ASSETS = Path(__file__).parent / "assets"
 QWEN2_TOKENIZER = ASSETS / "tokenizer" / "qwen2"
 
 # Ids of the InternVL 2.5 / 3 tokenizer (Qwen2.5 vocabulary + InternVL's added tokens).
-QWEN2_VOCAB = 151674
-IMG_CONTEXT_ID = 151667
+QWEN2_TOKENS = {"vocab_size": 151674, "bos_id": 151643, "eos_id": 151645, "pad_id": 151643, "img_context_id": 151667}
+# Families whose releases ship a sentencepiece tokenizer: the kind of tiny one (export/tiny_tokenizer.py) they get.
+SP_TOKENIZER = {"llama": "llama", "internlm2": "internlm2", "phi3": "phi3"}
 
 SHAPES = {
     # A few MB: every dimension small, but every structural feature of the real model kept
@@ -64,7 +65,8 @@ def longrope(head_dim: int, after: int, seed: int) -> dict:
             "long_factor": long.tolist(), "original_max_position_embeddings": after}
 
 
-def build_config(shape: str, family: str = "qwen2", vision: str = "300m", long_rope_after: int = 4096):
+def build_config(shape: str, family: str = "qwen2", vision: str = "300m", long_rope_after: int = 4096,
+                 tokens: dict | None = None):
     """transformers' InternVLConfig for a shape, an LLM family and an InternViT variant. InternLM2 has
     no transformers class; it is a Llama once its packed projections are split, so its reference is one."""
     from transformers import InternVLConfig
@@ -78,10 +80,12 @@ def build_config(shape: str, family: str = "qwen2", vision: str = "300m", long_r
     v.update(norm_type="rms_norm", use_qk_norm=True, attention_bias=False) if vision == "6b" else v.update(
         norm_type="layer_norm", use_qk_norm=False, attention_bias=True)
     text = dict(
-        model_type={"internlm2": "llama"}.get(family, family), vocab_size=QWEN2_VOCAB, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
+        model_type={"internlm2": "llama"}.get(family, family), max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
         tie_word_embeddings=family == "qwen2", **dims["text"],
     )
+    tokens = tokens or QWEN2_TOKENS
+    text.update(vocab_size=tokens["vocab_size"], bos_token_id=tokens["bos_id"], eos_token_id=tokens["eos_id"])
     if family == "qwen2":
         text["use_sliding_window"] = False
     if family == "qwen3":
@@ -91,12 +95,13 @@ def build_config(shape: str, family: str = "qwen2", vision: str = "300m", long_r
     if family == "phi3":  # Phi-3-mini-128k: fused qkv / gate_up projections, LongRoPE
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         del text["rope_theta"]
+        text["pad_token_id"] = tokens["pad_id"]
         text.update(original_max_position_embeddings=long_rope_after,
                     rope_parameters=longrope(head_dim, long_rope_after, seed=head_dim))
     if family == "llama" and shape == "tiny":
         text["hidden_size"] = 32  # head_dim 8: the decoder is exported with plain-operator attention
     return InternVLConfig(
-        vision_config=v, text_config=text, image_token_id=IMG_CONTEXT_ID, image_seq_length=256,
+        vision_config=v, text_config=text, image_token_id=tokens["img_context_id"], image_seq_length=256,
         downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=text["tie_word_embeddings"],
     )
@@ -130,7 +135,25 @@ def scale_for_diverse_output(model, seed: int, llm_gain: float = 4.0) -> None:
             p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def write_tokenizer(out: Path) -> None:
+def make_tokenizer(family: str, out: Path) -> dict:
+    """The family's tokenizer files in `out` (Qwen2's copied, a sentencepiece one trained); returns its ids
+    (vocab_size, bos_id, eos_id, pad_id, img_context_id) for building a model with that vocabulary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if family in SP_TOKENIZER:
+        from .tiny_tokenizer import make_sp_tokenizer
+
+        return make_sp_tokenizer(out, SP_TOKENIZER[family])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(QWEN2_TOKENIZER / f, out / f)
+    return dict(QWEN2_TOKENS)
+
+
+def write_tokenizer(out: Path, tokenizer_dir: Path | None = None) -> None:
+    if tokenizer_dir is not None:  # a sentencepiece tokenizer as its release ships it
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copyfile(f, out / f.name)
+        return
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(QWEN2_TOKENIZER / f, out / f)
     cfg_path = out / "tokenizer_config.json"
@@ -159,11 +182,11 @@ def write_processor_configs(out: Path) -> None:
 
 
 def make_model(shape: str = "tiny", family: str = "qwen2", vision: str = "300m", seed: int = 0,
-               long_rope_after: int = 4096):
+               long_rope_after: int = 4096, tokens: dict | None = None):
     from transformers import InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(build_config(shape, family, vision, long_rope_after)).eval()
+    model = InternVLForConditionalGeneration(build_config(shape, family, vision, long_rope_after, tokens)).eval()
     scale_for_diverse_output(model, seed, llm_gain=SHAPES[shape]["llm_gain"])
     return model.to(torch.bfloat16)  # hub checkpoints are stored in bf16
 
@@ -176,19 +199,26 @@ def _fresh(out: Path) -> Path:
     return out
 
 
-def save_hf(model, out: Path) -> Path:
+def _eos(text) -> list[int]:
+    """generate's stop ids: the LLM's eos (Qwen2 releases add <|endoftext|>)."""
+    return [text.eos_token_id, 151643] if text.eos_token_id == QWEN2_TOKENS["eos_id"] else [text.eos_token_id]
+
+
+def save_hf(model, out: Path, tokenizer_dir: Path | None = None) -> Path:
     """The -hf layout, exactly as transformers' save_pretrained writes it."""
     from transformers import GenerationConfig
 
     out = _fresh(out)
     model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643).save_pretrained(out)
-    write_tokenizer(out)
+    text = model.config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=_eos(text),
+                     pad_token_id=_eos(text)[-1]).save_pretrained(out)
+    write_tokenizer(out, tokenizer_dir)
     write_processor_configs(out)
     return out
 
 
-def save_original(model, out: Path, family: str) -> Path:
+def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = None) -> Path:
     """The original OpenGVLab layout (InternVLChatModel), written tensor by tensor the way its code names
     them: `vision_model.*` with fused qkv, `mlp1.{0,1,3}`, `language_model.*` in the LLM's own names
     (InternLM2: packed `wqkv`, `tok_embeddings`, `output`). Deliberately not derived from the exporter's
@@ -260,7 +290,7 @@ def save_original(model, out: Path, family: str) -> Path:
                "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
                "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
                "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
-               "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"}
+               "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "hidden_act": "silu"}
     elif family == "phi3":  # as Phi-3-mini-128k-instruct's config.json (transformers 4.3x) writes it
         rope = text.rope_parameters
         llm = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": text.vocab_size,
@@ -271,7 +301,8 @@ def save_original(model, out: Path, family: str) -> Path:
                "original_max_position_embeddings": text.original_max_position_embeddings,
                "rms_norm_eps": text.rms_norm_eps, "rope_theta": rope["rope_theta"], "sliding_window": 262144,
                "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
-               "tie_word_embeddings": False, "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id}
+               "tie_word_embeddings": False, "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
+               "pad_token_id": text.pad_token_id}
     else:
         llm["architectures"] = [ARCHITECTURE[family]]
         llm["rope_theta"] = 1000000.0
@@ -291,13 +322,18 @@ def save_original(model, out: Path, family: str) -> Path:
         "llm_config": llm,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
-    write_tokenizer(out)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": _eos(text)}))
+    write_tokenizer(out, tokenizer_dir)
     return out
 
 
 def make_checkpoint(out: Path, shape: str = "tiny", seed: int = 0, family: str = "qwen2", vision: str = "300m",
                     layout: str = "hf") -> Path:
     """Write a random-weight checkpoint to `out` (refuses to overwrite a non-empty folder)."""
-    model = make_model(shape, family, vision, seed)
-    return save_hf(model, out) if layout == "hf" else save_original(model, out, family)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = make_tokenizer(family, Path(tmp))
+        model = make_model(shape, family, vision, seed, tokens=tokens)
+        tok = Path(tmp) if family in SP_TOKENIZER else None
+        return save_hf(model, out, tok) if layout == "hf" else save_original(model, out, family, tok)

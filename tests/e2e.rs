@@ -202,6 +202,49 @@ fn parity_original_layout_internlm2_internvit_6b() {
 }
 
 #[test]
+fn parity_original_layout_phi3_long_rope() {
+    // The prompt (13 tiles) is past LongRoPE's switch point: every prefill chunk uses the long factors.
+    check_parity("phi3-original", &[]);
+    check_parity("phi3-original", &["--prefill-chunk", "100000"]);
+}
+
+#[test]
+fn parity_phi3_crossing_long_rope_while_decoding() {
+    let name = "phi3-original-text-crossing-long-rope";
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(case(name).model).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let after = manifest["decoder"]["long_rope_after"].as_u64().unwrap() as usize;
+    let prompt = ids(&golden(name)["prompt_ids"]).len();
+    let answer = ids(&golden(name)["tokens"]).len();
+    assert!(prompt < after && prompt + answer > after + 1, "case does not cross {after}: {prompt} + {answer}");
+    check_parity(name, &[]);
+}
+
+/// The exact prompt ids of every case, Rust tokenizer (the converted tokenizer.json) against the reference
+/// (Qwen2: its tokenizer.json; sentencepiece families: transformers 4.37's slow classes written out).
+#[test]
+fn prompt_ids_equal_the_reference_for_every_case() {
+    let mut by_model: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for case in cases() {
+        by_model.entry(case.model.clone()).or_default().push(golden(&case.name));
+    }
+    for (model, goldens) in by_model {
+        let texts: Vec<&Value> = goldens.iter().map(|g| &g["prompt_text"]).collect();
+        let file = tmp(&format!("prompts-{}", model.replace('/', "-"))).join("prompts.json");
+        std::fs::write(&file, serde_json::to_string(&texts).unwrap()).unwrap();
+        let dir = fixtures().join(&model);
+        let out = run(&["tokenize", "--model", dir.to_str().unwrap(), "--file", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let got: Vec<Vec<u64>> = serde_json::from_slice(&out.stdout).unwrap();
+        for (g, ids_got) in goldens.iter().zip(got) {
+            assert_eq!(ids_got, ids(&g["prompt_ids"]), "{}: prompt ids differ from the reference", g["name"]);
+        }
+    }
+}
+
+#[test]
 fn vision_batch_and_prefill_chunk_do_not_change_tokens() {
     check_parity("grid_thumbnail", &["--vision-batch", "1", "--prefill-chunk", "500"]);
     check_parity("grid_thumbnail", &["--vision-batch", "13", "--prefill-chunk", "100000"]);

@@ -49,7 +49,26 @@ FAMILIES = {
     "llama-original": ("llama", "300m", 12),
     "qwen3-original": ("qwen3", "6b", 13),
     "internlm2-original": ("internlm2", "6b", 14),
+    "phi3-original": ("phi3", "300m", 15),
 }
+
+
+PHI3_TEXT = "Write a short poem about the sea."
+
+
+def text_prompt_length(tokenizer_dir: Path, template: str, question: str) -> int:
+    """Token count of a text-only prompt as the reference builds it."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from export import templates
+    from export.golden import reference_query
+    from export.tokenizer import write_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer.from_file(str(write_tokenizer(tokenizer_dir, Path(tmp) / "tokenizer.json")))
+    return len(tok.encode(reference_query(templates.template(template), question, None, [], [], 256)).ids)
 
 
 def make_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -78,7 +97,14 @@ def source_hash() -> str:
 def main(out: Path) -> None:
     from export.convert import convert
     from export.golden import write_goldens
-    from export.tiny import TEMPLATE, make_model, save_hf, save_original
+    from export.tiny import (
+        SP_TOKENIZER,
+        TEMPLATE,
+        make_model,
+        make_tokenizer,
+        save_hf,
+        save_original,
+    )
 
     stamp = out / "stamp"
     digest = source_hash()
@@ -100,13 +126,21 @@ def main(out: Path) -> None:
               "checkpoint": "checkpoint", "model": "model", **extra}
              for name, imgs, prompt, extra in CASES]
     for name, (family, vision, seed) in FAMILIES.items():
-        model = make_model("tiny", family, vision, seed=seed)
-        save_hf(model, out / "checkpoints" / f"{name}-reference-hf")
-        save_original(model, out / "checkpoints" / name, family)
+        tok_dir = out / "tokenizers" / family
+        tokens = make_tokenizer(family, tok_dir)
+        sp = tok_dir if family in SP_TOKENIZER else None
+        # Phi-3's LongRoPE switches factor sets past a prompt length: put that length inside the text-only
+        # case's answer, so that one case crosses it while decoding and the image case starts past it.
+        after = text_prompt_length(tok_dir, TEMPLATE[family], PHI3_TEXT) + 20 if family == "phi3" else 4096
+        model = make_model("tiny", family, vision, seed=seed, long_rope_after=after, tokens=tokens)
+        save_hf(model, out / "checkpoints" / f"{name}-reference-hf", sp)
+        save_original(model, out / "checkpoints" / name, family, sp)
         convert(str(out / "checkpoints" / name), out / "models" / name)
-        cases.append({"name": name, "prompt": "Describe the image.", "images": [images["c"]], "max_new_tokens": 40,
-                      "checkpoint": f"checkpoints/{name}-reference-hf", "template": TEMPLATE[family],
-                      "model": f"models/{name}"})
+        common = {"max_new_tokens": 40, "checkpoint": f"checkpoints/{name}-reference-hf",
+                  "template": TEMPLATE[family], "model": f"models/{name}"}
+        cases.append({"name": name, "prompt": "Describe the image.", "images": [images["c"]], **common})
+        if family == "phi3":
+            cases.append({"name": f"{name}-text-crossing-long-rope", "prompt": PHI3_TEXT, "images": [], **common})
     # The qwen2-original weights again, with pixel shuffle v1 and the features of the second-to-last
     # ViT layer (InternVL 1.5-era settings): checked graph-level by tests/python/test_export.py.
     variant = out / "checkpoints" / "qwen2-v1-layer-2"

@@ -131,8 +131,13 @@ def test_force_replaces_only_an_earlier_export(fixtures, tmp_path):
 
 def test_rejects_what_it_does_not_support(tmp_path):
     cases = {
-        "phi3": ({"model_type": "internvl_chat", "template": "phi3-chat",
-                  "llm_config": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}}, "'phi3' is not supported"),
+        "phi3-sliding": ({"model_type": "internvl_chat", "template": "phi3-chat",
+                          "llm_config": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                                         "sliding_window": 2047, "max_position_embeddings": 4096}},
+                         "sliding-window attention (window 2047) is not supported"),
+        "mistral-llm": ({"model_type": "internvl_chat", "template": "Hermes-2",
+                         "llm_config": {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}},
+                        "'mistral' is not supported"),
         "gpt2-llm": ({"model_type": "internvl", "text_config": {"model_type": "gpt2"}}, "'gpt2' is not supported"),
         "other": ({"model_type": "bert"}, "not an InternVL checkpoint"),
     }
