@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "int8", "int4"],
                    help="weights: float32; int8 (vision + decoder); int4 (decoder, vision int8)")
+    p.add_argument("--int4-block", type=int, default=32, choices=[32, 128],
+                   help="int4: weights per quantisation block (32: closer to fp32; 128: smaller)")
 
     p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b"])
-    p.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "qwen3", "internlm2"], help="LLM")
+    p.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "qwen3", "internlm2", "phi3"],
+                   help="LLM")
     p.add_argument("--vision", default="300m", choices=["300m", "6b"], help="InternViT variant")
     p.add_argument("--layout", default="hf", choices=["hf", "original"], help="checkpoint layout to write")
     p.add_argument("--seed", type=int, default=0)
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "convert":
         from .convert import convert
 
-        convert(args.checkpoint, args.out, template=args.template, force=args.force, dtype=args.dtype)
+        convert(args.checkpoint, args.out, template=args.template, force=args.force, dtype=args.dtype,
+                int4_block=args.int4_block)
     elif args.command == "tiny":
         from .tiny import make_checkpoint
 

@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from . import checkpoint, manifest, quantize, templates
@@ -21,7 +22,8 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-def convert(source: str, out: Path, template: str | None = None, force: bool = False, dtype: str = "float32") -> Path:
+def convert(source: str, out: Path, template: str | None = None, force: bool = False, dtype: str = "float32",
+            int4_block: int = 32) -> Path:
     if dtype not in quantize.DTYPES:
         raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(quantize.DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
@@ -54,7 +56,8 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         decoder = export_decoder(lspec, model, work / "decoder.onnx")
         log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
         if dtype != "float32":
-            quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec)
+            quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec,
+                            int4_block)
         stop_ids = sorted({manifest.token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
@@ -103,7 +106,7 @@ def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:
     return out
 
 
-def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec) -> None:
+def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec, int4_block: int = 32) -> None:
     """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
     import numpy as np
     import torch
@@ -119,13 +122,16 @@ def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_t
         prompt["long_rope"] = np.zeros(1, np.int64)
     prompt.update({f"past_key_values.{i}.{kv}": empty for i in range(lspec.layers) for kv in ("key", "value")})
     jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
-            ("decoder.onnx", decoder, quantize.int4_weights if dtype == "int4" else quantize.int8_dynamic, [prompt])]
+            ("decoder.onnx", decoder, partial(quantize.int4_weights, block=int4_block) if dtype == "int4"
+             else quantize.int8_dynamic, [prompt])]
     for name, entry, fn, feeds in jobs:
         log(f"{name}: {dtype if name == 'decoder.onnx' else 'int8'}")
         quant = work / ("quantized-" + name)
         fn(work / name, quant)
         entry["quantization"] = quantize.compare(work / name, quant, feeds, strict=name == "vision.onnx")
-        entry["dtype"] = "int4" if fn is quantize.int4_weights else "int8"
+        entry["dtype"] = "int4" if name == "decoder.onnx" and dtype == "int4" else "int8"
+        if entry["dtype"] == "int4":
+            entry["int4_block"] = int4_block
         log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["quantization"].items()))
         quantize.replace(quant, work / name)
 

@@ -74,12 +74,13 @@ def machine_limits(threads: int) -> dict:
         out["gemm_int8_gops"] = 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9
     except (RuntimeError, AttributeError):  # not every torch build has an int8 CPU GEMM
         out["gemm_int8_gops"] = float("nan")
-    buf = np.ones(256 * 1024 * 1024 // 4, np.float32)  # 1 GiB
+    # Memory read: a 1 GiB sum on `threads` threads (one core alone cannot saturate the memory bus).
+    buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
     buf.sum()
     t = time.perf_counter()
     for _ in range(3):
         buf.sum()
-    out["mem_read_gbs"] = 3 * buf.nbytes / (time.perf_counter() - t) / 1e9
+    out["mem_read_gbs"] = 3 * buf.numel() * 4 / (time.perf_counter() - t) / 1e9
     return out
 
 
@@ -241,6 +242,8 @@ def main() -> None:
         model_dir = Path(ours["model"])
         lim = machine_fraction(args.checkpoint, model_dir, ours, limits)
         print("   against this machine: " + "; ".join(lim))
+        for length, st in ours.get("decode_curve_ms", []):
+            print(f"{'decode step at ' + str(length) + ' context, ms':<36}{st['median']:>11.1f}")
         print(f"{'peak RSS, MiB':<36}{ours['peak_rss_mb']:>11.0f}"
               + "".join(f"{results[c]['peak_rss_mb']:>11.0f}" for c in cols)
               + f"   (weights {ours['weight_mb']:.0f} MiB)")
