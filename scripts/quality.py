@@ -39,6 +39,11 @@ class Model:
         self.inputs = [i.name for i in self.decoder.get_inputs()]
         self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.decoder.get_outputs()]
+        self.long_after = self.m["decoder"].get("long_rope_after")
+
+    def _long(self, end: int) -> np.ndarray:
+        """LongRoPE's switch for a call ending at position `end` (as the runtime sets it)."""
+        return np.array([int(self.long_after is not None and end > self.long_after)], np.int64)
 
     def prefill(self, ids: list[int], image_embeds: np.ndarray | None):
         emb = np.array(self.table[ids], np.float32)
@@ -47,14 +52,15 @@ class Model:
         d = self.m["decoder"]
         empty = np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32)
         feed = {"inputs_embeds": emb[None], "attention_mask": np.ones((1, len(ids)), np.int64),
-                "position_ids": np.arange(len(ids))[None]}
+                "position_ids": np.arange(len(ids))[None], "long_rope": self._long(len(ids))}
         feed.update({n: empty for n in self.past})
         res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
         return res[0][0], res[1:], len(ids)
 
     def step(self, token: int, past, n: int):
         feed = {"inputs_embeds": np.array(self.table[[token]], np.float32)[None],
-                "attention_mask": np.ones((1, n + 1), np.int64), "position_ids": np.array([[n]])}
+                "attention_mask": np.ones((1, n + 1), np.int64), "position_ids": np.array([[n]]),
+                "long_rope": self._long(n + 1)}
         feed.update(dict(zip(self.past, past, strict=True)))
         res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
         return res[0][0], res[1:], n + 1
