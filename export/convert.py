@@ -118,12 +118,14 @@ def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_t
     prompt = {"inputs_embeds": embed_table[ids].detach().numpy(), "attention_mask": np.ones((1, 24), np.int64)}
     if decoder["inputs"]["position_ids"]:
         prompt["position_ids"] = np.arange(24)[None]
-    if decoder["inputs"]["long_rope"]:
+    prompts = [prompt]
+    if decoder["inputs"]["long_rope"]:  # the drift of both LongRoPE factor sets
         prompt["long_rope"] = np.zeros(1, np.int64)
+        prompts.append({**prompt, "long_rope": np.ones(1, np.int64)})
     prompt.update({f"past_key_values.{i}.{kv}": empty for i in range(lspec.layers) for kv in ("key", "value")})
     jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
             ("decoder.onnx", decoder, partial(quantize.int4_weights, block=int4_block) if dtype == "int4"
-             else quantize.int8_dynamic, [prompt])]
+             else quantize.int8_dynamic, prompts)]
     for name, entry, fn, feeds in jobs:
         log(f"{name}: {dtype if name == 'decoder.onnx' else 'int8'}")
         quant = work / ("quantized-" + name)

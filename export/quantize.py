@@ -3,7 +3,7 @@
 - int8: weights int8 per output channel, activations quantised on the fly (ONNX Runtime's dynamic
   quantisation: MatMulInteger / DynamicQuantizeMatMul, which use the VNNI / AMX int8 paths), for the
   vision graph and the decoder.
-- int4: the decoder's weights as 4-bit blocks (MatMulNBits, block 32, symmetric, int8 compute), the
+- int4: the decoder's weights as 4-bit blocks (MatMulNBits, block 32 or 128 (`--int4-block`), symmetric, int8 compute), the
   vision graph as int8. Decode is memory-bound, so fewer bytes per weight is what makes it faster.
 
 Each quantised graph is compared with the fp32 graph it came from on random input, and the figures go

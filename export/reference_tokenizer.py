@@ -53,7 +53,9 @@ class Slow437:
         # (PreTrainedTokenizer.__init__ -> _add_tokens), at their vocabulary id, without lstrip / rstrip.
         self.added = {t["content"]: (int(i), t) for i, t in cfg.get("added_tokens_decoder", {}).items()}
         extra = [content(t) for t in cfg.get("additional_special_tokens", [])]
-        self.all_special = list(dict.fromkeys(t for t in [self.bos, self.eos, self.unk, pad, *extra] if t))
+        # `all_special_tokens`: every special-token attribute, then the additional ones.
+        others = [content(cfg.get(k)) for k in ("sep_token", "cls_token", "mask_token")]
+        self.all_special = list(dict.fromkeys(t for t in [self.bos, self.eos, self.unk, *others, pad, *extra] if t))
         for t in self.all_special:
             self.added.setdefault(t, (self.sp.piece_to_id(t), {"lstrip": False, "rstrip": False}))
         # The Trie finds the earliest match, the longest one there.

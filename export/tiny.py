@@ -136,17 +136,13 @@ def scale_for_diverse_output(model, seed: int, llm_gain: float = 4.0) -> None:
 
 
 def make_tokenizer(family: str, out: Path) -> dict:
-    """The family's tokenizer files in `out` (Qwen2's copied, a sentencepiece one trained); returns its ids
-    (vocab_size, bos_id, eos_id, pad_id, img_context_id) for building a model with that vocabulary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if family in SP_TOKENIZER:
-        from .tiny_tokenizer import make_sp_tokenizer
+    """A sentencepiece family's tokenizer files, trained into `out`; returns the ids (vocab_size, bos_id,
+    eos_id, pad_id, img_context_id) a model with that vocabulary needs (Qwen2's for the other families)."""
+    if family not in SP_TOKENIZER:  # the Qwen2.5 tokenizer, which save_hf / save_original copy themselves
+        return dict(QWEN2_TOKENS)
+    from .tiny_tokenizer import make_sp_tokenizer
 
-        return make_sp_tokenizer(out, SP_TOKENIZER[family])
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(QWEN2_TOKENIZER / f, out / f)
-    return dict(QWEN2_TOKENS)
+    return make_sp_tokenizer(Path(out), SP_TOKENIZER[family])
 
 
 def write_tokenizer(out: Path, tokenizer_dir: Path | None = None) -> None:

@@ -176,6 +176,9 @@ def convert_sentencepiece(path: Path, kind: str) -> dict:
                       _drop_lead("|".join([f"(?:{'|'.join(lead)})"] + [f"(?:{restore})\\z"] * bool(restore)))]
         pre_tokenizer = {"type": "Metaspace", "replacement": SPIECE, "prepend_scheme": "never", "split": False}
 
+    for flag, name in ((c.add_bos, "bos_token"), (c.add_eos, "eos_token")):
+        if flag and name not in c.special:
+            refuse(f"add_{name} is set but there is no {name}")
     bos = [c.special["bos_token"]] if c.add_bos else []
     eos = [c.special["eos_token"]] if c.add_eos else []
 

@@ -190,7 +190,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         for _ in 0..o.runs {
             let dec = model.decoder_mut();
             let mut cache = dec.synthetic_cache(len, 16)?;
-            dec.forward(&row, &mut cache, 1, |_| ())?; // first step pays for allocation
+            dec.forward(&row, &mut cache, 1, |_| ())?; // warm-up
             let t = Instant::now();
             for _ in 0..15 {
                 dec.forward(&row, &mut cache, 1, |_| ())?;

@@ -117,20 +117,20 @@ impl Decoder {
     /// A cache that claims `len` filled positions (zeros) with room for `room` more: what a decode step
     /// costs at a given context does not depend on the cached values, so benchmarks skip the prefill.
     pub fn synthetic_cache(&mut self, len: usize, room: usize) -> Result<KvCache> {
+        let ctx = self.spec.max_context;
+        ensure!(len + room <= ctx, "a cache of {len} + {room} positions exceeds the model's context of {ctx}");
         let mut cache = self.empty_cache()?;
         if self.shared() {
             self.reserve(&mut cache, len + room)?;
+            for t in &mut cache.tensors {
+                t.try_extract_tensor_mut::<f32>().map_err(ort_err)?.1.fill(0.0);
+            }
         } else {
             let shape = [1usize, self.spec.kv_heads, len, self.spec.head_dim];
             for t in &mut cache.tensors {
                 *t = Tensor::from_array((shape, vec![0f32; shape.iter().product()])).map_err(ort_err)?.into_dyn();
             }
             cache.capacity = len;
-        }
-        for t in &mut cache.tensors {
-            if let Ok((_, data)) = t.try_extract_tensor_mut::<f32>() {
-                data.fill(0.0);
-            }
         }
         cache.len = len;
         Ok(cache)
@@ -141,12 +141,17 @@ impl Decoder {
     }
 
     /// Makes room for `positions` in total (prompt + answer), so that a request does not grow the cache
-    /// step by step. Capped at the model's context; a no-op for plain-attention graphs.
+    /// step by step; a cache that already holds positions (a chat) at least doubles, so that a long
+    /// conversation copies its cache O(log n) times. Capped at the model's context; a no-op for
+    /// plain-attention graphs.
     pub fn reserve(&mut self, cache: &mut KvCache, positions: usize) -> Result<()> {
+        let ctx = self.spec.max_context;
+        ensure!(positions <= ctx, "{positions} positions exceed the model's context of {ctx}");
         if !self.shared() || positions <= cache.capacity {
             return Ok(());
         }
-        let capacity = positions.min(self.spec.max_context.max(cache.len));
+        let grown = if cache.len > 0 { positions.max(2 * cache.capacity) } else { positions };
+        let capacity = grown.min(ctx);
         let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
         let mut tensors = Vec::with_capacity(cache.tensors.len());
         for old in &cache.tensors {
@@ -194,8 +199,7 @@ impl Decoder {
         );
         let end = cache.len + embeds.len() / hidden;
         if self.shared() && end > cache.capacity {
-            let grown = (2 * cache.capacity).max(MIN_CAPACITY).max(end);
-            self.reserve(cache, grown)?;
+            self.reserve(cache, end.max(MIN_CAPACITY).min(self.spec.max_context.max(end)))?;
         }
         // transformers picks LongRoPE's factor set once per forward call, from its last position: every
         // chunk of this call uses the choice the whole call would get.

@@ -64,8 +64,8 @@ struct BenchArgs {
     decode_tokens: usize,
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
-    /// Context lengths at which a decode step is timed (comma-separated; empty to skip).
-    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048,4096,8192")]
+    /// Context lengths at which a decode step is timed (comma-separated; the flag alone skips them).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "256,1024,2048,4096,8192")]
     decode_curve: Vec<usize>,
     #[command(flatten)]
     rt: RuntimeArgs,

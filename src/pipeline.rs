@@ -215,7 +215,8 @@ impl InternVL {
         // Prefill. From here on the cache changes: a failure leaves the conversation unusable.
         conv.pending.clear();
         conv.broken = true;
-        self.decoder.reserve(&mut conv.cache, total + req.max_new_tokens.min(ctx - total))?;
+        let budget = req.max_new_tokens.min(ctx - total);
+        self.decoder.reserve(&mut conv.cache, total + budget)?;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
@@ -231,7 +232,6 @@ impl InternVL {
         let mut first_token_ms = 0.0;
         let mut finish_reason = "length";
         let mut steps = 0usize;
-        let budget = req.max_new_tokens.min(ctx - total);
         while generated.len() < budget {
             let id = sampler.next(&mut logits, &context);
             if generated.is_empty() {
