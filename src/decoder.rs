@@ -136,6 +136,27 @@ impl Decoder {
         Ok(cache)
     }
 
+    /// Forgets the positions from `len` on (a conversation re-run from there). Shared buffers only move
+    /// their length (the next call overwrites those positions); handed-off tensors are cut.
+    pub fn truncate(&mut self, cache: &mut KvCache, len: usize) -> Result<()> {
+        if len >= cache.len {
+            return Ok(());
+        }
+        if self.shared() {
+            cache.len = len;
+            return Ok(());
+        }
+        let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        for t in &mut cache.tensors {
+            let (_, src) = t.try_extract_tensor::<f32>().map_err(ort_err)?;
+            let data: Vec<f32> = (0..kv).flat_map(|h| &src[h * cache.capacity * d..][..len * d]).copied().collect();
+            *t = Tensor::from_array(([1usize, kv, len, d], data)).map_err(ort_err)?.into_dyn();
+        }
+        cache.len = len;
+        cache.capacity = len;
+        Ok(())
+    }
+
     fn shared(&self) -> bool {
         self.spec.attention == Attention::GroupQueryAttention
     }

@@ -126,11 +126,22 @@ impl InternVL {
     }
 
     pub fn new_conversation(&self) -> Result<Conversation> {
-        Ok(Conversation { cache: self.decoder.empty_cache()?, pending: Vec::new(), turns: 0, broken: false })
+        Ok(Conversation {
+            cache: self.decoder.empty_cache()?,
+            ids: Vec::new(),
+            image_rows: Vec::new(),
+            tiles: Vec::new(),
+            history: Vec::new(),
+            system: None,
+            short_rope: false,
+            broken: false,
+        })
     }
 
-    /// The next turn of `conv`: `question` (with `<image>` placeholders for `images`, or none) after what
-    /// the cache already holds; only the new tokens are run through the decoder.
+    /// The next turn of `conv`: `question` (with `<image>` placeholders for `images`, or none). The prompt is
+    /// the whole conversation as the reference `chat(history=...)` builds it (earlier answers as their
+    /// stripped text); the cache is kept up to the first position where that prompt's ids differ from what
+    /// it holds, so usually only the new turn runs through the decoder.
     pub fn chat(
         &mut self,
         conv: &mut Conversation,
@@ -139,13 +150,14 @@ impl InternVL {
         opts: &Request,
         on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Output> {
-        let t = &self.manifest.template;
-        let text = if conv.turns == 0 {
-            prompt::render(t, &[], question, opts.system.as_deref(), images.len())
-        } else {
-            prompt::continuation(t, question, images.len())
-        };
-        self.turn(conv, &text, images, opts, on_text)
+        if conv.history.is_empty() && conv.ids.is_empty() {
+            conv.system = opts.system.clone();
+        }
+        let question = prompt::place_images(question, images.len());
+        let text = prompt::render(&self.manifest.template, &conv.history, &question, conv.system.as_deref(), 0);
+        let out = self.turn(conv, &text, images, opts, on_text)?;
+        conv.history.push(prompt::Turn { user: question, assistant: out.text.clone() });
+        Ok(out)
     }
 
     fn turn(
@@ -168,19 +180,27 @@ impl InternVL {
         let mut tiles: Vec<_> = images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
         let preprocess_ms = ms(start);
 
-        // Prompt: tokens generated last turn but not yet run through the decoder come first.
+        // Prompt: the whole conversation's ids (the images of earlier turns keep their tile counts).
         let counts: Vec<usize> = tiles.iter().map(|t| t.count).collect();
         ensure!(!conv.broken, "this conversation's cache was lost in an earlier error; start a new one");
-        let first = conv.turns == 0;
-        let mut ids = conv.pending.clone();
-        ids.extend(prompt::token_ids(&self.manifest, &self.tokenizer, text, &counts, first)?);
+        let all_tiles: Vec<usize> = conv.tiles.iter().chain(&counts).copied().collect();
+        let full = prompt::token_ids(&self.manifest, &self.tokenizer, text, &all_tiles, true)?;
         let ctx = self.manifest.decoder.max_context;
-        let total = conv.cache.len + ids.len();
+        let total = full.len();
         ensure!(
             total < ctx,
             "the prompt is {total} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (--max-tiles) or a shorter prompt",
-            counts.iter().sum::<usize>()
+            all_tiles.iter().sum::<usize>()
         );
+        // Positions the cache can keep: those whose ids are unchanged (at least the last one is run, for its
+        // logits). LongRoPE: the reference runs a conversation past the switch point with the long factors
+        // throughout, so positions computed with the short ones are recomputed.
+        let mut keep = conv.ids.iter().zip(&full).take_while(|(a, b)| a == b).count().min(total - 1);
+        let after = self.manifest.decoder.long_rope_after;
+        if conv.short_rope && after.is_some_and(|a| total > a) {
+            keep = 0;
+        }
+        let ids = &full[keep..];
 
         // Vision: the tiles of all images, in order, batched together.
         let t = Instant::now();
@@ -195,26 +215,42 @@ impl InternVL {
         drop(pixels);
         let vision_ms = ms(t);
 
-        // Embed: text rows from the table, image rows from the vision graph at the <IMG_CONTEXT> positions.
+        // Embed: text rows from the table, image rows (earlier turns' kept, then this turn's from the vision
+        // graph) at the <IMG_CONTEXT> positions.
         let t = Instant::now();
         let ctx_id = self.manifest.tokenizer.img_context_id;
+        let (old_rows, new_rows) = (conv.image_rows.len() / hidden, image_embeds.len() / hidden);
+        ensure!(
+            full.iter().filter(|&&id| id == ctx_id).count() == old_rows + new_rows,
+            "image token count does not match the vision output"
+        );
+        let row = |k: usize| match k.checked_sub(old_rows) {
+            None => &conv.image_rows[k * hidden..(k + 1) * hidden],
+            Some(j) => &image_embeds[j * hidden..(j + 1) * hidden],
+        };
         let mut embeds = Vec::with_capacity(ids.len() * hidden);
-        let mut next_image_row = 0;
+        let mut next_image_row = full[..keep].iter().filter(|&&id| id == ctx_id).count();
         let mut run_start = 0;
         for (i, &id) in ids.iter().enumerate() {
             if id == ctx_id {
                 self.embeddings.lookup_into(&ids[run_start..i], &mut embeds)?;
                 run_start = i + 1;
-                embeds.extend_from_slice(&image_embeds[next_image_row * hidden..(next_image_row + 1) * hidden]);
+                embeds.extend_from_slice(row(next_image_row));
                 next_image_row += 1;
             }
         }
         self.embeddings.lookup_into(&ids[run_start..], &mut embeds)?;
-        ensure!(next_image_row * hidden == image_embeds.len(), "image token count does not match the vision output");
 
         // Prefill. From here on the cache changes: a failure leaves the conversation unusable.
-        conv.pending.clear();
         conv.broken = true;
+        conv.image_rows.extend_from_slice(&image_embeds);
+        conv.tiles.extend(&counts);
+        drop(image_embeds);
+        self.decoder.truncate(&mut conv.cache, keep)?;
+        if keep == 0 {
+            // A call ending at or before LongRoPE's switch point computes its positions with the short factors.
+            conv.short_rope = after.is_some_and(|a| total <= a);
+        }
         let budget = req.max_new_tokens.min(ctx - total);
         self.decoder.reserve(&mut conv.cache, total + budget)?;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
@@ -225,7 +261,9 @@ impl InternVL {
         // Decode.
         let t = Instant::now();
         let mut sampler = Sampler::new(req.sampling.clone());
-        let mut context = ids.clone();
+        let prompt_tokens = ids.len();
+        conv.ids = full.clone();
+        let mut context = full;
         let mut generated = Vec::new();
         let mut stream = StreamDecoder::default();
         let mut started = false;
@@ -247,25 +285,23 @@ impl InternVL {
                 emit(&piece, &mut started, on_text)?;
             }
             if generated.len() == budget {
-                // Not run yet: the next turn feeds it first.
-                conv.pending.push(id);
-                break;
+                break; // not run: the next turn re-tokenises the answer anyway
             }
             let mut row = Vec::with_capacity(hidden);
             self.embeddings.lookup_into(&[id], &mut row)?;
             logits = self.decoder.forward(&row, &mut conv.cache, 1, |_| ())?;
+            conv.ids.push(id);
             steps += 1;
         }
         if let Some(piece) = stream.finish(&self.tokenizer)? {
             emit(&piece, &mut started, on_text)?;
         }
-        conv.turns += 1;
         conv.broken = false;
         let decode_ms = ms(t);
         let text = self.tokenizer.decode(&generated)?.trim().to_string();
         Ok(Output {
             text,
-            prompt_tokens: ids.len(),
+            prompt_tokens,
             generated_tokens: generated.len(),
             token_ids: generated,
             tiles: total_tiles,
@@ -277,7 +313,7 @@ impl InternVL {
                 prefill_ms,
                 first_token_ms,
                 decode_ms,
-                prefill_tokens_per_s: ids.len() as f64 / (prefill_ms / 1e3),
+                prefill_tokens_per_s: prompt_tokens as f64 / (prefill_ms / 1e3),
                 decode_tokens_per_s: steps as f64 / (decode_ms / 1e3),
             },
         })
@@ -288,9 +324,18 @@ impl InternVL {
 /// its own tokens through the decoder.
 pub struct Conversation {
     cache: KvCache,
-    /// Generated but not yet in the cache (the last token of an answer cut by the token budget).
-    pending: Vec<u32>,
-    turns: usize,
+    /// The ids whose keys and values the cache holds, in order.
+    ids: Vec<u32>,
+    /// Image embeddings of every `<IMG_CONTEXT>` position so far, in order: a re-run from an earlier
+    /// position needs them again.
+    image_rows: Vec<f32>,
+    /// Tiles of each image so far, in order.
+    tiles: Vec<usize>,
+    /// Earlier turns as the reference's `history` holds them: question with its `<image>` lines, stripped answer.
+    history: Vec<prompt::Turn>,
+    system: Option<String>,
+    /// LongRoPE: the cache holds positions computed with the short factors.
+    short_rope: bool,
     /// A turn failed after touching the cache.
     broken: bool,
 }

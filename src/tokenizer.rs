@@ -44,26 +44,26 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        self.take(tok, false)
+    }
+
+    /// The text past what was already shown, counted in characters (as text-generation-inference
+    /// does): a decoder can rewrite earlier characters (a run of byte tokens that turns out invalid
+    /// becomes U+FFFD, a leading space goes), and comparing prefixes would then hold everything back
+    /// for good. Waits while the text ends in U+FFFD (an incomplete character), unless `last`.
+    fn take(&mut self, tok: &Tokenizer, last: bool) -> Result<Option<String>> {
+        let shown = tok.decode(&self.ids[self.prefix..self.read])?.chars().count();
         let now = tok.decode(&self.ids[self.prefix..])?;
-        // Some decoders rewrite earlier text (spaces, U+FFFD merges): then wait for a clean extension.
-        let new = now.strip_prefix(before.as_str()).filter(|n| !n.is_empty() && !now.ends_with('\u{FFFD}'));
-        if let Some(new) = new {
-            let piece = new.to_string();
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            Ok(Some(piece))
-        } else {
-            Ok(None)
+        if now.chars().count() <= shown || (!last && now.ends_with('\u{FFFD}')) {
+            return Ok(None);
         }
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(Some(now.chars().skip(shown).collect()))
     }
 
     /// Whatever is still held back at the end (a genuinely invalid sequence, shown as U+FFFD).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = tok.decode(&self.ids[self.prefix..])?;
-        self.prefix = self.ids.len();
-        self.read = self.ids.len();
-        Ok(now.strip_prefix(before.as_str()).filter(|s| !s.is_empty()).map(str::to_string))
+        self.take(tok, true)
     }
 }
