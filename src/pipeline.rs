@@ -243,9 +243,12 @@ impl InternVL {
 
         // Prefill. From here on the cache changes: a failure leaves the conversation unusable.
         conv.broken = true;
-        conv.image_rows.extend_from_slice(&image_embeds);
+        if conv.image_rows.is_empty() {
+            conv.image_rows = image_embeds; // moved, not copied (a one-shot run's only images)
+        } else {
+            conv.image_rows.extend_from_slice(&image_embeds);
+        }
         conv.tiles.extend(&counts);
-        drop(image_embeds);
         self.decoder.truncate(&mut conv.cache, keep)?;
         if keep == 0 {
             // A call ending at or before LongRoPE's switch point computes its positions with the short factors.
