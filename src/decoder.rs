@@ -57,11 +57,6 @@ impl Decoder {
         // The manifest must describe this graph: its names, layer count and input width.
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        ensure!(
-            spec.inputs.long_rope.is_some() == spec.long_rope_after.is_some(),
-            "{}: manifest names a LongRoPE input without its threshold, or the reverse",
-            path.display()
-        );
         let wanted_in = [
             Some(&spec.inputs.inputs_embeds),
             Some(&spec.inputs.attention_mask),
@@ -220,7 +215,7 @@ impl Decoder {
         );
         let end = cache.len + embeds.len() / hidden;
         if self.shared() && end > cache.capacity {
-            self.reserve(cache, end.max(MIN_CAPACITY).min(self.spec.max_context.max(end)))?;
+            self.reserve(cache, end.max(MIN_CAPACITY.min(self.spec.max_context)))?;
         }
         // transformers picks LongRoPE's factor set once per forward call, from its last position: every
         // chunk of this call uses the choice the whole call would get.

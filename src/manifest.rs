@@ -178,6 +178,10 @@ impl Manifest {
         ensure!(v.embed_dim == d.hidden, "vision embed_dim {} != decoder hidden {}", v.embed_dim, d.hidden);
         ensure!(e.hidden == d.hidden, "embedding hidden {} != decoder hidden {}", e.hidden, d.hidden);
         ensure!(e.vocab == d.vocab, "embedding vocab {} != decoder vocab {}", e.vocab, d.vocab);
+        ensure!(
+            d.inputs.long_rope.is_some() == d.long_rope_after.is_some(),
+            "decoder names a LongRoPE input without its threshold, or the reverse"
+        );
         ensure!(t.vocab_size <= d.vocab, "tokenizer has {} ids but the model only {}", t.vocab_size, d.vocab);
         ensure!(
             (1..=MAX_TILES).contains(&self.image.max_tiles),

@@ -265,8 +265,7 @@ impl InternVL {
         let t = Instant::now();
         let mut sampler = Sampler::new(req.sampling.clone());
         let prompt_tokens = ids.len();
-        conv.ids = full.clone();
-        let mut context = full;
+        conv.ids = full; // then every generated token the decoder runs: also the sampler's context
         let mut generated = Vec::new();
         let mut stream = StreamDecoder::default();
         let mut started = false;
@@ -274,7 +273,7 @@ impl InternVL {
         let mut finish_reason = "length";
         let mut steps = 0usize;
         while generated.len() < budget {
-            let id = sampler.next(&mut logits, &context);
+            let id = sampler.next(&mut logits, &conv.ids);
             if generated.is_empty() {
                 first_token_ms = ms(start);
             }
@@ -283,7 +282,6 @@ impl InternVL {
                 break;
             }
             generated.push(id);
-            context.push(id);
             if let Some(piece) = stream.push(&self.tokenizer, id)? {
                 emit(&piece, &mut started, on_text)?;
             }
