@@ -15,7 +15,7 @@ from .common import ExportCheckError
 from .decoder import export_decoder
 from .embed import export_embedding
 from .tokenizer import write_tokenizer
-from .vision import export_vision
+from .vision import export_vision, write_amx_variant
 
 
 def log(msg: str) -> None:
@@ -58,6 +58,12 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         if dtype != "float32":
             quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec,
                             int4_block)
+            # Quantised models already trade exactness for speed; bf16 attention is the same trade (fp32
+            # exports keep fp32 attention). Its drift is measured by `internvl` (README, "AMX attention").
+            amx = write_amx_variant(work / "vision.onnx", vspec)
+            if amx:
+                vision["amx"] = amx
+                log(f"vision-amx.onnx: {amx['attention_layers']} attention layers on the AMX bf16 kernel")
         stop_ids = sorted({manifest.token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],

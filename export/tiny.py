@@ -36,6 +36,13 @@ SHAPES = {
         "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "intermediate_size": 128},
     },
+    # tiny with InternViT's real head size (64): the AMX attention graph is written only for that.
+    "tiny-vit64": {
+        "llm_gain": 4.0,
+        "vision": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256},
+        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 128},
+    },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
     "internvl2_5-1b": {

@@ -1,19 +1,24 @@
 """Quality cost of a quantised model folder against its fp32 export, on a fixed set of prompts and images.
 
-Runs both folders' graphs in ONNX Runtime on the same inputs: the reference preprocessing, the prompt as
+Runs both folders' decoders in ONNX Runtime on the same inputs: the reference preprocessing, the prompt as
 the reference `chat()` builds it, then greedy decoding that follows the fp32 model's choices (teacher
-forcing), so every step compares the two models on the same context. Prints, per dtype: top-1 agreement
-of the next-token choice, and the max / mean absolute logit difference.
+forcing), so every step compares the two models on the same context. The quantised model's image
+embeddings come from `internvl embed` (the vision graph the runtime picks, e.g. the AMX attention
+variant; `--vision-attention onnx` for the portable one). Prints, per dtype: image-embedding cosine and
+relative L2 error against fp32, top-1 agreement of the next-token choice, max / mean absolute logit
+difference.
 
 Usage: .venv/bin/python scripts/quality.py --fp32 models/internvl2_5-1b --quant models/internvl2_5-1b-int8 \\
-           [--images a.png b.jpg] [--steps 32]
+           [--images a.png b.jpg] [--steps 32] [--vision-attention auto|onnx|amx]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,20 @@ class Model:
         return res[0][0], res[1:], n + 1
 
 
+def runtime_embeddings(model: Path, image: Path, attention: str, max_tiles: int) -> np.ndarray:
+    """Image embeddings as the `internvl` binary computes them (same preprocessing as the reference)."""
+    binary = ROOT / "target" / "release" / "internvl"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "embeds.npy"
+        r = subprocess.run([str(binary), "embed", "--model", str(model), "--image", str(image), "--max-tiles",
+                            str(max_tiles), "--out", str(out), "--vision-attention", attention, "--verbose"],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"internvl embed failed: {r.stderr.strip()}")
+        print(f"  {image.name}: {r.stderr.strip()}")
+        return np.load(out)
+
+
 def main() -> None:
     from fixtures import make_image
     from tokenizers import Tokenizer
@@ -75,6 +94,7 @@ def main() -> None:
     ap.add_argument("--quant", required=True, type=Path, nargs="+")
     ap.add_argument("--images", type=Path, nargs="*")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--vision-attention", default="auto", choices=["auto", "onnx", "amx"])
     args = ap.parse_args()
     images = args.images or []
     if not images:
@@ -90,11 +110,14 @@ def main() -> None:
     for qdir in args.quant:
         q = Model(qdir)
         agree = total = 0
-        max_diff, diffs = 0.0, []
+        max_diff, diffs, cos, rel = 0.0, [], 1.0, 0.0
         for image in images:
             pv = load_image(image, input_size=448, max_num=6)
             emb_ref = ref.vision.run(None, {"pixel_values": pv})[0]
-            emb_q = q.vision.run(None, {"pixel_values": pv})[0]
+            emb_q = runtime_embeddings(qdir, image, args.vision_attention, 6)
+            x, y = emb_ref.astype(np.float64), emb_q.astype(np.float64)
+            cos = min(cos, float((x * y).sum() / (np.linalg.norm(x) * np.linalg.norm(y))))
+            rel = max(rel, float(np.linalg.norm(x - y) / np.linalg.norm(x)))
             for prompt in PROMPTS:
                 text = reference_query(tpl, prompt, None, [pv.shape[0]], [], ref.m["vision"]["tokens_per_tile"])
                 ids = tok.encode(text).ids
@@ -106,7 +129,8 @@ def main() -> None:
                     max_diff, diffs = max(max_diff, float(d.max())), [*diffs, float(d.mean())]
                     nxt = int(a.argmax())  # both follow the fp32 choice
                     (a, pa, na), (b, pb, nb) = ref.step(nxt, pa, na), q.step(nxt, pb, nb)
-        print(f"{qdir}: dtype {q.m['dtype']}: top-1 agreement {agree / total:.3f} over {total} steps, "
+        print(f"{qdir}: dtype {q.m['dtype']}: image embeddings cosine {cos:.5f}, relative L2 {rel:.4f}; "
+              f"top-1 agreement {agree / total:.3f} over {total} steps, "
               f"max |logit diff| {max_diff:.3f}, mean |logit diff| {np.mean(diffs):.4f}")
 
 

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod decoder;
 pub mod embed;
 pub mod image;
+pub mod kernels;
 pub mod manifest;
 pub mod npy;
 pub mod pipeline;

@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use internvl::bench::{self, BenchOptions};
 use internvl::decoder::DEFAULT_PREFILL_CHUNK;
 use internvl::image::{load_image, preprocess, tile_images, ImageConfig, MAX_TILES};
+use internvl::manifest::Manifest;
 use internvl::prompt::Turn;
-use internvl::runtime::{Device, RuntimeOptions};
+use internvl::runtime::{Device, RuntimeOptions, VisionAttention};
 use internvl::sampling::SamplingOptions;
 use internvl::{npy, vision, InternVL, Request};
 
@@ -30,6 +31,8 @@ enum Command {
     Chat(ChatArgs),
     /// Write the exact float32 tensor the vision graph receives for an image.
     Preprocess(PreprocessArgs),
+    /// Write an image's embeddings: the vision graph's output, the rows the LLM receives per tile.
+    Embed(EmbedArgs),
     /// Measure load, vision, time to first token, prefill and decode speed, peak memory.
     Bench(BenchArgs),
     /// Print the token ids of a text (one JSON list per input line of --file, or of --text).
@@ -147,6 +150,15 @@ struct RuntimeArgs {
     /// Intra-op threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Vision attention: `auto` = the bf16 AMX kernel where the model folder and CPU allow it.
+    #[arg(long, value_enum, default_value_t = VisionAttention::Auto)]
+    vision_attention: VisionAttention,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> RuntimeOptions {
+        RuntimeOptions { device: self.device, threads: self.threads, vision_attention: self.vision_attention }
+    }
 }
 
 #[derive(Args)]
@@ -165,6 +177,30 @@ struct PreprocessArgs {
     /// Also write each tile as a PNG into this folder.
     #[arg(long)]
     png: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// Model folder written by `python -m export`.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    image: PathBuf,
+    /// Most tiles (1..=40; default from the model).
+    #[arg(long)]
+    max_tiles: Option<u32>,
+    #[arg(long)]
+    exif: bool,
+    /// .npy file to write ([tiles, tokens_per_tile, hidden] float32).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    vision_batch: usize,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Timing and the vision graph used, on stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 fn main() -> ExitCode {
@@ -186,6 +222,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
         Command::Preprocess(a) => preprocess_cmd(a),
+        Command::Embed(a) => embed_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
     };
@@ -214,7 +251,7 @@ impl GenArgs {
             anyhow::ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
         }
         let images = self.image.iter().map(|p| load_image(p, self.exif)).collect::<Result<Vec<_>>>()?;
-        let opts = RuntimeOptions { device: self.rt.device, threads: self.rt.threads };
+        let opts = self.rt.options();
         let model = InternVL::load(&self.model, &opts, progress)?;
         let req = Request {
             images: Vec::new(),
@@ -372,8 +409,31 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
+fn embed_cmd(a: EmbedArgs) -> Result<()> {
+    let m = Manifest::load(&a.model)?;
+    if let Some(n) = a.max_tiles {
+        anyhow::ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
+    }
+    let img = load_image(&a.image, a.exif)?;
+    let cfg = ImageConfig { max_tiles: a.max_tiles.unwrap_or(m.image.max_tiles), ..m.image.clone() };
+    let tiles = preprocess(&img, &cfg)?;
+    let mut encoder = vision::VisionEncoder::load(&m, &a.rt.options())?;
+    let t0 = std::time::Instant::now();
+    let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch, &indicatif::ProgressBar::hidden())?;
+    if a.verbose {
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        eprintln!(
+            "{} tiles through {} in {ms:.0} ms ({:.0} ms/tile)",
+            tiles.count,
+            encoder.file,
+            ms / tiles.count as f64
+        );
+    }
+    npy::write_f32(&a.out, &[tiles.count, m.vision.tokens_per_tile, m.vision.embed_dim], &rows)
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<()> {
-    let rt = RuntimeOptions { device: a.rt.device, threads: a.rt.threads };
+    let rt = a.rt.options();
     let opts = BenchOptions {
         runs: a.runs,
         vision_batch: a.vision_batch,

@@ -43,6 +43,17 @@ pub struct VisionSpec {
     pub image_size: u32,
     pub tokens_per_tile: usize,
     pub embed_dim: usize,
+    /// The same graph with its attention on this crate's AMX kernel (`src/kernels`); written for
+    /// int8 / int4 exports of encoders whose head size the kernel supports.
+    #[serde(default)]
+    pub amx: Option<AmxVariant>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmxVariant {
+    pub file: String,
+    /// `domain::op` of the kernel the graph calls; checked against what this runtime registers.
+    pub op: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,7 +202,11 @@ impl Manifest {
         for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
             ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }
-        for file in [&v.file, &e.file, &d.file, &t.file] {
+        if let Some(amx) = &v.amx {
+            let ours = format!("{}::{}", crate::kernels::DOMAIN, crate::kernels::OP_ATTENTION);
+            ensure!(amx.op == ours, "vision graph {} calls {:?}; this runtime provides {ours:?}", amx.file, amx.op);
+        }
+        for file in [&v.file, &e.file, &d.file, &t.file].into_iter().chain(v.amx.as_ref().map(|a| &a.file)) {
             let p = self.path(file);
             if !p.is_file() {
                 bail!("model folder {} is missing {file}", self.dir.display());

@@ -30,16 +30,28 @@ impl Device {
     }
 }
 
+/// Which attention the vision encoder runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VisionAttention {
+    /// The AMX kernel where the model folder has its graph and the CPU runs it, else ONNX Runtime's.
+    Auto,
+    /// ONNX Runtime's fp32 `MultiHeadAttention` (the portable graph).
+    Onnx,
+    /// This crate's bf16 AMX kernel; an error where it cannot run.
+    Amx,
+}
+
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
     pub device: Device,
     /// Intra-op threads; 0 = one per available core.
     pub threads: usize,
+    pub vision_attention: VisionAttention,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: 0 }
+        Self { device: Device::Cpu, threads: 0, vision_attention: VisionAttention::Auto }
     }
 }
 
@@ -110,6 +122,15 @@ fn find_library() -> Result<PathBuf> {
 /// Opens one graph on the requested device. Asking for a GPU provider that this ONNX Runtime build
 /// does not have is an error, never a silent fallback to CPU.
 pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
+    open(path, opts, false)
+}
+
+/// [`open_session`] for a graph that calls this crate's own kernels ([`crate::kernels`]).
+pub fn open_session_with_kernels(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
+    open(path, opts, true)
+}
+
+fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
     let (_, env) = init(opts.threads)?;
     let what = || format!("opening {}", path.display());
     let mut builder = Session::builder(env)
@@ -118,6 +139,10 @@ pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(ort_err)
         .with_context(what)?;
+    if kernels {
+        let domain = crate::kernels::domain().map_err(ort_err).with_context(what)?;
+        builder = builder.with_operators(domain).map_err(ort_err).with_context(what)?;
+    }
     let provider = match opts.device {
         Device::Cpu => None,
         Device::Cuda => require_provider::<ep::CUDA>(opts.device).map(|()| Some(ep::CUDA::default().build()))?,

@@ -3,13 +3,14 @@
 //! Batching bounds peak memory (activations grow with the batch) while keeping the GEMMs large; the
 //! graph treats every tile independently, so results do not depend on the batch size.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use ort::session::Session;
 use ort::value::TensorRef;
 
+use crate::kernels;
 use crate::manifest::{Manifest, VisionSpec};
-use crate::runtime::{open_session, ort_err, RuntimeOptions};
+use crate::runtime::{open_session, open_session_with_kernels, ort_err, Device, RuntimeOptions, VisionAttention};
 
 /// Default tiles per vision run (see README, "Tile batching"). Measured on the InternVL2.5-1B shape,
 /// int8, 2 threads: 707 / 800 / 880 ms per tile at batch 1 / 2 / 4 (fp32: 2331 at 1, 2433 at 4); one
@@ -19,25 +20,30 @@ pub const DEFAULT_BATCH: usize = 1;
 pub struct VisionEncoder {
     session: Session,
     spec: VisionSpec,
+    /// The graph opened: the portable one or its AMX variant.
+    pub file: String,
 }
 
 impl VisionEncoder {
     pub fn load(m: &Manifest, opts: &RuntimeOptions) -> Result<Self> {
-        let session = open_session(&m.path(&m.vision.file), opts)?;
         let spec = m.vision.clone();
+        let file = graph_file(m, opts)?;
+        let session = if file == spec.file {
+            open_session(&m.path(&file), opts)?
+        } else {
+            open_session_with_kernels(&m.path(&file), opts)?
+        };
         ensure!(
             session.inputs().iter().any(|i| i.name() == spec.input),
-            "{}: no input named {:?} (manifest from another model?)",
-            m.vision.file,
+            "{file}: no input named {:?} (manifest from another model?)",
             spec.input
         );
         ensure!(
             session.outputs().iter().any(|o| o.name() == spec.output),
-            "{}: no output named {:?} (manifest from another model?)",
-            m.vision.file,
+            "{file}: no output named {:?} (manifest from another model?)",
             spec.output
         );
-        Ok(Self { session, spec })
+        Ok(Self { session, spec, file })
     }
 
     /// `pixels` is `[tiles, 3, size, size]`; returns `[tiles, tokens_per_tile, embed_dim]` row-major.
@@ -68,5 +74,30 @@ impl VisionEncoder {
             progress.inc(n as u64);
         }
         Ok(out)
+    }
+}
+
+/// The graph to open: the AMX variant when `opts` asks for it (or leaves it to us) and it can run here.
+fn graph_file(m: &Manifest, opts: &RuntimeOptions) -> Result<String> {
+    match (opts.vision_attention, amx_unusable(m, opts), &m.vision.amx) {
+        (VisionAttention::Amx, Some(why), _) => bail!("--vision-attention amx: {why}"),
+        (VisionAttention::Amx | VisionAttention::Auto, None, Some(amx)) => Ok(amx.file.clone()),
+        _ => Ok(m.vision.file.clone()),
+    }
+}
+
+/// Why the AMX graph cannot run here, if it cannot.
+fn amx_unusable(m: &Manifest, opts: &RuntimeOptions) -> Option<String> {
+    if opts.device != Device::Cpu {
+        Some(format!("the AMX kernel runs on the CPU and --device is {}", opts.device.name()))
+    } else if m.vision.amx.is_none() {
+        Some(format!(
+            "{} has no AMX vision graph (written by int8 / int4 exports of encoders with 64-wide heads)",
+            m.dir.display()
+        ))
+    } else if !kernels::amx_available() {
+        Some("this CPU or OS has no AMX-BF16 tiles".into())
+    } else {
+        None
     }
 }

@@ -302,9 +302,12 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A copy of the model folder (large files linked, not copied) to break in one way.
 fn model_copy(name: &str) -> PathBuf {
-    let src = fixtures().join("model");
+    folder_copy(&fixtures().join("model"), name)
+}
+
+fn folder_copy(src: &Path, name: &str) -> PathBuf {
     let dst = tmp(name);
-    for e in std::fs::read_dir(&src).unwrap() {
+    for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
         std::os::unix::fs::symlink(e.path(), dst.join(e.file_name())).unwrap();
     }
@@ -536,4 +539,65 @@ fn kv_cache_growth_keeps_logits_exact() {
     assert_eq!(grown.len, 352);
     assert_eq!(got, want, "logits after cache growth differ");
     assert!(want[2] != want[3], "decode steps gave identical logits: the test would not see a stale cache");
+}
+
+/// int8 export with 64-wide vision heads: it has `vision-amx.onnx` beside `vision.onnx`.
+fn amx_model() -> PathBuf {
+    fixtures().join("models/qwen2-vit64-int8")
+}
+
+fn embed(model: &Path, attention: &str, out: &Path) -> Output {
+    let img = fixtures().join("images/1600x1000_5.png");
+    let args = ["embed", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap(), "--max-tiles", "6"];
+    let out_args = ["--out", out.to_str().unwrap(), "--vision-attention", attention, "--verbose"];
+    bin().args(args).args(out_args).output().unwrap()
+}
+
+#[test]
+fn amx_vision_attention_agrees_with_onnx_runtime() {
+    let dir = tmp("amx-embed");
+    let onnx = embed(&amx_model(), "onnx", &dir.join("onnx.npy"));
+    assert!(onnx.status.success(), "{}", stderr(&onnx));
+    assert!(stderr(&onnx).contains("through vision.onnx"), "{}", stderr(&onnx));
+    let auto = embed(&amx_model(), "auto", &dir.join("auto.npy"));
+    assert!(auto.status.success(), "{}", stderr(&auto));
+    if !internvl::kernels::amx_available() {
+        // Off AMX hardware the portable graph runs, and asking for the kernel is a clean error.
+        assert!(stderr(&auto).contains("through vision.onnx"), "{}", stderr(&auto));
+        assert_clean_error(&embed(&amx_model(), "amx", &dir.join("amx.npy")), "no AMX-BF16");
+        return;
+    }
+    assert!(stderr(&auto).contains("through vision-amx.onnx"), "auto must pick the AMX graph: {}", stderr(&auto));
+    let (shape_a, a) = internvl::npy::read_f32(&dir.join("onnx.npy")).unwrap();
+    let (shape_b, b) = internvl::npy::read_f32(&dir.join("auto.npy")).unwrap();
+    assert_eq!(shape_a, shape_b);
+    assert_eq!(shape_a[0], 7, "6 tiles + thumbnail");
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    let cosine = dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt();
+    let diff: Vec<f32> = a.iter().zip(&b).map(|(p, q)| p - q).collect();
+    let rel_l2 = (dot(&diff, &diff) / dot(&a, &a)).sqrt();
+    // bf16 attention vs fp32 (same int8 weights), measured: cosine 0.99999 / rel. L2 0.5% here, 0.99995 /
+    // 1.0% on the InternVL2.5-1B shape; a head or layout mix-up gives cosine far below 0.99.
+    assert!(cosine > 0.9995 && rel_l2 < 0.02, "cosine {cosine}, relative L2 {rel_l2}");
+    assert!(rel_l2 > 0.0, "identical output: the AMX kernel did not run");
+    // And the whole pipeline answers with it.
+    let img = fixtures().join("images/448x448_1.png");
+    let out = run_model(&amx_model(), Some(&img), &["--max-new-tokens", "4", "--vision-attention", "amx"]);
+    assert!(out.status.success() && !out.stdout.is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn amx_graph_refused_where_it_cannot_run() {
+    let img = fixtures().join("images/448x448_1.png");
+    // fp32 exports keep fp32 attention: no AMX graph.
+    let out = run_model(&fixtures().join("model"), Some(&img), &["--vision-attention", "amx"]);
+    assert_clean_error(&out, "no AMX vision graph");
+    let out = run_model(&amx_model(), Some(&img), &["--vision-attention", "amx", "--device", "cuda"]);
+    assert_clean_error(&out, "cuda");
+    let m = folder_copy(&amx_model(), "amx-missing");
+    std::fs::remove_file(m.join("vision-amx.onnx")).unwrap();
+    assert_clean_error(&run_model(&m, Some(&img), &[]), "vision-amx.onnx");
+    let m = folder_copy(&amx_model(), "amx-other-op");
+    edit_manifest(&m, |v| v["vision"]["amx"]["op"] = "ai.other::Attention".into());
+    assert_clean_error(&run_model(&m, Some(&img), &[]), "ai.other::Attention");
 }

@@ -199,6 +199,7 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
     m = json.loads((out / "manifest.json").read_text())
     assert m["dtype"] == dtype and m["decoder"]["dtype"] == dtype and m["vision"]["dtype"] == "int8"
     assert m["vision"]["quantization"]["cosine_vs_fp32"] > 0.99
+    assert "amx" not in m["vision"]  # head size 16: the AMX kernel's layout does not fit
     fp32_bytes = (fixtures / "model" / "decoder.onnx.data").stat().st_size
     assert (out / "decoder.onnx.data").stat().st_size < fp32_bytes / (3 if dtype == "int8" else 5)
     binary = ROOT / "target" / "release" / "internvl"
@@ -207,3 +208,30 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
                          check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["generated_tokens"] == 8
+
+
+def test_amx_vision_graph_is_the_quantized_graph_with_its_attention_swapped(fixtures):
+    """vision-amx.onnx (int8 export, 64-wide heads): every MultiHeadAttention, and nothing else, replaced
+    by the runtime's kernel; weights shared with vision.onnx. Its numbers are checked in tests/e2e.rs."""
+    import onnx
+
+    folder = fixtures / "models" / "qwen2-vit64-int8"
+    v = json.loads((folder / "manifest.json").read_text())["vision"]
+    assert v["amx"] == {"file": "vision-amx.onnx", "op": "ai.internvl::AmxAttention", "precision": "bf16",
+                        "attention_layers": 2}
+    base = onnx.load(str(folder / v["file"]), load_external_data=False)
+    amx = onnx.load(str(folder / v["amx"]["file"]), load_external_data=False)
+    assert len(base.graph.node) == len(amx.graph.node)
+    swapped = 0
+    for a, b in zip(base.graph.node, amx.graph.node):
+        if (a.domain, a.op_type) == ("com.microsoft", "MultiHeadAttention"):
+            assert (b.domain, b.op_type) == ("ai.internvl", "AmxAttention")
+            swapped += 1
+            a.domain, a.op_type = b.domain, b.op_type
+        assert a == b
+    assert swapped == 2
+    assert {(o.domain, o.version) for o in amx.opset_import} >= {("ai.internvl", 1)}
+    locations = {e.value for t in amx.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"vision.onnx.data"}
+    assert not list(folder.glob("vision-amx.onnx.data"))
+
