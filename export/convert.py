@@ -10,12 +10,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import checkpoint, manifest, quantize, templates
+from . import amx, checkpoint, manifest, quantize, templates
 from .common import ExportCheckError
 from .decoder import export_decoder
 from .embed import export_embedding
 from .tokenizer import write_tokenizer
-from .vision import export_vision, write_amx_variant
+from .vision import export_vision, layers_run
 
 
 def log(msg: str) -> None:
@@ -58,12 +58,13 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         if dtype != "float32":
             quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec,
                             int4_block)
-            # Quantised models already trade exactness for speed; bf16 attention is the same trade (fp32
-            # exports keep fp32 attention). Its drift is measured by `internvl` (README, "AMX attention").
-            amx = write_amx_variant(work / "vision.onnx", vspec)
-            if amx:
-                vision["amx"] = amx
-                log(f"vision-amx.onnx: {amx['attention_layers']} attention layers on the AMX bf16 kernel")
+            for entry, graph, head_dim, layers in (
+                    (vision, "vision.onnx", vspec.hidden // vspec.heads, layers_run(vspec)),
+                    (decoder, "decoder.onnx", lspec.head_dim, lspec.layers)):
+                variant = amx.write_variant(work / graph, head_dim, layers)
+                if variant:
+                    entry["amx"] = variant
+                    log(f"{variant['file']}: {layers} attention layers on the runtime's AMX kernel")
         stop_ids = sorted({manifest.token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],

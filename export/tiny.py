@@ -36,12 +36,12 @@ SHAPES = {
         "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "intermediate_size": 128},
     },
-    # tiny with InternViT's real head size (64): the AMX attention graph is written only for that.
-    "tiny-vit64": {
+    # tiny with the real head size (64) in both towers: the AMX attention graphs are written only for that.
+    "tiny-amx": {
         "llm_gain": 4.0,
         "vision": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256},
-        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 128},
+        "text": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                 "intermediate_size": 256},
     },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.

@@ -159,33 +159,3 @@ def export_vision(spec: VisionSpec, weights: dict, out: Path, reference=None, se
         "ps_version": spec.ps_version, "select_layer": spec.select_layer,
     }
 
-
-AMX_DOMAIN = "ai.internvl"
-AMX_OP = "AmxAttention"
-AMX_HEAD_DIM = 64
-
-
-def write_amx_variant(vision_path: Path, spec: VisionSpec) -> dict | None:
-    """`vision-amx.onnx`: the same graph with each `MultiHeadAttention` replaced by the runtime's bf16 AMX
-    kernel (src/kernels), sharing `vision.onnx.data`, so the weights are stored once. The runtime opens it
-    on CPUs with AMX-BF16 and keeps the portable graph elsewhere; ONNX Runtime alone cannot run it, so
-    its check is the runtime's (tests/e2e.rs). None when the kernel's layout does not fit (head size)."""
-    import onnx
-
-    if spec.hidden // spec.heads != AMX_HEAD_DIM:
-        return None
-    model = onnx.load(str(vision_path), load_external_data=False)
-    replaced = 0
-    for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.op_type == "MultiHeadAttention":
-            attrs = {a.name for a in node.attribute}
-            if len(node.input) != 3 or attrs - {"num_heads", "scale"}:
-                return None
-            node.domain, node.op_type = AMX_DOMAIN, AMX_OP
-            replaced += 1
-    if replaced != layers_run(spec):
-        return None
-    model.opset_import.append(onnx.helper.make_opsetid(AMX_DOMAIN, 1))
-    out = vision_path.with_name("vision-amx.onnx")
-    onnx.save_model(model, str(out))  # initializers keep pointing at vision.onnx.data
-    return {"file": out.name, "op": f"{AMX_DOMAIN}::{AMX_OP}", "precision": "bf16", "attention_layers": replaced}

@@ -199,7 +199,8 @@ FIGURES = [  # key, label, higher is better
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--model", required=True, type=Path, action="append", help="model folder(s) to bench")
+    ap.add_argument("--model", required=True, action="append",
+                    help="model folder(s) to bench; DIR@onnx / DIR@amx passes --attention onnx / amx (default auto)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -211,12 +212,16 @@ def main() -> None:
     print("machine:", ", ".join(f"{k} {v:.0f}" for k, v in limits.items()), flush=True)
     results = {"limits": limits}
     ours_cols = []
-    for model in args.model:
+    for spec in args.model:
+        folder, _, attention = spec.partition("@")
+        model = Path(folder)
         cmd = [str(ROOT / "target/release/internvl"), "bench", "--model", str(model), "--runs", str(args.runs),
-               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--json"]
+               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--json",
+               "--attention", attention or "auto"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[f"internvl {model.name}"] = json.loads(out)
-        ours_cols.append(f"internvl {model.name}")
+        key = f"internvl {model.name}" + (f"@{attention}" if attention else "")
+        results[key] = json.loads(out)
+        ours_cols.append(key)
         print(f"internvl bench {model} done", flush=True)
     # Each PyTorch precision in its own process so peak RSS is its own.
     for name in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
@@ -231,7 +236,7 @@ def main() -> None:
     cols = [k for k in ("pytorch_fp32", "pytorch_bf16") if k in results]
     for ours_key in ours_cols:
         ours = results[ours_key]
-        print(f"\n{ours_key} (ratios > 1: internvl is faster)")
+        print(f"\n{ours_key}, graphs {', '.join(ours['graphs'])} (ratios > 1: internvl is faster)")
         print(f"{'figure (median)':<36}{'internvl':>11}" + "".join(f"{c.replace('pytorch_', 'PT '):>11}" for c in cols)
               + "".join(f"{'vs ' + c.replace('pytorch_', 'PT '):>12}" for c in cols))
         for key, label, higher in FIGURES:

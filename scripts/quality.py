@@ -1,15 +1,14 @@
 """Quality cost of a quantised model folder against its fp32 export, on a fixed set of prompts and images.
 
-Runs both folders' decoders in ONNX Runtime on the same inputs: the reference preprocessing, the prompt as
-the reference `chat()` builds it, then greedy decoding that follows the fp32 model's choices (teacher
-forcing), so every step compares the two models on the same context. The quantised model's image
-embeddings come from `internvl embed` (the vision graph the runtime picks, e.g. the AMX attention
-variant; `--vision-attention onnx` for the portable one). Prints, per dtype: image-embedding cosine and
-relative L2 error against fp32, top-1 agreement of the next-token choice, max / mean absolute logit
-difference.
+The fp32 folder runs in ONNX Runtime from Python: the reference preprocessing, the prompt as the reference
+`chat()` builds it, greedy decoding. The quantised folder runs in the `internvl` binary as users run it
+(with the graphs it picks, e.g. the AMX attention variants; `--attention onnx` for the portable ones),
+teacher-forced with the fp32 model's answer (`run --force-tokens`), so every step compares the two on the
+same context. Prints, per folder: image-embedding cosine and relative L2 error against fp32 (`internvl
+embed`), top-1 agreement of the next-token choice, max / mean absolute logit difference.
 
 Usage: .venv/bin/python scripts/quality.py --fp32 models/internvl2_5-1b --quant models/internvl2_5-1b-int8 \\
-           [--images a.png b.jpg] [--steps 32] [--vision-attention auto|onnx|amx]
+           [--images a.png b.jpg] [--steps 32] [--attention auto|onnx|amx]
 """
 
 from __future__ import annotations
@@ -77,11 +76,25 @@ def runtime_embeddings(model: Path, image: Path, attention: str, max_tiles: int)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "embeds.npy"
         r = subprocess.run([str(binary), "embed", "--model", str(model), "--image", str(image), "--max-tiles",
-                            str(max_tiles), "--out", str(out), "--vision-attention", attention, "--verbose"],
+                            str(max_tiles), "--out", str(out), "--attention", attention, "--verbose"],
                            capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise SystemExit(f"internvl embed failed: {r.stderr.strip()}")
         print(f"  {image.name}: {r.stderr.strip()}")
+        return np.load(out)
+
+
+def runtime_logits(model: Path, image: Path, prompt: str, tokens: list[int], attention: str) -> np.ndarray:
+    """The binary's logits before each of `tokens`, fed one by one after the prompt about `image`."""
+    binary = ROOT / "target" / "release" / "internvl"
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, out = Path(tmp) / "ids.json", Path(tmp) / "logits.npy"
+        ids.write_text(json.dumps(tokens))
+        r = subprocess.run([str(binary), "run", "--model", str(model), "--image", str(image), "--max-tiles", "6",
+                            "--prompt", prompt, "--force-tokens", str(ids), "--logits-out", str(out), "--json",
+                            "--attention", attention], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"internvl run failed: {r.stderr.strip()}")
         return np.load(out)
 
 
@@ -94,7 +107,7 @@ def main() -> None:
     ap.add_argument("--quant", required=True, type=Path, nargs="+")
     ap.add_argument("--images", type=Path, nargs="*")
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--vision-attention", default="auto", choices=["auto", "onnx", "amx"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "onnx", "amx"])
     args = ap.parse_args()
     images = args.images or []
     if not images:
@@ -108,28 +121,31 @@ def main() -> None:
     tok = Tokenizer.from_file(str(args.fp32 / "tokenizer.json"))
     tpl = ref.m["template"]
     for qdir in args.quant:
-        q = Model(qdir)
+        q = json.loads((qdir / "manifest.json").read_text())
         agree = total = 0
         max_diff, diffs, cos, rel = 0.0, [], 1.0, 0.0
         for image in images:
             pv = load_image(image, input_size=448, max_num=6)
             emb_ref = ref.vision.run(None, {"pixel_values": pv})[0]
-            emb_q = runtime_embeddings(qdir, image, args.vision_attention, 6)
+            emb_q = runtime_embeddings(qdir, image, args.attention, 6)
             x, y = emb_ref.astype(np.float64), emb_q.astype(np.float64)
             cos = min(cos, float((x * y).sum() / (np.linalg.norm(x) * np.linalg.norm(y))))
             rel = max(rel, float(np.linalg.norm(x - y) / np.linalg.norm(x)))
             for prompt in PROMPTS:
                 text = reference_query(tpl, prompt, None, [pv.shape[0]], [], ref.m["vision"]["tokens_per_tile"])
-                ids = tok.encode(text).ids
-                (a, pa, na), (b, pb, nb) = ref.prefill(ids, emb_ref), q.prefill(ids, emb_q)
+                a, pa, na = ref.prefill(tok.encode(text).ids, emb_ref)
+                want, tokens = [], []
                 for _ in range(args.steps):
+                    want.append(a)
+                    tokens.append(int(a.argmax()))
+                    a, pa, na = ref.step(tokens[-1], pa, na)
+                got = runtime_logits(qdir, image, prompt, tokens, args.attention)
+                for a, b in zip(want, got, strict=True):
                     agree += int(a.argmax() == b.argmax())
                     total += 1
                     d = np.abs(a.astype(np.float64) - b)
                     max_diff, diffs = max(max_diff, float(d.max())), [*diffs, float(d.mean())]
-                    nxt = int(a.argmax())  # both follow the fp32 choice
-                    (a, pa, na), (b, pb, nb) = ref.step(nxt, pa, na), q.step(nxt, pb, nb)
-        print(f"{qdir}: dtype {q.m['dtype']}: image embeddings cosine {cos:.5f}, relative L2 {rel:.4f}; "
+        print(f"{qdir}: dtype {q['dtype']}: image embeddings cosine {cos:.5f}, relative L2 {rel:.4f}; "
               f"top-1 agreement {agree / total:.3f} over {total} steps, "
               f"max |logit diff| {max_diff:.3f}, mean |logit diff| {np.mean(diffs):.4f}")
 

@@ -44,6 +44,8 @@ impl Stat {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// The vision and decoder graphs that ran (`--attention` picks between portable and AMX ones).
+    pub graphs: [String; 2],
     pub device: String,
     pub threads: usize,
     pub runs: usize,
@@ -150,6 +152,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         vision_batch: o.vision_batch,
         prefill_chunk: o.prefill_chunk,
         ignore_stop: true,
+        forced: None,
     };
     // Time to first token: 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7 tiles.
     let one = request(vec![synthetic_image(448, 448)], "Describe the image.", 1);
@@ -203,6 +206,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
 
     Ok(BenchReport {
         model: dir.display().to_string(),
+        graphs: model.graph_files().map(String::from),
         device: rt.device.name().to_string(),
         threads,
         runs: o.runs,

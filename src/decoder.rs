@@ -13,7 +13,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor};
 
 use crate::manifest::{layer_name, Attention, DecoderSpec, Manifest};
-use crate::runtime::{open_session, ort_err, RuntimeOptions};
+use crate::runtime::{open_graph, ort_err, RuntimeOptions};
 
 /// Default prompt positions per prefill run. Measured on the InternVL2.5-1B shape, int8, 2 threads, a
 /// 1844-token prompt: chunks of 128 / 256 / 512 / 1024 / 2048 prefill at 997 / 1052 / 957 / 675 / 487
@@ -23,6 +23,8 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 pub struct Decoder {
     session: Session,
     pub spec: DecoderSpec,
+    /// The graph opened: the portable one or its AMX variant.
+    pub file: String,
     past_names: Vec<String>,
     present_names: Vec<String>,
 }
@@ -43,9 +45,9 @@ pub struct KvCache {
 
 impl Decoder {
     pub fn load(m: &Manifest, opts: &RuntimeOptions) -> Result<Self> {
-        let path = m.path(&m.decoder.file);
-        let session = open_session(&path, opts)?;
         let spec = m.decoder.clone();
+        let (session, file) = open_graph(m, &spec.file, spec.amx.as_ref(), opts)?;
+        let path = m.path(&file);
         let mut past_names = Vec::new();
         let mut present_names = Vec::new();
         for l in 0..spec.layers {
@@ -96,7 +98,7 @@ impl Decoder {
                 spec.hidden
             );
         }
-        Ok(Self { session, spec, past_names, present_names })
+        Ok(Self { session, spec, file, past_names, present_names })
     }
 
     pub fn empty_cache(&self) -> Result<KvCache> {

@@ -12,7 +12,7 @@ use internvl::decoder::DEFAULT_PREFILL_CHUNK;
 use internvl::image::{load_image, preprocess, tile_images, ImageConfig, MAX_TILES};
 use internvl::manifest::Manifest;
 use internvl::prompt::Turn;
-use internvl::runtime::{Device, RuntimeOptions, VisionAttention};
+use internvl::runtime::{AttentionKernels, Device, RuntimeOptions};
 use internvl::sampling::SamplingOptions;
 use internvl::{npy, vision, InternVL, Request};
 
@@ -135,6 +135,12 @@ struct RunArgs {
     /// Print one JSON object (text, token ids, counts, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Teacher forcing: answer with these token ids (a JSON list) instead of sampling.
+    #[arg(long)]
+    force_tokens: Option<PathBuf>,
+    /// With --force-tokens: write the logits before each forced id to this .npy ([ids, vocab] float32).
+    #[arg(long, requires = "force_tokens")]
+    logits_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -150,14 +156,14 @@ struct RuntimeArgs {
     /// Intra-op threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Vision attention: `auto` = the bf16 AMX kernel where the model folder and CPU allow it.
-    #[arg(long, value_enum, default_value_t = VisionAttention::Auto)]
-    vision_attention: VisionAttention,
+    /// Attention kernels: `auto` = this crate's AMX ones where the model folder and the CPU allow it.
+    #[arg(long, value_enum, default_value_t = AttentionKernels::Auto)]
+    attention: AttentionKernels,
 }
 
 impl RuntimeArgs {
     fn options(&self) -> RuntimeOptions {
-        RuntimeOptions { device: self.device, threads: self.threads, vision_attention: self.vision_attention }
+        RuntimeOptions { device: self.device, threads: self.threads, attention: self.attention }
     }
 }
 
@@ -264,6 +270,7 @@ impl GenArgs {
             vision_batch: self.vision_batch,
             prefill_chunk: self.prefill_chunk,
             ignore_stop: false,
+            forced: None,
         };
         Ok((model, images, req))
     }
@@ -299,11 +306,28 @@ fn run(a: RunArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
+    let forced = match &a.force_tokens {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let ids = serde_json::from_str::<Vec<u32>>(&text)
+                .with_context(|| format!("--force-tokens {}: expected a JSON list of token ids", p.display()))?;
+            anyhow::ensure!(!ids.is_empty(), "--force-tokens {}: no ids", p.display());
+            Some(ids)
+        }
+        None => None,
+    };
     let progress = std::io::stderr().is_terminal() && !a.json;
     let (mut model, images, mut req) = a.gen.load(progress)?;
+    if let Some(ids) = &forced {
+        let vocab = model.manifest.decoder.vocab;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            anyhow::bail!("--force-tokens: id {bad} outside the vocabulary ({vocab})");
+        }
+    }
     req.images = images;
     req.prompt = a.prompt;
     req.history = history;
+    req.forced = forced;
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let out = model.generate(&req, &mut |piece| {
@@ -320,6 +344,10 @@ fn run(a: RunArgs) -> Result<()> {
     }
     if a.gen.verbose {
         print_timings(&out);
+    }
+    if let Some(path) = &a.logits_out {
+        let vocab = model.manifest.decoder.vocab;
+        npy::write_f32(path, &[out.logits.len(), vocab], &out.logits.concat())?;
     }
     Ok(())
 }
@@ -449,7 +477,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let row = |name: &str, s: &bench::Stat, unit: &str| {
         println!("{name:<34} {:>10.2} {:>10.2} {:>10.2}  {unit}", s.median, s.min, s.max);
     };
-    println!("{} on {} ({} threads), {} runs", r.model, r.device, r.threads, r.runs);
+    println!("{} ({}) on {} ({} threads), {} runs", r.model, r.graphs.join(", "), r.device, r.threads, r.runs);
     println!("{:<34} {:>10} {:>10} {:>10}", "", "median", "min", "max");
     row("model load", &r.load_ms, "ms");
     row("vision, batch 1", &r.vision_ms_per_tile_batch1, "ms/tile");

@@ -43,12 +43,13 @@ pub struct VisionSpec {
     pub image_size: u32,
     pub tokens_per_tile: usize,
     pub embed_dim: usize,
-    /// The same graph with its attention on this crate's AMX kernel (`src/kernels`); written for
-    /// int8 / int4 exports of encoders whose head size the kernel supports.
+    /// The same graph with its attention on this crate's AMX kernel (`src/kernels`).
     #[serde(default)]
     pub amx: Option<AmxVariant>,
 }
 
+/// A graph's variant that calls this crate's AMX attention kernel (`export/amx.py`); written for int8 /
+/// int4 exports whose head size the kernel supports.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmxVariant {
     pub file: String,
@@ -83,6 +84,9 @@ pub struct DecoderSpec {
     pub long_rope_after: Option<usize>,
     pub inputs: DecoderInputs,
     pub outputs: DecoderOutputs,
+    /// The same graph with its attention on this crate's AMX kernel (`src/kernels`).
+    #[serde(default)]
+    pub amx: Option<AmxVariant>,
 }
 
 /// `GroupQueryAttention`: ONNX Runtime's fused kernel, which can append to a preallocated cache in place.
@@ -202,11 +206,14 @@ impl Manifest {
         for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
             ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }
-        if let Some(amx) = &v.amx {
-            let ours = format!("{}::{}", crate::kernels::DOMAIN, crate::kernels::OP_ATTENTION);
-            ensure!(amx.op == ours, "vision graph {} calls {:?}; this runtime provides {ours:?}", amx.file, amx.op);
+        for (variant, op) in [(&v.amx, crate::kernels::OP_ATTENTION), (&d.amx, crate::kernels::OP_GQA)] {
+            if let Some(amx) = variant {
+                let ours = format!("{}::{op}", crate::kernels::DOMAIN);
+                ensure!(amx.op == ours, "graph {} calls {:?}; this runtime provides {ours:?}", amx.file, amx.op);
+            }
         }
-        for file in [&v.file, &e.file, &d.file, &t.file].into_iter().chain(v.amx.as_ref().map(|a| &a.file)) {
+        let variants = [&v.amx, &d.amx].into_iter().flatten().map(|a| &a.file);
+        for file in [&v.file, &e.file, &d.file, &t.file].into_iter().chain(variants) {
             let p = self.path(file);
             if !p.is_file() {
                 bail!("model folder {} is missing {file}", self.dir.display());

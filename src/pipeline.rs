@@ -45,6 +45,9 @@ pub struct Request {
     pub prefill_chunk: usize,
     /// Keep decoding past end-of-turn tokens (benchmarks measure a fixed number of steps).
     pub ignore_stop: bool,
+    /// Teacher forcing: answer with exactly these ids instead of sampling (stop tokens included), and
+    /// return the logits each one follows (`Output::logits`): how `scripts/quality.py` scores a model.
+    pub forced: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +72,9 @@ pub struct Output {
     /// "stop" (end-of-turn / eos token) or "length" (max new tokens or context full).
     pub finish_reason: &'static str,
     pub timings: Timings,
+    /// With `Request::forced`: the logits before each forced id (`[ids, vocab]`).
+    #[serde(skip)]
+    pub logits: Vec<Vec<f32>>,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -118,6 +124,11 @@ impl InternVL {
             prompt::render(&self.manifest.template, &req.history, &req.prompt, req.system.as_deref(), req.images.len());
         let mut conv = self.new_conversation()?;
         self.turn(&mut conv, &text, &req.images, req, on_text)
+    }
+
+    /// The vision and decoder graph files opened (portable or AMX variants).
+    pub fn graph_files(&self) -> [&str; 2] {
+        [&self.vision.file, &self.decoder.file]
     }
 
     /// The LLM stage on its own (benchmarks time decode steps at a chosen context).
@@ -254,7 +265,7 @@ impl InternVL {
             // A call ending at or before LongRoPE's switch point computes its positions with the short factors.
             conv.short_rope = after.is_some_and(|a| total <= a);
         }
-        let budget = req.max_new_tokens.min(ctx - total);
+        let budget = req.forced.as_ref().map_or(req.max_new_tokens, Vec::len).min(ctx - total);
         self.decoder.reserve(&mut conv.cache, total + budget)?;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
@@ -272,12 +283,19 @@ impl InternVL {
         let mut first_token_ms = 0.0;
         let mut finish_reason = "length";
         let mut steps = 0usize;
+        let mut forced_logits = Vec::new();
         while generated.len() < budget {
-            let id = sampler.next(&mut logits, &conv.ids);
+            let id = match &req.forced {
+                Some(ids) => {
+                    forced_logits.push(logits.clone());
+                    ids[generated.len()]
+                }
+                None => sampler.next(&mut logits, &conv.ids),
+            };
             if generated.is_empty() {
                 first_token_ms = ms(start);
             }
-            if !req.ignore_stop && self.manifest.tokenizer.stop_ids.contains(&id) {
+            if !req.ignore_stop && req.forced.is_none() && self.manifest.tokenizer.stop_ids.contains(&id) {
                 finish_reason = "stop";
                 break;
             }
@@ -307,6 +325,7 @@ impl InternVL {
             token_ids: generated,
             tiles: total_tiles,
             finish_reason,
+            logits: forced_logits,
             timings: Timings {
                 load_ms: self.load_ms,
                 preprocess_ms,

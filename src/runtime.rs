@@ -10,6 +10,9 @@ use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 
+use crate::kernels;
+use crate::manifest::{AmxVariant, Manifest};
+
 /// The ONNX Runtime release the graphs and this binary are built for.
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 
@@ -30,14 +33,15 @@ impl Device {
     }
 }
 
-/// Which attention the vision encoder runs.
+/// Whose attention kernels the graphs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum VisionAttention {
-    /// The AMX kernel where the model folder has its graph and the CPU runs it, else ONNX Runtime's.
+pub enum AttentionKernels {
+    /// This crate's AMX kernels where the model folder has their graphs and the CPU runs them, else
+    /// ONNX Runtime's.
     Auto,
-    /// ONNX Runtime's fp32 `MultiHeadAttention` (the portable graph).
+    /// ONNX Runtime's (`MultiHeadAttention`, `GroupQueryAttention`): the portable graphs.
     Onnx,
-    /// This crate's bf16 AMX kernel; an error where it cannot run.
+    /// This crate's AMX kernels ([`crate::kernels`]); an error where they cannot run.
     Amx,
 }
 
@@ -46,12 +50,12 @@ pub struct RuntimeOptions {
     pub device: Device,
     /// Intra-op threads; 0 = one per available core.
     pub threads: usize,
-    pub vision_attention: VisionAttention,
+    pub attention: AttentionKernels,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: 0, vision_attention: VisionAttention::Auto }
+        Self { device: Device::Cpu, threads: 0, attention: AttentionKernels::Auto }
     }
 }
 
@@ -125,9 +129,33 @@ pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
     open(path, opts, false)
 }
 
-/// [`open_session`] for a graph that calls this crate's own kernels ([`crate::kernels`]).
-pub fn open_session_with_kernels(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
-    open(path, opts, true)
+/// Opens a stage's graph, `file`, or its AMX variant when `opts.attention` asks for it (or leaves it
+/// to us) and it can run here. Returns the session and the file it opened.
+pub fn open_graph(
+    m: &Manifest,
+    file: &str,
+    amx: Option<&AmxVariant>,
+    opts: &RuntimeOptions,
+) -> Result<(Session, String)> {
+    let why_not = if opts.device != Device::Cpu {
+        Some(format!("the AMX kernels run on the CPU and --device is {}", opts.device.name()))
+    } else if amx.is_none() {
+        Some(format!(
+            "{} has no AMX variant of {file} (written by int8 / int4 exports with 64-wide attention heads)",
+            m.dir.display()
+        ))
+    } else if !kernels::amx_available() {
+        Some("this CPU or OS has no AMX-BF16 tiles".into())
+    } else {
+        None
+    };
+    match (opts.attention, why_not, amx) {
+        (AttentionKernels::Amx, Some(why), _) => bail!("--attention amx: {why}"),
+        (AttentionKernels::Amx | AttentionKernels::Auto, None, Some(amx)) => {
+            Ok((open(&m.path(&amx.file), opts, true)?, amx.file.clone()))
+        }
+        _ => Ok((open(&m.path(file), opts, false)?, file.to_string())),
+    }
 }
 
 fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
@@ -140,7 +168,7 @@ fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
         .map_err(ort_err)
         .with_context(what)?;
     if kernels {
-        let domain = crate::kernels::domain().map_err(ort_err).with_context(what)?;
+        let domain = kernels::domain().map_err(ort_err).with_context(what)?;
         builder = builder.with_operators(domain).map_err(ort_err).with_context(what)?;
     }
     let provider = match opts.device {

@@ -3,14 +3,13 @@
 //! Batching bounds peak memory (activations grow with the batch) while keeping the GEMMs large; the
 //! graph treats every tile independently, so results do not depend on the batch size.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use indicatif::ProgressBar;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::kernels;
 use crate::manifest::{Manifest, VisionSpec};
-use crate::runtime::{open_session, open_session_with_kernels, ort_err, Device, RuntimeOptions, VisionAttention};
+use crate::runtime::{open_graph, ort_err, RuntimeOptions};
 
 /// Default tiles per vision run (see README, "Tile batching"). Measured on the InternVL2.5-1B shape,
 /// int8, 2 threads: 707 / 800 / 880 ms per tile at batch 1 / 2 / 4 (fp32: 2331 at 1, 2433 at 4); one
@@ -27,12 +26,7 @@ pub struct VisionEncoder {
 impl VisionEncoder {
     pub fn load(m: &Manifest, opts: &RuntimeOptions) -> Result<Self> {
         let spec = m.vision.clone();
-        let file = graph_file(m, opts)?;
-        let session = if file == spec.file {
-            open_session(&m.path(&file), opts)?
-        } else {
-            open_session_with_kernels(&m.path(&file), opts)?
-        };
+        let (session, file) = open_graph(m, &spec.file, spec.amx.as_ref(), opts)?;
         ensure!(
             session.inputs().iter().any(|i| i.name() == spec.input),
             "{file}: no input named {:?} (manifest from another model?)",
@@ -74,30 +68,5 @@ impl VisionEncoder {
             progress.inc(n as u64);
         }
         Ok(out)
-    }
-}
-
-/// The graph to open: the AMX variant when `opts` asks for it (or leaves it to us) and it can run here.
-fn graph_file(m: &Manifest, opts: &RuntimeOptions) -> Result<String> {
-    match (opts.vision_attention, amx_unusable(m, opts), &m.vision.amx) {
-        (VisionAttention::Amx, Some(why), _) => bail!("--vision-attention amx: {why}"),
-        (VisionAttention::Amx | VisionAttention::Auto, None, Some(amx)) => Ok(amx.file.clone()),
-        _ => Ok(m.vision.file.clone()),
-    }
-}
-
-/// Why the AMX graph cannot run here, if it cannot.
-fn amx_unusable(m: &Manifest, opts: &RuntimeOptions) -> Option<String> {
-    if opts.device != Device::Cpu {
-        Some(format!("the AMX kernel runs on the CPU and --device is {}", opts.device.name()))
-    } else if m.vision.amx.is_none() {
-        Some(format!(
-            "{} has no AMX vision graph (written by int8 / int4 exports of encoders with 64-wide heads)",
-            m.dir.display()
-        ))
-    } else if !kernels::amx_available() {
-        Some("this CPU or OS has no AMX-BF16 tiles".into())
-    } else {
-        None
     }
 }

@@ -149,9 +149,9 @@ def main(out: Path) -> None:
     cfg.update(ps_version="v1", select_layer=-2)
     (variant / "config.json").write_text(json.dumps(cfg, indent=2))
     convert(str(variant), out / "models" / "qwen2-v1-layer-2")
-    # int8 with 64-wide vision heads: the export writes the AMX attention graph too (tests/e2e.rs, amx_*).
-    save_hf(make_model("tiny-vit64", "qwen2", "300m", seed=7), out / "checkpoints" / "qwen2-vit64")
-    convert(str(out / "checkpoints" / "qwen2-vit64"), out / "models" / "qwen2-vit64-int8", dtype="int8")
+    # int8 with 64-wide attention heads: the export writes the AMX attention graphs too (tests/e2e.rs, amx_*).
+    save_hf(make_model("tiny-amx", "qwen2", "300m", seed=7), out / "checkpoints" / "qwen2-amx")
+    convert(str(out / "checkpoints" / "qwen2-amx"), out / "models" / "qwen2-amx-int8", dtype="int8")
     (out / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
     write_goldens(out / "cases.json", out / "golden.json")
     stamp.write_text(digest)

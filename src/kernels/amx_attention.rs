@@ -4,9 +4,9 @@
 //! attention is ~0.1 TFLOP per 448x448 tile (1025 tokens, 24 layers) -- about 350 ms of a 640 ms int8
 //! tile on 2 cores. The AMX units multiply bf16 at several times the fp32 rate, so the two matrix
 //! products become cheap and what is left is the softmax over 1025 x 1025 scores, done here in one
-//! pass per 16-query block while the scores are still in cache.
+//! pass per block of queries while the scores are still in cache.
 //!
-//! Per head and per block of 16 queries: S = (Q * scale * log2 e) K^T on tiles (fp32 accumulate),
+//! Per head and per block of 32 queries: S = (Q * scale * log2 e) K^T on tiles (fp32 accumulate),
 //! P = 2^(S - rowmax) rounded to bf16, O = P V on tiles, O /= rowsum(P) in fp32. Q, K and V are read
 //! from the graph's `[batch, tokens, heads * 64]` layout and packed per head: K^T and V into the VNNI
 //! pair layout the B operand of `tdpbf16ps` wants. Precision: inputs and probabilities carry bf16's
@@ -21,18 +21,22 @@ use std::arch::x86_64::*;
 /// Head dimension the tiles are laid out for (InternViT-300M: 1024 / 16 heads).
 pub const HEAD_DIM: usize = 64;
 
-/// Pointers to one head's rows: row `r` of Q starts at `q + r * ld` (same for k, v, out).
+/// `len` rows of `HEAD_DIM` floats, row `r` at `ptr + r * ld` (one head inside a wider tensor).
 #[derive(Clone, Copy)]
-pub struct Head {
-    pub q: *const f32,
-    pub k: *const f32,
-    pub v: *const f32,
-    pub out: *mut f32,
+pub struct Rows {
+    pub ptr: *const f32,
     pub ld: usize,
-    pub tokens: usize,
+    pub len: usize,
 }
 
-/// Per-thread working memory: the packed bf16 operands and one block of scores.
+/// Where output rows go: row `r` at `ptr + r * ld`.
+#[derive(Clone, Copy)]
+pub struct RowsMut {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
+
+/// Per-thread working memory: the packed bf16 operands and the scores of 32 queries.
 #[derive(Default)]
 pub struct Scratch {
     q: Vec<u16>,
@@ -44,13 +48,13 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    fn fit(&mut self, tokens: usize) {
-        let n32 = tokens.div_ceil(32) * 32;
-        for buf in [&mut self.q, &mut self.kt, &mut self.v] {
-            buf.resize(n32 * HEAD_DIM, 0);
-        }
-        self.s.resize(16 * n32, 0.0);
-        self.p.resize(16 * n32, 0);
+    fn fit(&mut self, queries: usize, keys: usize) {
+        let (q32, k32) = (queries.div_ceil(32) * 32, keys.div_ceil(32) * 32);
+        self.q.resize(q32 * HEAD_DIM, 0);
+        self.kt.resize(k32 * HEAD_DIM, 0);
+        self.v.resize(k32 * HEAD_DIM, 0);
+        self.s.resize(32 * k32, 0.0);
+        self.p.resize(32 * k32, 0);
         self.o.resize(16 * HEAD_DIM, 0.0);
     }
 }
@@ -88,133 +92,125 @@ macro_rules! tile_dot {
     };
 }
 
-/// Computes one head. Writes `tokens` rows of `HEAD_DIM` floats at `head.out`.
+/// softmax(q k^T * scale) v for one head, written as `q.len` rows at `out`. With
+/// `causal = Some(past)`, query `i` sits at position `past + i` and sees keys `0..=past + i` only (keys
+/// are positions `0..k.len`); without, every query sees every key.
 ///
 /// # Safety
-/// The CPU has AMX-BF16, AVX512-BF16 and AVX512F/BW, the process was granted the AMX tile state
-/// (see `super::amx_available`), and every pointer in `head` addresses `tokens` rows of `ld` floats
-/// of which the first `HEAD_DIM` are this head's (`ld >= HEAD_DIM`); `out` rows do not overlap inputs.
+/// The CPU has AMX-BF16, AVX512-BF16 and AVX512F/BW and the process was granted the AMX tile state
+/// (`super::amx_available`); `q`, `k`, `v` address their rows (`ld >= HEAD_DIM`, `k.len == v.len`), and
+/// `out` addresses `q.len` rows that overlap no input.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn attention_head(head: Head, scale: f32, sc: &mut Scratch) {
-    let n = head.tokens;
-    if n == 0 {
+pub unsafe fn attention(q: Rows, k: Rows, v: Rows, causal: Option<usize>, out: RowsMut, scale: f32, sc: &mut Scratch) {
+    let (n_q, n_k) = (q.len, k.len);
+    if n_q == 0 || n_k == 0 {
         return;
     }
-    sc.fit(n);
-    let n32 = n.div_ceil(32) * 32;
-    pack(head, scale * std::f32::consts::LOG2_E, sc);
+    sc.fit(n_q, n_k);
+    pack_queries(q, scale * std::f32::consts::LOG2_E, sc);
+    pack_keys(k, v, sc);
 
     // Palette 1 has 8 tiles; the entries of the other 8 must be zero or ldtilecfg faults.
     let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
     config.colsb[..8].fill(64);
     config.rows[..8].fill(16);
     asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
-    let key_blocks = n.div_ceil(16);
-    let s_stride = n32 * 4;
-    let p_stride = n32 * 2;
-    let mut sums = [0f32; 16];
-    for block in 0..key_blocks {
-        let row0 = block * 16;
-        // S = Q K^T: A tiles 4/5 hold the block's queries (dims 0..32, 32..64), 4 accumulators.
+    let k32 = n_k.div_ceil(32) * 32;
+    let s_stride = k32 * 4;
+    let p_stride = k32 * 2;
+    let mut sums = [0f32; 32];
+    // Queries in pairs of 16-row blocks: each K^T tile loaded serves both (half the tile loads).
+    for row0 in (0..n_q).step_by(32) {
+        // Keys each row needs: all, or up to its own position.
+        let seen = |r: usize| causal.map_or(n_k, |past| (past + row0 + r + 1).min(n_k));
+        let key_blocks = seen(31).div_ceil(16);
+        let width = key_blocks.div_ceil(2) * 32;
+        // S = Q K^T: A tiles 2/3 and 4/5 hold the two blocks' queries (dims 0..32, 32..64).
         let qa = sc.q.as_ptr().add(row0 * HEAD_DIM);
-        tile_load!(4, qa, HEAD_DIM * 2);
-        tile_load!(5, qa.add(32), HEAD_DIM * 2);
+        tile_load!(2, qa, HEAD_DIM * 2);
+        tile_load!(3, qa.add(32), HEAD_DIM * 2);
+        tile_load!(4, qa.add(16 * HEAD_DIM), HEAD_DIM * 2);
+        tile_load!(5, qa.add(16 * HEAD_DIM + 32), HEAD_DIM * 2);
         let s = sc.s.as_mut_ptr();
-        let mut j = 0;
-        while j + 4 <= key_blocks {
+        for j in 0..key_blocks {
             let b = sc.kt.as_ptr().add(j * 1024);
+            tile_zero!(0);
+            tile_zero!(1);
+            tile_load!(6, b, 64usize);
+            tile_dot!(0, 2, 6);
+            tile_dot!(1, 4, 6);
+            tile_load!(7, b.add(512), 64usize);
+            tile_dot!(0, 3, 7);
+            tile_dot!(1, 5, 7);
+            tile_store!(0, s.add(j * 16), s_stride);
+            tile_store!(1, s.add(16 * k32 + j * 16), s_stride);
+        }
+        for (r, sum) in sums.iter_mut().enumerate() {
+            *sum = softmax_row(sc.s.as_ptr().add(r * k32), sc.p.as_mut_ptr().add(r * k32), seen(r), width);
+        }
+        // O = P V per 16-row block: A tile 4 = 32 keys of probabilities, 4 accumulators = 64 output dims.
+        for half in 0..2 {
+            let first = row0 + 16 * half;
+            if first >= n_q {
+                break;
+            }
             tile_zero!(0);
             tile_zero!(1);
             tile_zero!(2);
             tile_zero!(3);
-            tile_load!(6, b, 64usize);
-            tile_dot!(0, 4, 6);
-            tile_load!(7, b.add(512), 64usize);
-            tile_dot!(0, 5, 7);
-            tile_load!(6, b.add(1024), 64usize);
-            tile_dot!(1, 4, 6);
-            tile_load!(7, b.add(1536), 64usize);
-            tile_dot!(1, 5, 7);
-            tile_load!(6, b.add(2048), 64usize);
-            tile_dot!(2, 4, 6);
-            tile_load!(7, b.add(2560), 64usize);
-            tile_dot!(2, 5, 7);
-            tile_load!(6, b.add(3072), 64usize);
-            tile_dot!(3, 4, 6);
-            tile_load!(7, b.add(3584), 64usize);
-            tile_dot!(3, 5, 7);
-            tile_store!(0, s.add(j * 16), s_stride);
-            tile_store!(1, s.add(j * 16 + 16), s_stride);
-            tile_store!(2, s.add(j * 16 + 32), s_stride);
-            tile_store!(3, s.add(j * 16 + 48), s_stride);
-            j += 4;
-        }
-        while j < key_blocks {
-            let b = sc.kt.as_ptr().add(j * 1024);
-            tile_zero!(0);
-            tile_load!(6, b, 64usize);
-            tile_dot!(0, 4, 6);
-            tile_load!(7, b.add(512), 64usize);
-            tile_dot!(0, 5, 7);
-            tile_store!(0, s.add(j * 16), s_stride);
-            j += 1;
-        }
-        for (r, sum) in sums.iter_mut().enumerate() {
-            *sum = softmax_row(sc.s.as_ptr().add(r * n32), sc.p.as_mut_ptr().add(r * n32), n, n32);
-        }
-        // O = P V: A tile 4 = 32 keys of the block's probabilities, 4 accumulators = 64 output dims.
-        tile_zero!(0);
-        tile_zero!(1);
-        tile_zero!(2);
-        tile_zero!(3);
-        let p = sc.p.as_ptr();
-        for t in 0..n32 / 32 {
-            tile_load!(4, p.add(t * 32), p_stride);
-            let b = sc.v.as_ptr().add(t * 2048);
-            tile_load!(6, b, 64usize);
-            tile_dot!(0, 4, 6);
-            tile_load!(7, b.add(512), 64usize);
-            tile_dot!(1, 4, 7);
-            tile_load!(6, b.add(1024), 64usize);
-            tile_dot!(2, 4, 6);
-            tile_load!(7, b.add(1536), 64usize);
-            tile_dot!(3, 4, 7);
-        }
-        let o = sc.o.as_mut_ptr();
-        tile_store!(0, o, HEAD_DIM * 4);
-        tile_store!(1, o.add(16), HEAD_DIM * 4);
-        tile_store!(2, o.add(32), HEAD_DIM * 4);
-        tile_store!(3, o.add(48), HEAD_DIM * 4);
-        for (r, sum) in sums.iter().enumerate().take(n - row0) {
-            let inv = _mm512_set1_ps(1.0 / sum);
-            let dst = head.out.add((row0 + r) * head.ld);
-            for c in (0..HEAD_DIM).step_by(16) {
-                _mm512_storeu_ps(dst.add(c), _mm512_mul_ps(_mm512_loadu_ps(o.add(r * HEAD_DIM + c)), inv));
+            let p = sc.p.as_ptr().add(16 * half * k32);
+            for t in 0..width / 32 {
+                tile_load!(4, p.add(t * 32), p_stride);
+                let b = sc.v.as_ptr().add(t * 2048);
+                tile_load!(6, b, 64usize);
+                tile_dot!(0, 4, 6);
+                tile_load!(7, b.add(512), 64usize);
+                tile_dot!(1, 4, 7);
+                tile_load!(6, b.add(1024), 64usize);
+                tile_dot!(2, 4, 6);
+                tile_load!(7, b.add(1536), 64usize);
+                tile_dot!(3, 4, 7);
+            }
+            let o = sc.o.as_mut_ptr();
+            tile_store!(0, o, HEAD_DIM * 4);
+            tile_store!(1, o.add(16), HEAD_DIM * 4);
+            tile_store!(2, o.add(32), HEAD_DIM * 4);
+            tile_store!(3, o.add(48), HEAD_DIM * 4);
+            for (r, sum) in sums[16 * half..].iter().enumerate().take((n_q - first).min(16)) {
+                let inv = _mm512_set1_ps(1.0 / sum);
+                let dst = out.ptr.add((first + r) * out.ld);
+                for c in (0..HEAD_DIM).step_by(16) {
+                    _mm512_storeu_ps(dst.add(c), _mm512_mul_ps(_mm512_loadu_ps(o.add(r * HEAD_DIM + c)), inv));
+                }
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// bf16 operands, zero-padded to whole tiles: Q (scaled) row-major; K^T as tiles (key block j, dims
-/// c*32..) holding `[pair r][key][2]`; V as tiles (32 keys t, dims e*16..) holding `[pair r][dim][2]`.
+/// Q (times `scale`) as bf16 rows, zero-padded to a multiple of 32 rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack(head: Head, scale: f32, sc: &mut Scratch) {
-    let (n, ld) = (head.tokens, head.ld);
-    let n32 = n.div_ceil(32) * 32;
+unsafe fn pack_queries(q: Rows, scale: f32, sc: &mut Scratch) {
     let scale = _mm512_set1_ps(scale);
-    let q = sc.q.as_mut_ptr() as *mut __m512i;
-    for r in 0..n32 {
+    let dst = sc.q.as_mut_ptr() as *mut __m512i;
+    for r in 0..q.len.div_ceil(32) * 32 {
         for c in 0..2 {
-            let v = if r < n {
-                let src = head.q.add(r * ld + c * 32);
+            let v = if r < q.len {
+                let src = q.ptr.add(r * q.ld + c * 32);
                 bf16x32(_mm512_mul_ps(_mm512_loadu_ps(src), scale), _mm512_mul_ps(_mm512_loadu_ps(src.add(16)), scale))
             } else {
                 _mm512_setzero_si512()
             };
-            _mm512_storeu_si512(q.add(r * 2 + c), v);
+            _mm512_storeu_si512(dst.add(r * 2 + c), v);
         }
     }
+}
+
+/// K^T and V as bf16 B-operand tiles, zero-padded: K^T tile (key block j, dims c*32..) holds
+/// `[pair r][key][2]`, V tile (32 keys t, dims e*16..) holds `[pair r][dim][2]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_keys(k: Rows, v: Rows, sc: &mut Scratch) {
+    let n = k.len;
     // One key's 32 dims are 16 bf16 pairs; pair r goes to row r (64 bytes apart) of the tile.
     let rows = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -224,7 +220,7 @@ unsafe fn pack(head: Head, scale: f32, sc: &mut Scratch) {
     for key in 0..n.div_ceil(16) * 16 {
         for c in 0..2 {
             let pairs = if key < n {
-                let src = head.k.add(key * ld + c * 32);
+                let src = k.ptr.add(key * k.ld + c * 32);
                 bf16x32(_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
             } else {
                 _mm512_setzero_si512()
@@ -237,14 +233,78 @@ unsafe fn pack(head: Head, scale: f32, sc: &mut Scratch) {
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
         16, 0,
     );
-    let v = sc.v.as_mut_ptr() as *mut __m512i;
-    let row = |r: usize, c: usize| if r < n { _mm512_loadu_ps(head.v.add(r * ld + c)) } else { _mm512_setzero_ps() };
-    for t in 0..n32 / 32 {
+    let dst = sc.v.as_mut_ptr() as *mut __m512i;
+    let row = |r: usize, c: usize| if r < n { _mm512_loadu_ps(v.ptr.add(r * v.ld + c)) } else { _mm512_setzero_ps() };
+    for t in 0..n.div_ceil(32) {
         for r in 0..16 {
             for e in 0..4 {
                 let both = bf16x32(row(t * 32 + 2 * r, e * 16), row(t * 32 + 2 * r + 1, e * 16));
-                _mm512_storeu_si512(v.add((t * 4 + e) * 16 + r), _mm512_permutexvar_epi16(interleave, both));
+                _mm512_storeu_si512(dst.add((t * 4 + e) * 16 + r), _mm512_permutexvar_epi16(interleave, both));
             }
+        }
+    }
+}
+
+/// One query position attending to all `k.len` keys, for `q.len` query heads that share these keys
+/// (grouped-query attention's decode step): each key and value row is read once for the whole group,
+/// in fp32. `scores` is working memory.
+///
+/// # Safety
+/// AVX512F; `q`, `k`, `v` address their rows (`k.len == v.len`), `out` addresses `q.len` rows that
+/// overlap no input.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attention_one_position(q: Rows, k: Rows, v: Rows, out: RowsMut, scale: f32, scores: &mut Vec<f32>) {
+    let (heads, n) = (q.len, k.len);
+    if heads == 0 || n == 0 {
+        return;
+    }
+    scores.resize(heads * n, 0.0);
+    let load = |p: *const f32| [0, 16, 32, 48].map(|c| _mm512_loadu_ps(p.add(c)));
+    let queries: Vec<[__m512; 4]> = (0..heads)
+        .map(|h| load(q.ptr.add(h * q.ld)).map(|x| _mm512_mul_ps(x, _mm512_set1_ps(scale * std::f32::consts::LOG2_E))))
+        .collect();
+    for j in 0..n {
+        let key = load(k.ptr.add(j * k.ld));
+        for (h, qh) in queries.iter().enumerate() {
+            let mut acc = _mm512_mul_ps(qh[0], key[0]);
+            for c in 1..4 {
+                acc = _mm512_fmadd_ps(qh[c], key[c], acc);
+            }
+            *scores.get_unchecked_mut(h * n + j) = _mm512_reduce_add_ps(acc);
+        }
+    }
+    let mut sums = Vec::with_capacity(heads);
+    for h in 0..heads {
+        let row = scores.as_mut_ptr().add(h * n);
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in (0..n).step_by(16) {
+            let m = if c + 16 <= n { 0xffff } else { ((1u32 << (n - c)) - 1) as u16 };
+            max = _mm512_mask_max_ps(max, m, max, _mm512_maskz_loadu_ps(m, row.add(c)));
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        for c in (0..n).step_by(16) {
+            let m = if c + 16 <= n { 0xffff } else { ((1u32 << (n - c)) - 1) as u16 };
+            let e = _mm512_maskz_mov_ps(m, exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row.add(c)), max)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(row.add(c), m, e);
+        }
+        sums.push(_mm512_reduce_add_ps(sum));
+    }
+    let mut acc: Vec<[__m512; 4]> = vec![[_mm512_setzero_ps(); 4]; heads];
+    for j in 0..n {
+        let value = load(v.ptr.add(j * v.ld));
+        for (h, a) in acc.iter_mut().enumerate() {
+            let p = _mm512_set1_ps(*scores.get_unchecked(h * n + j));
+            for c in 0..4 {
+                a[c] = _mm512_fmadd_ps(p, value[c], a[c]);
+            }
+        }
+    }
+    for (h, a) in acc.iter().enumerate() {
+        let inv = _mm512_set1_ps(1.0 / sums[h]);
+        for (c, x) in a.iter().enumerate() {
+            _mm512_storeu_ps(out.ptr.add(h * out.ld + c * 16), _mm512_mul_ps(*x, inv));
         }
     }
 }

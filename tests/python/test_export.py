@@ -210,28 +210,31 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
     assert json.loads(run.stdout)["generated_tokens"] == 8
 
 
-def test_amx_vision_graph_is_the_quantized_graph_with_its_attention_swapped(fixtures):
-    """vision-amx.onnx (int8 export, 64-wide heads): every MultiHeadAttention, and nothing else, replaced
-    by the runtime's kernel; weights shared with vision.onnx. Its numbers are checked in tests/e2e.rs."""
+def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtures):
+    """vision-amx.onnx / decoder-amx.onnx (int8 export, 64-wide heads): every MultiHeadAttention /
+    GroupQueryAttention, and nothing else, replaced by the runtime's kernel; weights shared with the portable
+    graph. Their numbers are checked in tests/e2e.rs."""
     import onnx
 
-    folder = fixtures / "models" / "qwen2-vit64-int8"
-    v = json.loads((folder / "manifest.json").read_text())["vision"]
-    assert v["amx"] == {"file": "vision-amx.onnx", "op": "ai.internvl::AmxAttention", "precision": "bf16",
-                        "attention_layers": 2}
-    base = onnx.load(str(folder / v["file"]), load_external_data=False)
-    amx = onnx.load(str(folder / v["amx"]["file"]), load_external_data=False)
-    assert len(base.graph.node) == len(amx.graph.node)
-    swapped = 0
-    for a, b in zip(base.graph.node, amx.graph.node):
-        if (a.domain, a.op_type) == ("com.microsoft", "MultiHeadAttention"):
-            assert (b.domain, b.op_type) == ("ai.internvl", "AmxAttention")
-            swapped += 1
-            a.domain, a.op_type = b.domain, b.op_type
-        assert a == b
-    assert swapped == 2
-    assert {(o.domain, o.version) for o in amx.opset_import} >= {("ai.internvl", 1)}
-    locations = {e.value for t in amx.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"vision.onnx.data"}
-    assert not list(folder.glob("vision-amx.onnx.data"))
+    folder = fixtures / "models" / "qwen2-amx-int8"
+    m = json.loads((folder / "manifest.json").read_text())
+    for stage, theirs, ours in (("vision", "MultiHeadAttention", "AmxAttention"),
+                                ("decoder", "GroupQueryAttention", "AmxGroupQueryAttention")):
+        entry = m[stage]
+        assert entry["amx"] == {"file": f"{stage}-amx.onnx", "op": f"ai.internvl::{ours}", "attention_layers": 2}
+        base = onnx.load(str(folder / entry["file"]), load_external_data=False)
+        amx = onnx.load(str(folder / entry["amx"]["file"]), load_external_data=False)
+        assert len(base.graph.node) == len(amx.graph.node)
+        swapped = 0
+        for a, b in zip(base.graph.node, amx.graph.node, strict=True):
+            if (a.domain, a.op_type) == ("com.microsoft", theirs):
+                assert (b.domain, b.op_type) == ("ai.internvl", ours)
+                swapped += 1
+                a.domain, a.op_type = b.domain, b.op_type
+            assert a == b
+        assert swapped == 2
+        assert {(o.domain, o.version) for o in amx.opset_import} >= {("ai.internvl", 1)}
+        locations = {e.value for t in amx.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f"{stage}.onnx.data"}
+        assert not list(folder.glob(f"{stage}-amx.onnx.data"))
 
