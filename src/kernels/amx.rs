@@ -1,4 +1,5 @@
-//! Full (non-causal) attention for one head on Intel AMX tiles in bf16, softmax in fp32 AVX-512.
+//! One head's attention on Intel AMX tiles in bf16 (softmax in fp32 AVX-512), full or causal over a
+//! cached past, and the fp32 single-position form a decode step uses.
 //!
 //! Why by hand: ONNX Runtime's CPU attention (`MultiHeadAttention`) is fp32 only, and InternViT's
 //! attention is ~0.1 TFLOP per 448x448 tile (1025 tokens, 24 layers) -- about 350 ms of a 640 ms int8
