@@ -12,7 +12,8 @@ use crate::manifest::{Manifest, VisionSpec};
 use crate::runtime::{open_graph, ort_err, RuntimeOptions};
 
 /// Default tiles per vision run (see README, "Tile batching"). Measured on the InternVL2.5-1B shape,
-/// int8, 2 threads: 707 / 800 / 880 ms per tile at batch 1 / 2 / 4 (fp32: 2331 at 1, 2433 at 4); one
+/// int8, 2 threads: 417-437 / 433-443 / 485-493 ms per tile at batch 1 / 2 / 4 with AMX attention (ONNX
+/// attention: 707 / 800 / 880; fp32: 2331 at 1, 2433 at 4); one
 /// tile's GEMMs (1025 tokens) already fill the cores, and larger batches only add activation memory.
 pub const DEFAULT_BATCH: usize = 1;
 
