@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DOMAIN = "ai.internvl"
-HEAD_DIM = 64  # the kernels' tile layout
+HEAD_DIMS = (64, 128)  # the kernels' tile layouts
 
 
 def _attrs(node) -> dict:
@@ -47,7 +47,7 @@ def write_variant(graph: Path, head_dim: int, layers: int) -> dict | None:
     import onnx
 
     theirs, ours, fits = GRAPHS[graph.name]
-    if head_dim != HEAD_DIM:
+    if head_dim not in HEAD_DIMS:
         return None
     model = onnx.load(str(graph), load_external_data=False)
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == ("com.microsoft", theirs)]

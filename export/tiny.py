@@ -43,6 +43,13 @@ SHAPES = {
         "text": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                  "intermediate_size": 256},
     },
+    # The same with 128-wide heads (InternViT-6B's, and the LLMs' of InternVL 2B-8B).
+    "tiny-amx128": {
+        "llm_gain": 4.0,
+        "vision": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
+        "text": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                 "intermediate_size": 512},
+    },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
     "internvl2_5-1b": {

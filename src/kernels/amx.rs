@@ -19,10 +19,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-/// Head dimension the tiles are laid out for (InternViT-300M: 1024 / 16 heads).
-pub const HEAD_DIM: usize = 64;
-
-/// `len` rows of `HEAD_DIM` floats, row `r` at `ptr + r * ld` (one head inside a wider tensor).
+/// `len` rows of one head's `D` floats, row `r` at `ptr + r * ld` (a head inside a wider tensor).
 #[derive(Clone, Copy)]
 pub struct Rows {
     pub ptr: *const f32,
@@ -49,14 +46,14 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    fn fit(&mut self, queries: usize, keys: usize) {
+    fn fit(&mut self, queries: usize, keys: usize, dim: usize) {
         let (q32, k32) = (queries.div_ceil(32) * 32, keys.div_ceil(32) * 32);
-        self.q.resize(q32 * HEAD_DIM, 0);
-        self.kt.resize(k32 * HEAD_DIM, 0);
-        self.v.resize(k32 * HEAD_DIM, 0);
+        self.q.resize(q32 * dim, 0);
+        self.kt.resize(k32 * dim, 0);
+        self.v.resize(k32 * dim, 0);
         self.s.resize(32 * k32, 0.0);
         self.p.resize(32 * k32, 0);
-        self.o.resize(16 * HEAD_DIM, 0.0);
+        self.o.resize(16 * dim, 0.0);
     }
 }
 
@@ -93,29 +90,50 @@ macro_rules! tile_dot {
     };
 }
 
-/// softmax(q k^T * scale) v for one head, written as `q.len` rows at `out`. With
-/// `causal = Some(past)`, query `i` sits at position `past + i` and sees keys `0..=past + i` only (keys
-/// are positions `0..k.len`); without, every query sees every key.
+/// softmax(q k^T * scale) v for one head of `D` = 64 or 128 dims, written as `q.len` rows at `out`.
+/// With `causal = Some(past)`, query `i` sits at position `past + i` and sees keys `0..=past + i` only
+/// (keys are positions `0..k.len`); without, every query sees every key.
 ///
 /// # Safety
 /// The CPU has AMX-BF16, AVX512-BF16 and AVX512F/BW and the process was granted the AMX tile state
-/// (`super::amx_available`); `q`, `k`, `v` address their rows (`ld >= HEAD_DIM`, `k.len == v.len`), and
+/// (`super::amx_available`); `q`, `k`, `v` address their rows (`ld >= D`, `k.len == v.len`), and
 /// `out` addresses `q.len` rows that overlap no input.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn attention(q: Rows, k: Rows, v: Rows, causal: Option<usize>, out: RowsMut, scale: f32, sc: &mut Scratch) {
+pub unsafe fn attention<const D: usize>(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    causal: Option<usize>,
+    out: RowsMut,
+    scale: f32,
+    sc: &mut Scratch,
+) {
+    const { assert!(D == 64 || D == 128) };
     let (n_q, n_k) = (q.len, k.len);
     if n_q == 0 || n_k == 0 {
         return;
     }
-    sc.fit(n_q, n_k);
-    pack_queries(q, scale * std::f32::consts::LOG2_E, sc);
-    pack_keys(k, v, sc);
+    sc.fit(n_q, n_k, D);
+    pack_queries::<D>(q, scale * std::f32::consts::LOG2_E, sc);
+    pack_keys::<D>(k, v, sc);
 
     // Palette 1 has 8 tiles; the entries of the other 8 must be zero or ldtilecfg faults.
     let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
     config.colsb[..8].fill(64);
     config.rows[..8].fill(16);
     asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+    if D == 64 {
+        blocks_64(n_q, n_k, causal, out, sc);
+    } else {
+        blocks_128(n_q, n_k, causal, out, sc);
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The tile loops for 64-dim heads, queries in pairs of 16-row blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn blocks_64(n_q: usize, n_k: usize, causal: Option<usize>, out: RowsMut, sc: &mut Scratch) {
+    const D: usize = 64;
     let k32 = n_k.div_ceil(32) * 32;
     let s_stride = k32 * 4;
     let p_stride = k32 * 2;
@@ -127,11 +145,11 @@ pub unsafe fn attention(q: Rows, k: Rows, v: Rows, causal: Option<usize>, out: R
         let key_blocks = seen(31).div_ceil(16);
         let width = key_blocks.div_ceil(2) * 32;
         // S = Q K^T: A tiles 2/3 and 4/5 hold the two blocks' queries (dims 0..32, 32..64).
-        let qa = sc.q.as_ptr().add(row0 * HEAD_DIM);
-        tile_load!(2, qa, HEAD_DIM * 2);
-        tile_load!(3, qa.add(32), HEAD_DIM * 2);
-        tile_load!(4, qa.add(16 * HEAD_DIM), HEAD_DIM * 2);
-        tile_load!(5, qa.add(16 * HEAD_DIM + 32), HEAD_DIM * 2);
+        let qa = sc.q.as_ptr().add(row0 * D);
+        tile_load!(2, qa, D * 2);
+        tile_load!(3, qa.add(32), D * 2);
+        tile_load!(4, qa.add(16 * D), D * 2);
+        tile_load!(5, qa.add(16 * D + 32), D * 2);
         let s = sc.s.as_mut_ptr();
         for j in 0..key_blocks {
             let b = sc.kt.as_ptr().add(j * 1024);
@@ -173,36 +191,105 @@ pub unsafe fn attention(q: Rows, k: Rows, v: Rows, causal: Option<usize>, out: R
                 tile_dot!(3, 4, 7);
             }
             let o = sc.o.as_mut_ptr();
-            tile_store!(0, o, HEAD_DIM * 4);
-            tile_store!(1, o.add(16), HEAD_DIM * 4);
-            tile_store!(2, o.add(32), HEAD_DIM * 4);
-            tile_store!(3, o.add(48), HEAD_DIM * 4);
-            for (r, sum) in sums[16 * half..].iter().enumerate().take((n_q - first).min(16)) {
-                let inv = _mm512_set1_ps(1.0 / sum);
-                let dst = out.ptr.add((first + r) * out.ld);
-                for c in (0..HEAD_DIM).step_by(16) {
-                    _mm512_storeu_ps(dst.add(c), _mm512_mul_ps(_mm512_loadu_ps(o.add(r * HEAD_DIM + c)), inv));
-                }
-            }
+            tile_store!(0, o, D * 4);
+            tile_store!(1, o.add(16), D * 4);
+            tile_store!(2, o.add(32), D * 4);
+            tile_store!(3, o.add(48), D * 4);
+            store_rows::<D>(&sums[16 * half..][..(n_q - first).min(16)], o, out, first);
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The tile loops for 128-dim heads: one 16-row block of queries holds four A tiles (dims 0..128).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn blocks_128(n_q: usize, n_k: usize, causal: Option<usize>, out: RowsMut, sc: &mut Scratch) {
+    const D: usize = 128;
+    let k32 = n_k.div_ceil(32) * 32;
+    let s_stride = k32 * 4;
+    let p_stride = k32 * 2;
+    let mut sums = [0f32; 16];
+    for row0 in (0..n_q).step_by(16) {
+        let seen = |r: usize| causal.map_or(n_k, |past| (past + row0 + r + 1).min(n_k));
+        let key_blocks = seen(15).div_ceil(16);
+        let width = key_blocks.div_ceil(2) * 32;
+        let qa = sc.q.as_ptr().add(row0 * D);
+        tile_load!(2, qa, D * 2);
+        tile_load!(3, qa.add(32), D * 2);
+        tile_load!(4, qa.add(64), D * 2);
+        tile_load!(5, qa.add(96), D * 2);
+        let s = sc.s.as_mut_ptr();
+        for j in 0..key_blocks {
+            let b = sc.kt.as_ptr().add(j * 4 * 512);
+            tile_zero!(0);
+            tile_load!(6, b, 64usize);
+            tile_dot!(0, 2, 6);
+            tile_load!(7, b.add(512), 64usize);
+            tile_dot!(0, 3, 7);
+            tile_load!(6, b.add(1024), 64usize);
+            tile_dot!(0, 4, 6);
+            tile_load!(7, b.add(1536), 64usize);
+            tile_dot!(0, 5, 7);
+            tile_store!(0, s.add(j * 16), s_stride);
+        }
+        for (r, sum) in sums.iter_mut().enumerate() {
+            *sum = softmax_row(sc.s.as_ptr().add(r * k32), sc.p.as_mut_ptr().add(r * k32), seen(r), width);
+        }
+        // O = P V in two passes of 64 output dims (4 accumulators each).
+        let o = sc.o.as_mut_ptr();
+        for pass in 0..2 {
+            tile_zero!(0);
+            tile_zero!(1);
+            tile_zero!(2);
+            tile_zero!(3);
+            let p = sc.p.as_ptr();
+            for t in 0..width / 32 {
+                tile_load!(4, p.add(t * 32), p_stride);
+                let b = sc.v.as_ptr().add((t * 8 + pass * 4) * 512);
+                tile_load!(6, b, 64usize);
+                tile_dot!(0, 4, 6);
+                tile_load!(7, b.add(512), 64usize);
+                tile_dot!(1, 4, 7);
+                tile_load!(6, b.add(1024), 64usize);
+                tile_dot!(2, 4, 6);
+                tile_load!(7, b.add(1536), 64usize);
+                tile_dot!(3, 4, 7);
+            }
+            let o = o.add(pass * 64);
+            tile_store!(0, o, D * 4);
+            tile_store!(1, o.add(16), D * 4);
+            tile_store!(2, o.add(32), D * 4);
+            tile_store!(3, o.add(48), D * 4);
+        }
+        store_rows::<D>(&sums[..(n_q - row0).min(16)], o, out, row0);
+    }
+}
+
+/// Output rows `first..`: `o` (16 rows of `D`) divided by each row's softmax sum.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows<const D: usize>(sums: &[f32], o: *const f32, out: RowsMut, first: usize) {
+    for (r, sum) in sums.iter().enumerate() {
+        let inv = _mm512_set1_ps(1.0 / sum);
+        let dst = out.ptr.add((first + r) * out.ld);
+        for c in (0..D).step_by(16) {
+            _mm512_storeu_ps(dst.add(c), _mm512_mul_ps(_mm512_loadu_ps(o.add(r * D + c)), inv));
+        }
+    }
 }
 
 /// Q (times `scale`) as bf16 rows, zero-padded to a multiple of 32 rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_queries(q: Rows, scale: f32, sc: &mut Scratch) {
+unsafe fn pack_queries<const D: usize>(q: Rows, scale: f32, sc: &mut Scratch) {
     let scale = _mm512_set1_ps(scale);
     let dst = sc.q.as_mut_ptr() as *mut __m512i;
     for r in 0..q.len.div_ceil(32) * 32 {
-        for c in 0..2 {
+        for c in 0..D / 32 {
             let v = if r < q.len {
                 let src = q.ptr.add(r * q.ld + c * 32);
                 bf16x32(_mm512_mul_ps(_mm512_loadu_ps(src), scale), _mm512_mul_ps(_mm512_loadu_ps(src.add(16)), scale))
             } else {
                 _mm512_setzero_si512()
             };
-            _mm512_storeu_si512(dst.add(r * 2 + c), v);
+            _mm512_storeu_si512(dst.add(r * D / 32 + c), v);
         }
     }
 }
@@ -210,7 +297,7 @@ unsafe fn pack_queries(q: Rows, scale: f32, sc: &mut Scratch) {
 /// K^T and V as bf16 B-operand tiles, zero-padded: K^T tile (key block j, dims c*32..) holds
 /// `[pair r][key][2]`, V tile (32 keys t, dims e*16..) holds `[pair r][dim][2]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_keys(k: Rows, v: Rows, sc: &mut Scratch) {
+unsafe fn pack_keys<const D: usize>(k: Rows, v: Rows, sc: &mut Scratch) {
     let n = k.len;
     // One key's 32 dims are 16 bf16 pairs; pair r goes to row r (64 bytes apart) of the tile.
     let rows = _mm512_mullo_epi32(
@@ -219,14 +306,14 @@ unsafe fn pack_keys(k: Rows, v: Rows, sc: &mut Scratch) {
     );
     let kt = sc.kt.as_mut_ptr() as *mut i32;
     for key in 0..n.div_ceil(16) * 16 {
-        for c in 0..2 {
+        for c in 0..D / 32 {
             let pairs = if key < n {
                 let src = k.ptr.add(key * k.ld + c * 32);
                 bf16x32(_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
             } else {
                 _mm512_setzero_si512()
             };
-            _mm512_i32scatter_epi32::<4>(kt.add(((key / 16) * 2 + c) * 256 + key % 16), rows, pairs);
+            _mm512_i32scatter_epi32::<4>(kt.add(((key / 16) * (D / 32) + c) * 256 + key % 16), rows, pairs);
         }
     }
     // Rows 2r and 2r+1 of V interleaved element by element.
@@ -238,15 +325,15 @@ unsafe fn pack_keys(k: Rows, v: Rows, sc: &mut Scratch) {
     let row = |r: usize, c: usize| if r < n { _mm512_loadu_ps(v.ptr.add(r * v.ld + c)) } else { _mm512_setzero_ps() };
     for t in 0..n.div_ceil(32) {
         for r in 0..16 {
-            for e in 0..4 {
+            for e in 0..D / 16 {
                 let both = bf16x32(row(t * 32 + 2 * r, e * 16), row(t * 32 + 2 * r + 1, e * 16));
-                _mm512_storeu_si512(dst.add((t * 4 + e) * 16 + r), _mm512_permutexvar_epi16(interleave, both));
+                _mm512_storeu_si512(dst.add((t * (D / 16) + e) * 16 + r), _mm512_permutexvar_epi16(interleave, both));
             }
         }
     }
 }
 
-/// One query position attending to all `k.len` keys, for `q.len` query heads that share these keys
+/// One query position attending to all `k.len` keys of `16 * V` dims, for `q.len` query heads that share these keys
 /// (grouped-query attention's decode step): each key and value row is read once for the whole group,
 /// in fp32. `scores` is working memory.
 ///
@@ -254,21 +341,28 @@ unsafe fn pack_keys(k: Rows, v: Rows, sc: &mut Scratch) {
 /// AVX512F; `q`, `k`, `v` address their rows (`k.len == v.len`), `out` addresses `q.len` rows that
 /// overlap no input.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attention_one_position(q: Rows, k: Rows, v: Rows, out: RowsMut, scale: f32, scores: &mut Vec<f32>) {
+pub unsafe fn attention_one_position<const V: usize>(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    out: RowsMut,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
     let (heads, n) = (q.len, k.len);
     if heads == 0 || n == 0 {
         return;
     }
     scores.resize(heads * n, 0.0);
-    let load = |p: *const f32| [0, 16, 32, 48].map(|c| _mm512_loadu_ps(p.add(c)));
-    let queries: Vec<[__m512; 4]> = (0..heads)
+    let load = |p: *const f32| -> [__m512; V] { std::array::from_fn(|c| _mm512_loadu_ps(p.add(c * 16))) };
+    let queries: Vec<[__m512; V]> = (0..heads)
         .map(|h| load(q.ptr.add(h * q.ld)).map(|x| _mm512_mul_ps(x, _mm512_set1_ps(scale * std::f32::consts::LOG2_E))))
         .collect();
     for j in 0..n {
         let key = load(k.ptr.add(j * k.ld));
         for (h, qh) in queries.iter().enumerate() {
             let mut acc = _mm512_mul_ps(qh[0], key[0]);
-            for c in 1..4 {
+            for c in 1..V {
                 acc = _mm512_fmadd_ps(qh[c], key[c], acc);
             }
             *scores.get_unchecked_mut(h * n + j) = _mm512_reduce_add_ps(acc);
@@ -292,13 +386,13 @@ pub unsafe fn attention_one_position(q: Rows, k: Rows, v: Rows, out: RowsMut, sc
         }
         sums.push(_mm512_reduce_add_ps(sum));
     }
-    let mut acc: Vec<[__m512; 4]> = vec![[_mm512_setzero_ps(); 4]; heads];
+    let mut acc: Vec<[__m512; V]> = vec![[_mm512_setzero_ps(); V]; heads];
     for j in 0..n {
         let value = load(v.ptr.add(j * v.ld));
         for (h, a) in acc.iter_mut().enumerate() {
             let p = _mm512_set1_ps(*scores.get_unchecked(h * n + j));
-            for c in 0..4 {
-                a[c] = _mm512_fmadd_ps(p, value[c], a[c]);
+            for (a, x) in a.iter_mut().zip(&value) {
+                *a = _mm512_fmadd_ps(p, *x, *a);
             }
         }
     }

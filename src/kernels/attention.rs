@@ -7,7 +7,7 @@ use ort::value::TensorElementType;
 
 #[cfg(target_arch = "x86_64")]
 use super::{amx, SCRATCH};
-use super::{amx_available, op_err, ort_parallel, AMX_HEAD_DIM, OP_ATTENTION};
+use super::{amx_available, op_err, ort_parallel, AMX_HEAD_DIMS, OP_ATTENTION};
 
 /// Shape of one attention call: `[batch, tokens, heads * head_dim]` for q, k, v and the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +44,8 @@ pub fn amx_attention(
 ) -> Result<()> {
     ensure!(amx_available(), "{OP_ATTENTION}: this CPU (or OS) has no AMX-BF16 tile support");
     ensure!(
-        shape.head_dim == AMX_HEAD_DIM,
-        "{OP_ATTENTION}: head size {} (only {AMX_HEAD_DIM} is supported)",
+        AMX_HEAD_DIMS.contains(&shape.head_dim),
+        "{OP_ATTENTION}: head size {} (supported: {AMX_HEAD_DIMS:?})",
         shape.head_dim
     );
     let len = shape.len();
@@ -71,7 +71,11 @@ pub fn amx_attention(
             // SAFETY: AMX/AVX-512 support and the tile permission were checked above; the lengths were
             // checked against `shape`, so each head's rows lie inside the slices; heads do not overlap.
             SCRATCH.with(|s| unsafe {
-                amx::attention(rows(qp), rows(kp), rows(vp), None, out, scale, &mut s.borrow_mut())
+                let (q, k, v, sc) = (rows(qp), rows(kp), rows(vp), &mut s.borrow_mut());
+                match shape.head_dim {
+                    64 => amx::attention::<64>(q, k, v, None, out, scale, sc),
+                    _ => amx::attention::<128>(q, k, v, None, out, scale, sc),
+                }
             });
         };
         run(shape.batch * shape.heads, &task)
@@ -169,19 +173,18 @@ mod tests {
             eprintln!("no AMX-BF16 on this CPU: kernel not exercised");
             return;
         }
-        // Token counts around every tile edge (16 queries/keys, 32 keys) and InternViT's 1025.
-        for (tokens, batch, heads) in
-            [(1, 1, 1), (15, 2, 3), (16, 1, 2), (17, 1, 1), (32, 1, 1), (33, 2, 2), (100, 1, 2), (1025, 1, 1)]
-        {
-            let shape = AttentionShape { batch, tokens, heads, head_dim: AMX_HEAD_DIM };
-            let seed = tokens as u64 * 31 + heads as u64;
+        // Token counts around every tile edge (16 queries/keys, 32 keys) and InternViT's 1025, both head sizes.
+        let cases = [(1, 1, 1), (15, 2, 3), (16, 1, 2), (17, 1, 1), (32, 1, 1), (33, 2, 2), (100, 1, 2), (1025, 1, 1)];
+        for ((tokens, batch, heads), head_dim) in cases.into_iter().flat_map(|c| AMX_HEAD_DIMS.map(|d| (c, d))) {
+            let shape = AttentionShape { batch, tokens, heads, head_dim };
+            let seed = tokens as u64 * 31 + heads as u64 + head_dim as u64;
             // Amplitudes like InternViT's: logits spanning tens, so the softmax is peaked and rounding shows.
             let (q, k, v) = (
                 random(shape.len(), seed, 3.0),
                 random(shape.len(), seed + 1, 3.0),
                 random(shape.len(), seed + 2, 1.0),
             );
-            let scale = 0.125;
+            let scale = 1.0 / (head_dim as f32).sqrt();
             let mut out = vec![f32::NAN; shape.len()];
             amx_attention(&q, &k, &v, &mut out, shape, scale, |n, f| {
                 (0..n).for_each(f);
@@ -191,10 +194,12 @@ mod tests {
             let same_inputs = max_diff(&out, &reference(&q, &k, &v, shape, scale, true));
             let exact = max_diff(&out, &reference(&q, &k, &v, shape, scale, false));
             // Same bf16 inputs: only fp32 accumulation order, the exp2 polynomial and the odd probability
-            // rounded the other way differ (measured <= 8.5e-5); a layout or mask error is ~0.1.
-            assert!(same_inputs < 5e-4, "tokens {tokens}: {same_inputs} from the bf16-input reference");
+            // rounded to bf16 the other way (one flip moves an output by up to 2^-8) differ: measured
+            // <= 8.5e-5 (64) / 5.9e-4 (128); a layout or mask error is ~0.1.
+            let what = format!("{tokens} tokens, head size {head_dim}");
+            assert!(same_inputs < 3e-3, "{what}: {same_inputs} from the bf16-input reference");
             // Against exact attention: the cost of bf16 (measured <= 1.0e-2 on these inputs).
-            assert!(exact < 2e-2, "tokens {tokens}: {exact} from exact attention");
+            assert!(exact < 2e-2, "{what}: {exact} from exact attention");
         }
     }
 

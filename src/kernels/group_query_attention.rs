@@ -7,7 +7,7 @@ use ort::value::TensorElementType;
 
 #[cfg(target_arch = "x86_64")]
 use super::{amx, SCORES, SCRATCH};
-use super::{amx_available, op_err, ort_parallel, AMX_HEAD_DIM, OP_GQA};
+use super::{amx_available, op_err, ort_parallel, AMX_HEAD_DIMS, OP_GQA};
 
 /// One call of grouped-query attention with a KV cache, batch 1: `queries` new positions after `past`
 /// cached ones; `heads` query heads share each of `kv_heads` key/value heads.
@@ -43,7 +43,7 @@ pub fn amx_group_query_attention(
 ) -> Result<()> {
     let GqaShape { queries, past, heads, kv_heads, head_dim: d, capacity } = shape;
     ensure!(amx_available(), "{OP_GQA}: this CPU (or OS) has no AMX-BF16 tile support");
-    ensure!(d == AMX_HEAD_DIM, "{OP_GQA}: head size {d} (only {AMX_HEAD_DIM} is supported)");
+    ensure!(AMX_HEAD_DIMS.contains(&d), "{OP_GQA}: head size {d} (supported: {AMX_HEAD_DIMS:?})");
     ensure!(kv_heads > 0 && heads % kv_heads == 0, "{OP_GQA}: {heads} heads do not group over {kv_heads} kv heads");
     let total = past + queries;
     ensure!(total <= capacity, "{OP_GQA}: {total} positions do not fit a cache of {capacity}");
@@ -96,7 +96,11 @@ pub fn amx_group_query_attention(
                 let out = RowsMut { ptr: (op as *mut f32).wrapping_add(g * group * d), ld: d };
                 // SAFETY: AVX-512 present (amx_available); sizes checked above; groups write disjoint rows.
                 SCORES.with(|s| unsafe {
-                    amx::attention_one_position(q, cached(kp, g), cached(vp, g), out, scale, &mut s.borrow_mut())
+                    let (k, v, scores) = (cached(kp, g), cached(vp, g), &mut s.borrow_mut());
+                    match d {
+                        64 => amx::attention_one_position::<4>(q, k, v, out, scale, scores),
+                        _ => amx::attention_one_position::<8>(q, k, v, out, scale, scores),
+                    }
                 });
             };
             run(kv_heads, &task)
@@ -108,7 +112,11 @@ pub fn amx_group_query_attention(
                 let g = h / group;
                 // SAFETY: as above; heads write disjoint columns of `out`.
                 SCRATCH.with(|s| unsafe {
-                    amx::attention(q, cached(kp, g), cached(vp, g), Some(past), out, scale, &mut s.borrow_mut())
+                    let (k, v, sc) = (cached(kp, g), cached(vp, g), &mut s.borrow_mut());
+                    match d {
+                        64 => amx::attention::<64>(q, k, v, Some(past), out, scale, sc),
+                        _ => amx::attention::<128>(q, k, v, Some(past), out, scale, sc),
+                    }
                 });
             };
             run(heads, &task)
@@ -242,7 +250,13 @@ mod tests {
             eprintln!("no AMX-BF16 on this CPU: kernel not exercised");
             return;
         }
-        let (heads, kv_heads, d) = (6, 2, AMX_HEAD_DIM);
+        for d in AMX_HEAD_DIMS {
+            check_group_query_attention(d);
+        }
+    }
+
+    fn check_group_query_attention(d: usize) {
+        let (heads, kv_heads) = (6, 2);
         let group = heads / kv_heads;
         let rows_of = 400;
         let (cos, sin): (Vec<f32>, Vec<f32>) = (0..rows_of * d / 2)
@@ -264,7 +278,7 @@ mod tests {
             let mut cache_v = random(kv_heads * capacity * d, seed + 4, 1.0);
             let (old_k, old_v) = (cache_k.clone(), cache_v.clone());
             let mut out = vec![f32::NAN; q.len()];
-            let scale = 0.125;
+            let scale = 1.0 / (d as f32).sqrt();
             amx_group_query_attention(
                 &q,
                 &k,
@@ -314,9 +328,9 @@ mod tests {
             }
             // A decode step is fp32 throughout (exp2 polynomial and summation order only); a prompt runs
             // on bf16 tiles (same bound as the vision kernel); both within bf16's cost of exact attention.
-            let bound = if queries == 1 { 1e-5 } else { 5e-4 };
-            assert!(worst_same < bound, "queries {queries}, past {past}: {worst_same} from the reference");
-            assert!(worst_exact < 2e-2, "queries {queries}, past {past}: {worst_exact} from exact attention");
+            let bound = if queries == 1 { 1e-5 } else { 3e-3 };
+            assert!(worst_same < bound, "d {d}, queries {queries}, past {past}: {worst_same} from the reference");
+            assert!(worst_exact < 2e-2, "d {d}, queries {queries}, past {past}: {worst_exact} from exact attention");
         }
     }
 }

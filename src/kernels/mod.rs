@@ -24,8 +24,9 @@ pub use group_query_attention::{amx_group_query_attention, AmxGroupQueryAttentio
 pub const DOMAIN: &str = "ai.internvl";
 pub const OP_ATTENTION: &str = "AmxAttention";
 pub const OP_GQA: &str = "AmxGroupQueryAttention";
-/// The only head size the tiles are laid out for (InternViT-300M, Qwen2.5-0.5B).
-pub const AMX_HEAD_DIM: usize = 64;
+/// Head sizes the tile layouts exist for: 64 (InternViT-300M, Qwen2.5-0.5B), 128 (InternViT-6B and
+/// the LLMs of InternVL 2B-8B: InternLM2.5, Qwen2.5-1.5B / 3B / 7B).
+pub const AMX_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Whether the AMX kernels can run here: the CPU has AMX-BF16 with AVX512-BF16, and Linux granted
 /// this process the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once).

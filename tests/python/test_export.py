@@ -210,13 +210,14 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
     assert json.loads(run.stdout)["generated_tokens"] == 8
 
 
-def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtures):
-    """vision-amx.onnx / decoder-amx.onnx (int8 export, 64-wide heads): every MultiHeadAttention /
+@pytest.mark.parametrize("folder", ["qwen2-amx-int8", "qwen2-amx128-int8"])
+def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtures, folder):
+    """vision-amx.onnx / decoder-amx.onnx (int8 exports, 64- and 128-wide heads): every MultiHeadAttention /
     GroupQueryAttention, and nothing else, replaced by the runtime's kernel; weights shared with the portable
     graph. Their numbers are checked in tests/e2e.rs."""
     import onnx
 
-    folder = fixtures / "models" / "qwen2-amx-int8"
+    folder = fixtures / "models" / folder
     m = json.loads((folder / "manifest.json").read_text())
     for stage, theirs, ours in (("vision", "MultiHeadAttention", "AmxAttention"),
                                 ("decoder", "GroupQueryAttention", "AmxGroupQueryAttention")):
