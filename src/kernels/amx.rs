@@ -164,37 +164,15 @@ unsafe fn blocks_64(n_q: usize, n_k: usize, causal: Option<usize>, out: RowsMut,
             tile_store!(0, s.add(j * 16), s_stride);
             tile_store!(1, s.add(16 * k32 + j * 16), s_stride);
         }
-        for (r, sum) in sums.iter_mut().enumerate() {
-            *sum = softmax_row(sc.s.as_ptr().add(r * k32), sc.p.as_mut_ptr().add(r * k32), seen(r), width);
-        }
+        softmax_rows(sc, k32, &mut sums, seen, width);
         // O = P V per 16-row block: A tile 4 = 32 keys of probabilities, 4 accumulators = 64 output dims.
         for half in 0..2 {
             let first = row0 + 16 * half;
             if first >= n_q {
                 break;
             }
-            tile_zero!(0);
-            tile_zero!(1);
-            tile_zero!(2);
-            tile_zero!(3);
-            let p = sc.p.as_ptr().add(16 * half * k32);
-            for t in 0..width / 32 {
-                tile_load!(4, p.add(t * 32), p_stride);
-                let b = sc.v.as_ptr().add(t * 2048);
-                tile_load!(6, b, 64usize);
-                tile_dot!(0, 4, 6);
-                tile_load!(7, b.add(512), 64usize);
-                tile_dot!(1, 4, 7);
-                tile_load!(6, b.add(1024), 64usize);
-                tile_dot!(2, 4, 6);
-                tile_load!(7, b.add(1536), 64usize);
-                tile_dot!(3, 4, 7);
-            }
             let o = sc.o.as_mut_ptr();
-            tile_store!(0, o, D * 4);
-            tile_store!(1, o.add(16), D * 4);
-            tile_store!(2, o.add(32), D * 4);
-            tile_store!(3, o.add(48), D * 4);
+            pv_tiles(sc.p.as_ptr().add(16 * half * k32), p_stride, width / 32, sc.v.as_ptr(), 4, o, D * 4);
             store_rows::<D>(&sums[16 * half..][..(n_q - first).min(16)], o, out, first);
         }
     }
@@ -231,36 +209,56 @@ unsafe fn blocks_128(n_q: usize, n_k: usize, causal: Option<usize>, out: RowsMut
             tile_dot!(0, 5, 7);
             tile_store!(0, s.add(j * 16), s_stride);
         }
-        for (r, sum) in sums.iter_mut().enumerate() {
-            *sum = softmax_row(sc.s.as_ptr().add(r * k32), sc.p.as_mut_ptr().add(r * k32), seen(r), width);
-        }
+        softmax_rows(sc, k32, &mut sums, seen, width);
         // O = P V in two passes of 64 output dims (4 accumulators each).
         let o = sc.o.as_mut_ptr();
         for pass in 0..2 {
-            tile_zero!(0);
-            tile_zero!(1);
-            tile_zero!(2);
-            tile_zero!(3);
-            let p = sc.p.as_ptr();
-            for t in 0..width / 32 {
-                tile_load!(4, p.add(t * 32), p_stride);
-                let b = sc.v.as_ptr().add((t * 8 + pass * 4) * 512);
-                tile_load!(6, b, 64usize);
-                tile_dot!(0, 4, 6);
-                tile_load!(7, b.add(512), 64usize);
-                tile_dot!(1, 4, 7);
-                tile_load!(6, b.add(1024), 64usize);
-                tile_dot!(2, 4, 6);
-                tile_load!(7, b.add(1536), 64usize);
-                tile_dot!(3, 4, 7);
-            }
-            let o = o.add(pass * 64);
-            tile_store!(0, o, D * 4);
-            tile_store!(1, o.add(16), D * 4);
-            tile_store!(2, o.add(32), D * 4);
-            tile_store!(3, o.add(48), D * 4);
+            let v = sc.v.as_ptr().add(pass * 4 * 512);
+            pv_tiles(sc.p.as_ptr(), p_stride, width / 32, v, 8, o.add(pass * 64), D * 4);
         }
         store_rows::<D>(&sums[..(n_q - row0).min(16)], o, out, row0);
+    }
+}
+
+/// O (16 rows x 64 dims, fp32) = P V over `chunks` of 32 keys: A = P's 16 x 32 bf16 tile of a chunk,
+/// B = the chunk's four V tiles (`tiles_per_chunk` apart in the packed V: 4 for 64-dim heads, 8 for 128).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pv_tiles(
+    p: *const u16,
+    p_stride: usize,
+    chunks: usize,
+    v: *const u16,
+    tiles_per_chunk: usize,
+    o: *mut f32,
+    o_stride: usize,
+) {
+    tile_zero!(0);
+    tile_zero!(1);
+    tile_zero!(2);
+    tile_zero!(3);
+    for t in 0..chunks {
+        tile_load!(4, p.add(t * 32), p_stride);
+        let b = v.add(t * tiles_per_chunk * 512);
+        tile_load!(6, b, 64usize);
+        tile_dot!(0, 4, 6);
+        tile_load!(7, b.add(512), 64usize);
+        tile_dot!(1, 4, 7);
+        tile_load!(6, b.add(1024), 64usize);
+        tile_dot!(2, 4, 6);
+        tile_load!(7, b.add(1536), 64usize);
+        tile_dot!(3, 4, 7);
+    }
+    tile_store!(0, o, o_stride);
+    tile_store!(1, o.add(16), o_stride);
+    tile_store!(2, o.add(32), o_stride);
+    tile_store!(3, o.add(48), o_stride);
+}
+
+/// Softmax of the first `sums.len()` score rows into P (row `r` sees `seen(r)` keys, P zero to `width`).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn softmax_rows(sc: &mut Scratch, k32: usize, sums: &mut [f32], seen: impl Fn(usize) -> usize, width: usize) {
+    for (r, sum) in sums.iter_mut().enumerate() {
+        *sum = softmax_row(sc.s.as_ptr().add(r * k32), sc.p.as_mut_ptr().add(r * k32), seen(r), width);
     }
 }
 
