@@ -141,7 +141,7 @@ pub fn open_graph(
         Some(format!("the AMX kernels run on the CPU and --device is {}", opts.device.name()))
     } else if amx.is_none() {
         Some(format!(
-            "{} has no AMX variant of {file} (written by int8 / int4 exports with 64-wide attention heads)",
+            "{} has no AMX variant of {file} (written by int8 / int4 exports with 64- or 128-wide attention heads)",
             m.dir.display()
         ))
     } else if !kernels::amx_available() {

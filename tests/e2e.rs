@@ -641,7 +641,7 @@ fn amx_graph_refused_where_it_cannot_run() {
     let out = run_model(&fixtures().join("model"), Some(&img), &["--attention", "amx"]);
     assert_clean_error(&out, "no AMX variant");
     let out = run_model(&amx_model(), Some(&img), &["--attention", "amx", "--device", "cuda"]);
-    assert_clean_error(&out, "cuda");
+    assert_clean_error(&out, "AMX kernels run on the CPU and --device is cuda");
     let m = folder_copy(&amx_model(), "amx-missing");
     std::fs::remove_file(m.join("vision-amx.onnx")).unwrap();
     assert_clean_error(&run_model(&m, Some(&img), &[]), "vision-amx.onnx");

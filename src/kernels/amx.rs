@@ -7,9 +7,10 @@
 //! products become cheap and what is left is the softmax over 1025 x 1025 scores, done here in one
 //! pass per block of queries while the scores are still in cache.
 //!
-//! Per head and per block of 32 queries: S = (Q * scale * log2 e) K^T on tiles (fp32 accumulate),
+//! Per head and per block of queries (32 for 64-dim heads, 16 for 128): S = (Q * scale * log2 e) K^T
+//! on tiles (fp32 accumulate),
 //! P = 2^(S - rowmax) rounded to bf16, O = P V on tiles, O /= rowsum(P) in fp32. Q, K and V are read
-//! from the graph's `[batch, tokens, heads * 64]` layout and packed per head: K^T and V into the VNNI
+//! in place (a head's rows inside a wider tensor or a KV cache) and packed per head: K^T and V into the VNNI
 //! pair layout the B operand of `tdpbf16ps` wants. Precision: inputs and probabilities carry bf16's
 //! 8-bit mantissa, everything accumulated in fp32 -- the same as PyTorch's bf16 attention.
 //!
@@ -455,7 +456,8 @@ unsafe fn bf16x32(lo: __m512, hi: __m512) -> __m512i {
 /// error < 2e-6, far below the bf16 rounding that follows).
 #[target_feature(enable = "avx512f")]
 unsafe fn exp2(t: __m512) -> __m512 {
-    let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
+    // Operand order: VMAXPS returns its second operand when either is NaN, so a NaN score stays NaN.
+    let t = _mm512_max_ps(_mm512_set1_ps(-126.0), t);
     let n = _mm512_roundscale_ps::<0>(t);
     let f = _mm512_sub_ps(t, n);
     let mut p = _mm512_set1_ps(1.333_355_8e-3);

@@ -130,8 +130,13 @@ impl Kernel for AmxAttentionKernel {
         );
         let (dims, q) = q.try_extract_tensor::<f32>()?;
         let dims = dims.to_vec();
-        let (_, k) = k.try_extract_tensor::<f32>()?;
-        let (_, v) = v.try_extract_tensor::<f32>()?;
+        let (k_dims, k) = k.try_extract_tensor::<f32>()?;
+        let (v_dims, v) = v.try_extract_tensor::<f32>()?;
+        if **k_dims != *dims || **v_dims != *dims {
+            return Err(op_err(format!(
+                "{OP_ATTENTION}: q {dims:?}, k {k_dims:?}, v {v_dims:?}: all must be [batch, tokens, hidden]"
+            )));
+        }
         let shape = AttentionShape::from_dims(&dims, self.heads).map_err(op_err)?;
         let scale = self.scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
         let mut out = ctx.output(0, dims)?.ok_or_else(|| op_err(format!("{OP_ATTENTION}: no output")))?;

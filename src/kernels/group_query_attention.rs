@@ -168,6 +168,14 @@ impl Operator for AmxGroupQueryAttention {
         if int("do_rotary") != Some(1) || int("rotary_interleaved").unwrap_or(0) != 0 {
             return Err(op_err(format!("{OP_GQA}: only do_rotary=1 with non-interleaved halves is implemented")));
         }
+        let options = [("local_window_size", -1), ("smooth_softmax", 0), ("qk_output", 0)];
+        if options.iter().any(|&(name, plain)| int(name).is_some_and(|v| v != plain))
+            || ctx.get::<f32>("softcap").is_some_and(|c| c != 0.0)
+        {
+            return Err(op_err(format!(
+                "{OP_GQA}: local windows, softcap, smooth softmax, qk output: not implemented"
+            )));
+        }
         Ok(AmxGroupQueryAttentionKernel {
             heads: heads as usize,
             kv_heads: kv_heads as usize,
@@ -181,44 +189,68 @@ impl Kernel for AmxGroupQueryAttentionKernel {
         let input = |i: usize| ctx.input(i)?.ok_or_else(|| op_err(format!("{OP_GQA}: input {i} missing")));
         let (q, k, v) = (input(0)?, input(1)?, input(2)?);
         let (past_k, past_v, total, cos, sin) = (input(3)?, input(4)?, input(6)?, input(7)?, input(8)?);
+        let seqlens = input(5)?;
         let (q_dims, q) = q.try_extract_tensor::<f32>()?;
         let (_, k) = k.try_extract_tensor::<f32>()?;
         let (_, v) = v.try_extract_tensor::<f32>()?;
-        let (_, cos) = cos.try_extract_tensor::<f32>()?;
+        let (cos_dims, cos) = cos.try_extract_tensor::<f32>()?;
         let (_, sin) = sin.try_extract_tensor::<f32>()?;
-        let total =
-            *total.try_extract_tensor::<i32>()?.1.first().ok_or_else(|| op_err("empty total_sequence_length"))?;
+        let first = |t: &[i32], what: &str| t.first().copied().ok_or_else(|| op_err(format!("{OP_GQA}: empty {what}")));
+        let total = first(total.try_extract_tensor::<i32>()?.1, "total_sequence_length")?;
+        let last_key = first(seqlens.try_extract_tensor::<i32>()?.1, "seqlens_k")?;
         let (past_dims, past_k) = past_k.try_extract_tensor::<f32>()?;
-        let (_, past_v) = past_v.try_extract_tensor::<f32>()?;
-        if q_dims.len() != 3 || q_dims[0] != 1 || past_dims.len() != 4 {
+        let (past_v_dims, past_v) = past_v.try_extract_tensor::<f32>()?;
+        if q_dims.len() != 3 || q_dims[0] != 1 || past_dims.len() != 4 || past_dims[0] != 1 {
             return Err(op_err(format!("{OP_GQA}: q {q_dims:?}, past {past_dims:?}: batch 1 only")));
         }
         let (queries, hidden) = (q_dims[1] as usize, q_dims[2] as usize);
         let (buffer, d) = (past_dims[2] as usize, past_dims[3] as usize);
-        let past = (total as usize).checked_sub(queries).ok_or_else(|| op_err("total_sequence_length < queries"))?;
+        let past =
+            usize::try_from(total).ok().and_then(|t| t.checked_sub(queries)).filter(|&p| p <= buffer).ok_or_else(
+                || {
+                    op_err(format!(
+                        "{OP_GQA}: total_sequence_length {total} with {queries} new positions and a past of {buffer}"
+                    ))
+                },
+            )?;
+        // The runtime's mask is all ones: the last key of the sequence is the last position.
+        if i64::from(last_key) != total as i64 - 1 {
+            return Err(op_err(format!(
+                "{OP_GQA}: seqlens_k {last_key} != total_sequence_length - 1 (padding is not implemented)"
+            )));
+        }
+        if past_dims[1] as usize != self.kv_heads || past_v_dims != past_dims || hidden != self.heads * d {
+            return Err(op_err(format!(
+                "{OP_GQA}: q {q_dims:?}, past key {past_dims:?}, past value {past_v_dims:?} do not fit {} heads / {} kv heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        if cos_dims.last().copied() != Some(d as i64 / 2) {
+            return Err(op_err(format!("{OP_GQA}: rotary tables {cos_dims:?} do not rotate all {d} dims")));
+        }
         let capacity = buffer.max(past + queries);
         let shape = GqaShape { queries, past, heads: self.heads, kv_heads: self.kv_heads, head_dim: d, capacity };
-        if hidden != self.heads * d {
-            return Err(op_err(format!("{OP_GQA}: q width {hidden} != {} heads x {d}", self.heads)));
-        }
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
         // Raw addresses: the present buffers are usually the past ones (bound twice).
         let (past_k, past_v) = (past_k.as_ptr(), past_v.as_ptr());
         let present_dims = vec![1, self.kv_heads as i64, capacity as i64, d as i64];
-        let mut present_k = ctx.output(1, present_dims.clone())?.ok_or_else(|| op_err("no present_key output"))?;
-        let mut present_v = ctx.output(2, present_dims)?.ok_or_else(|| op_err("no present_value output"))?;
+        let mut present_k =
+            ctx.output(1, present_dims.clone())?.ok_or_else(|| op_err(format!("{OP_GQA}: no present_key")))?;
+        let mut present_v =
+            ctx.output(2, present_dims)?.ok_or_else(|| op_err(format!("{OP_GQA}: no present_value")))?;
         let (_, cache_k) = present_k.try_extract_tensor_mut::<f32>()?;
         let (_, cache_v) = present_v.try_extract_tensor_mut::<f32>()?;
         for (src, dst) in [(past_k, &mut *cache_k), (past_v, &mut *cache_v)] {
             if src != dst.as_ptr() && past > 0 {
                 for g in 0..self.kv_heads {
-                    // SAFETY: a different buffer of [1, kv_heads, buffer, d] floats, of which `past` rows per head are read.
+                    // SAFETY: past_key / past_value are [1, kv_heads, buffer, d] (checked above) and `past <= buffer`
+                    // rows per head are read; the present buffer is a different one.
                     let rows = unsafe { std::slice::from_raw_parts(src.add(g * buffer * d), past * d) };
                     dst[g * capacity * d..][..past * d].copy_from_slice(rows);
                 }
             }
         }
-        let mut out = ctx.output(0, q_dims.to_vec())?.ok_or_else(|| op_err("no output"))?;
+        let mut out = ctx.output(0, q_dims.to_vec())?.ok_or_else(|| op_err(format!("{OP_GQA}: no output")))?;
         let (_, out) = out.try_extract_tensor_mut::<f32>()?;
         amx_group_query_attention(q, k, v, cache_k, cache_v, cos, sin, out, shape, scale, ort_parallel(ctx))
             .map_err(op_err)
