@@ -357,14 +357,29 @@ pub unsafe fn attention_one_position<const V: usize>(
     let queries: Vec<[__m512; V]> = (0..heads)
         .map(|h| load(q.ptr.add(h * q.ld)).map(|x| _mm512_mul_ps(x, _mm512_set1_ps(scale * std::f32::consts::LOG2_E))))
         .collect();
-    for j in 0..n {
+    // Keys in blocks that stay in L1 while every head of the group goes over them: each cached row is
+    // read from memory once per step.
+    let dot = |qh: &[__m512; V], j: usize| {
         let key = load(k.ptr.add(j * k.ld));
+        let mut acc = _mm512_mul_ps(qh[0], key[0]);
+        for c in 1..V {
+            acc = _mm512_fmadd_ps(qh[c], key[c], acc);
+        }
+        acc
+    };
+    for j0 in (0..n).step_by(KEY_BLOCK) {
+        let end = (j0 + KEY_BLOCK).min(n);
         for (h, qh) in queries.iter().enumerate() {
-            let mut acc = _mm512_mul_ps(qh[0], key[0]);
-            for c in 1..V {
-                acc = _mm512_fmadd_ps(qh[c], key[c], acc);
+            let row = scores.as_mut_ptr().add(h * n);
+            let mut j = j0;
+            while j + 16 <= end {
+                let parts: [__m512; 16] = std::array::from_fn(|i| dot(qh, j + i));
+                _mm512_storeu_ps(row.add(j), sum_lanes_16(parts));
+                j += 16;
             }
-            *scores.get_unchecked_mut(h * n + j) = _mm512_reduce_add_ps(acc);
+            for j in j..end {
+                *row.add(j) = _mm512_reduce_add_ps(dot(qh, j));
+            }
         }
     }
     let mut sums = Vec::with_capacity(heads);
@@ -386,13 +401,17 @@ pub unsafe fn attention_one_position<const V: usize>(
         sums.push(_mm512_reduce_add_ps(sum));
     }
     let mut acc: Vec<[__m512; V]> = vec![[_mm512_setzero_ps(); V]; heads];
-    for j in 0..n {
-        let value = load(v.ptr.add(j * v.ld));
-        for (h, a) in acc.iter_mut().enumerate() {
-            let p = _mm512_set1_ps(*scores.get_unchecked(h * n + j));
-            for (a, x) in a.iter_mut().zip(&value) {
-                *a = _mm512_fmadd_ps(p, *x, *a);
+    for j0 in (0..n).step_by(KEY_BLOCK) {
+        let end = (j0 + KEY_BLOCK).min(n);
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let mut a = *acc; // in registers for the block
+            for j in j0..end {
+                let p = _mm512_set1_ps(*scores.get_unchecked(h * n + j));
+                for (a, x) in a.iter_mut().zip(load(v.ptr.add(j * v.ld))) {
+                    *a = _mm512_fmadd_ps(p, x, *a);
+                }
             }
+            *acc = a;
         }
     }
     for (h, a) in acc.iter().enumerate() {
@@ -444,6 +463,25 @@ unsafe fn softmax_row(s: *const f32, p: *mut u16, n: usize, n32: usize) -> f32 {
         c += 16;
     }
     _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+}
+
+/// Keys per block of a decode step: 64 rows of K or V (16 / 32 KB) stay in L1 across a head group.
+const KEY_BLOCK: usize = 64;
+
+/// Lane `i` of the result = the sum of the 16 lanes of `v[i]` (a transpose-and-add tree: about 3
+/// instructions per vector instead of a full horizontal reduction each).
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_lanes_16(v: [__m512; 16]) -> __m512 {
+    // Pairs: per 128-bit block [a0+a2, b0+b2, a1+a3, b1+b3].
+    let pair = |a: __m512, b: __m512| _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    // Quads: per 128-bit block [sum a, sum b, sum c, sum d] over that block's 4 lanes.
+    let quad = |x: __m512, y: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y));
+    let w: [__m512; 4] = std::array::from_fn(|i| quad(pair(v[4 * i], v[4 * i + 1]), pair(v[4 * i + 2], v[4 * i + 3])));
+    // Blocks: add the four 128-bit blocks of each w and put w[i]'s sums in block i.
+    let half =
+        |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    let (u01, u23) = (half(w[0], w[1]), half(w[2], w[3]));
+    _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u01, u23), _mm512_shuffle_f32x4::<0xDD>(u01, u23))
 }
 
 /// 32 floats rounded to bf16 (nearest even), `lo` in the low half.
