@@ -1,5 +1,6 @@
 //! The only place that knows ONNX Runtime: loading the shared library, execution providers, and
-//! session options. Every graph is opened through [`open_session`].
+//! session options. Every graph is opened through [`open_graph`], which also picks between a portable
+//! graph and its variant on this crate's own kernels.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -123,12 +124,6 @@ fn find_library() -> Result<PathBuf> {
     )
 }
 
-/// Opens one graph on the requested device. Asking for a GPU provider that this ONNX Runtime build
-/// does not have is an error, never a silent fallback to CPU.
-pub fn open_session(path: &Path, opts: &RuntimeOptions) -> Result<Session> {
-    open(path, opts, false)
-}
-
 /// Opens a stage's graph, `file`, or its AMX variant when `opts.attention` asks for it (or leaves it
 /// to us) and it can run here. Returns the session and the file it opened.
 pub fn open_graph(
@@ -158,6 +153,8 @@ pub fn open_graph(
     }
 }
 
+/// One graph on the requested device, with this crate's kernels registered when `kernels`. Asking for a
+/// GPU provider that this ONNX Runtime build does not have is an error, never a silent fallback to CPU.
 fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
     let (_, env) = init(opts.threads)?;
     let what = || format!("opening {}", path.display());
