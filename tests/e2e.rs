@@ -635,6 +635,25 @@ fn amx_vision_agrees(model: &Path) {
 }
 
 #[test]
+fn kv_cache_handed_back_instead_of_shared_gives_the_same_logits() {
+    // With the manifest saying plain attention, the decoder hands each call's present tensors back as the
+    // next past instead of binding one buffer to both: the attention kernel then writes a fresh present
+    // (the AMX operator copies the past into it). Same numbers either way, for both kernels.
+    use internvl::runtime::{AttentionKernels, RuntimeOptions};
+    let copy = folder_copy(&amx_model(), "amx-unshared");
+    edit_manifest(&copy, |v| v["decoder"]["attention"] = "onnx".into());
+    for attention in [AttentionKernels::Onnx, AttentionKernels::Auto] {
+        let rt = RuntimeOptions { attention, ..Default::default() };
+        let mut shared = internvl::InternVL::load(&amx_model(), &rt, false).unwrap();
+        let mut handed = internvl::InternVL::load(&copy, &rt, false).unwrap();
+        assert_eq!(shared.graph_files(), handed.graph_files());
+        let (want, _) = logits_sized_and_grown(&mut shared);
+        let (got, _) = logits_sized_and_grown(&mut handed);
+        assert_eq!(got, want, "{:?}: logits differ when the cache is handed back", shared.graph_files());
+    }
+}
+
+#[test]
 fn amx_graph_refused_where_it_cannot_run() {
     let img = fixtures().join("images/448x448_1.png");
     // fp32 exports keep fp32 attention: no AMX graph.
