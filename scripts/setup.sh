@@ -8,4 +8,10 @@ if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, py
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r export/requirements.txt
 fi
+# libjpeg-turbo (the JPEG decoder Pillow uses) is built from source with CMake: the system's, or the
+# PyPI one in .venv.
+if ! command -v cmake >/dev/null && [ ! -x .venv/bin/cmake ]; then
+  .venv/bin/pip install -q --disable-pip-version-check "cmake>=3.16,<5"
+fi
+command -v cmake >/dev/null || export CMAKE="$PWD/.venv/bin/cmake"
 cargo build --release --quiet

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+command -v cmake >/dev/null || export CMAKE="$PWD/.venv/bin/cmake"  # libjpeg-turbo's build (setup.sh)
 .venv/bin/ruff check export tests
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --quiet -- -D warnings

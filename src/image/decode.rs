@@ -1,6 +1,8 @@
 //! Decoding an image file the way `PIL.Image.open(path).convert('RGB')` does.
 //!
-//! Pixel decoding is done by the `image` crate; what this module adds is Pillow's semantics:
+//! JPEG goes to libjpeg-turbo with Pillow's settings ([`super::jpeg`]), so its pixels are Pillow's
+//! bit for bit. Every other format is decoded by the `image` crate; what this module adds is Pillow's
+//! semantics:
 //!
 //! * The format is detected from the file content only (like Pillow), never the extension,
 //!   so a text file named `x.png` is "not a recognised image file" rather than a PNG error.
@@ -9,14 +11,15 @@
 //!   `RGB;16B` etc.); 16-bit grayscale opens in Pillow as mode `I;16` whose `convert('RGB')`
 //!   *clips* values above 255 to 255 (so most 16-bit gray images become nearly white).
 //! * Truncated files are errors. Pillow raises "image file is truncated" for JPEGs without an
-//!   end-of-image marker, while the `image` crate's JPEG decoder silently fills the missing
-//!   part, so JPEG marker structure is checked here first.
+//!   end-of-image marker, while libjpeg would fill the missing part with gray and warn, so the
+//!   JPEG marker structure is walked first.
 //! * Images above Pillow's decompression-bomb limit are rejected before any pixel memory is
 //!   allocated, and the decoder's own allocation limit is raised to 2 GiB so that large but
 //!   legitimate photos (e.g. 8000x6000) decode.
 //! * EXIF orientation is ignored unless asked for, like the reference (which never calls
 //!   `ImageOps.exif_transpose`).
 
+use super::jpeg;
 use ::image::metadata::Orientation;
 use ::image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use anyhow::{anyhow, bail, Result};
@@ -32,12 +35,11 @@ const MAX_DECODER_ALLOC: u64 = 2 << 30;
 const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
 
 /// Makes any message safe to embed in a one-line error.
-fn one_line(s: impl std::fmt::Display) -> String {
+pub(super) fn one_line(s: impl std::fmt::Display) -> String {
     s.to_string().replace(['\n', '\r'], " ")
 }
 
-/// Loads `path` as 8-bit RGB exactly like `Image.open(path).convert('RGB')` (JPEG pixel
-/// values excepted, see the module docs). With `apply_exif`, the EXIF orientation tag is
+/// Loads `path` as 8-bit RGB exactly like `Image.open(path).convert('RGB')`. With `apply_exif`, the EXIF orientation tag is
 /// applied afterwards, like `ImageOps.exif_transpose`.
 ///
 /// Every error is a single line that names the file.
@@ -63,24 +65,15 @@ fn decode_bytes(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
         .with_guessed_format()
         .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
     let format = reader.format().ok_or_else(|| anyhow!("not a recognised image file (unknown format)"))?;
-    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(data) {
-        bail!("image file is truncated (JPEG data ends before the end-of-image marker)");
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(data, apply_exif);
     }
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > MAX_IMAGE_PIXELS {
-        bail!(
-            "image is too large: {width}x{height} = {pixels} pixels exceeds the limit of \
-             {MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)"
-        );
-    }
-    if pixels == 0 {
-        bail!("image has no pixels ({width}x{height})");
-    }
+    check_pixels(width, height)?;
     let orientation = if apply_exif {
         // A damaged EXIF block is not worth failing over: keep the stored orientation.
         decoder.orientation().unwrap_or(Orientation::NoTransforms)
@@ -96,6 +89,41 @@ fn decode_bytes(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
         let mut img = DynamicImage::ImageRgb8(rgb);
         img.apply_orientation(orientation);
         img.into_rgb8()
+    })
+}
+
+/// Refuses what Pillow refuses (its decompression-bomb error), before any pixel memory exists.
+fn check_pixels(width: u32, height: u32) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        bail!(
+            "image is too large: {width}x{height} = {pixels} pixels exceeds the limit of \
+             {MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)"
+        );
+    }
+    if pixels == 0 {
+        bail!("image has no pixels ({width}x{height})");
+    }
+    Ok(())
+}
+
+/// JPEG through libjpeg-turbo, as Pillow decodes it; EXIF orientation read from the APP1 segment.
+fn decode_jpeg(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
+    let markers = jpeg::walk_markers(data)?;
+    let jpeg = jpeg::Jpeg::open(data)?;
+    let (width, height) = (jpeg.header.width, jpeg.header.height);
+    check_pixels(width, height)?;
+    let rgb = RgbImage::from_raw(width, height, jpeg.decode()?)
+        .ok_or_else(|| anyhow!("JPEG decoder returned a buffer of the wrong size for {width}x{height}"))?;
+    // A damaged EXIF block is not worth failing over: keep the stored orientation.
+    let orientation = markers.exif.filter(|_| apply_exif).and_then(Orientation::from_exif_chunk);
+    Ok(match orientation {
+        Some(o) if o != Orientation::NoTransforms => {
+            let mut img = DynamicImage::ImageRgb8(rgb);
+            img.apply_orientation(o);
+            img.into_rgb8()
+        }
+        _ => rgb,
     })
 }
 
@@ -116,51 +144,6 @@ fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
 /// which must still be converted with `I;16` rules rather than `LA` rules.
 fn png_is_16bit_gray(data: &[u8]) -> bool {
     data.len() >= 26 && data.starts_with(PNG_SIGNATURE) && &data[12..16] == b"IHDR" && data[24] == 16 && data[25] == 0
-}
-
-/// Walks the JPEG marker structure and reports whether an EOI marker is reached before the
-/// data ends. Segments are skipped by their length (so an EXIF thumbnail's EOI does not
-/// count); entropy-coded data is scanned for the next real marker (`FF` not followed by a
-/// stuffed `00` or a restart marker).
-fn jpeg_has_end_marker(data: &[u8]) -> bool {
-    if !data.starts_with(&[0xFF, 0xD8]) {
-        return false;
-    }
-    let n = data.len();
-    let mut i = 2;
-    while i < n {
-        if data[i] != 0xFF {
-            // Entropy-coded data (or junk that libjpeg would skip with a warning).
-            match data[i..].iter().position(|&b| b == 0xFF) {
-                Some(off) => i += off,
-                None => return false,
-            }
-            continue;
-        }
-        let mut j = i + 1;
-        while j < n && data[j] == 0xFF {
-            j += 1; // fill bytes
-        }
-        if j >= n {
-            return false;
-        }
-        match data[j] {
-            0xD9 => return true,
-            // Stuffed zero, restart markers, TEM, SOI: no length field.
-            0x00 | 0x01 | 0xD0..=0xD8 => i = j + 1,
-            _ => {
-                if j + 2 >= n {
-                    return false;
-                }
-                let len = usize::from(u16::from_be_bytes([data[j + 1], data[j + 2]]));
-                if len < 2 {
-                    return false;
-                }
-                i = j + 1 + len;
-            }
-        }
-    }
-    false
 }
 
 /// Builds an RGB image from `channels`-sample pixels of `src` with `f`.
@@ -263,16 +246,5 @@ mod tests {
         let rgba = ::image::RgbaImage::from_raw(1, 1, vec![10, 20, 30, 0]).unwrap();
         let p = tmp("rgba.png", &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png));
         assert_eq!(load_image(&p, false).unwrap().as_raw(), &[10, 20, 30]);
-    }
-
-    #[test]
-    fn jpeg_marker_walk() {
-        // SOI, APP1 whose payload contains FF D9, SOS, entropy data with stuffing, EOI.
-        let mut j = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
-        j.extend([0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
-        assert!(!jpeg_has_end_marker(&j));
-        j.extend([0xFF, 0xD9]);
-        assert!(jpeg_has_end_marker(&j));
-        assert!(!jpeg_has_end_marker(&j[..8]));
     }
 }

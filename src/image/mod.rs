@@ -13,6 +13,7 @@
 //! * [`normalize`]: float32 `(x / 255 - mean) / std` with the same IEEE operations as torch.
 
 mod decode;
+mod jpeg;
 mod normalize;
 mod resize;
 mod tiling;
