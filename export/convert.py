@@ -65,10 +65,10 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
                 if variant:
                     entry["amx"] = variant
                     log(f"{variant['file']}: {layers} attention layers on the runtime's AMX kernel")
-        stop_ids = sorted({manifest.token_id(tokenizer_json, tpl["stop"]), *eos_ids(ckpt)})
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
-                     "img_context_id": ids["img_context"], "vocab_size": ids["vocab_size"], "stop_ids": stop_ids}
+                     "img_context_id": ids["img_context"], "vocab_size": ids["vocab_size"],
+                     **answer_spec(ckpt, tokenizer_json, tpl)}
         image = {"image_size": vision["image_size"], **checkpoint.tiling(ckpt),
                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
         manifest.write(
@@ -143,6 +143,38 @@ def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_t
             entry["int4_block"] = int4_block
         log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["quantization"].items()))
         quantize.replace(quant, work / name)
+
+
+def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) -> dict:
+    """Where generation stops and how the answer text is made from the ids, as the reference does it.
+
+    Original layout: the remote code's `chat()` sets `eos_token_id` to the id of `template.sep.strip()` only,
+    decodes with the slow tokenizer (`skip_special_tokens=True` in the `internvl_chat` code; False in the
+    InternVL3.5 code, i.e. Qwen3 LLMs), then returns `text.split(sep.strip())[0].strip()`. The slow tokenizer
+    skips its `all_special_ids` (bos / eos / unk / sep / pad / cls / mask and additional_special_tokens),
+    which is not the set tokenizer.json marks special (InternVL's `<img>` tokens are special there only).
+    -hf layout: transformers' `generate` stops on generation_config's eos ids; the fast tokenizer skips the
+    tokens tokenizer.json marks special."""
+    from .tokenizer import reference_special_tokens
+
+    tok = json.loads(tokenizer_json.read_text())
+    if ckpt.layout == "original":
+        stop = [manifest.token_id(tokenizer_json, tpl["stop"])]
+        stop_why = "chat(): eos_token_id = id of template.sep.strip()"
+        keep_special = ckpt.llm_family == "qwen3"
+        names = [] if keep_special else reference_special_tokens(ckpt.path)
+        skip = sorted({i for i in (manifest.token_id_or_none(tokenizer_json, n) for n in names) if i is not None})
+        why = ("InternVL3.5 chat(): batch_decode(skip_special_tokens=False)" if keep_special else
+               "chat(): batch_decode(skip_special_tokens=True) with the slow tokenizer's all_special_ids")
+        split = tpl["stop"]
+    else:
+        stop = eos_ids(ckpt) or [manifest.token_id(tokenizer_json, tpl["stop"])]
+        stop_why = "generate(): generation_config.json eos_token_id"
+        skip = sorted(t["id"] for t in tok.get("added_tokens", []) if t.get("special"))
+        why = "decode(skip_special_tokens=True) with the fast tokenizer"
+        split = None
+    return {"stop_ids": stop, "stop_ids_source": stop_why,
+            "answer": {"skip_ids": skip, "skip_ids_source": why, "split_at": split}}
 
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:

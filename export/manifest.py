@@ -22,6 +22,12 @@ def token_id(tokenizer_json: Path, token: str) -> int:
     return tid
 
 
+def token_id_or_none(tokenizer_json: Path, token: str) -> int | None:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
+
+
 def special_ids(tokenizer_json: Path) -> dict:
     """Ids of the tokens the runtime treats specially, looked up in the tokenizer that ships with the model."""
     from tokenizers import Tokenizer

@@ -241,3 +241,35 @@ def _onig_escape(s: str) -> str:
 
 def _json(p: Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+# The special-token defaults of the slow tokenizer classes the reference loads (`use_fast=False`), used
+# where tokenizer_config.json does not name a token (transformers 4.37 `__init__` signatures).
+SLOW_DEFAULTS = {
+    "Qwen2Tokenizer": {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "InternLM2Tokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"},
+}
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def reference_special_tokens(checkpoint: Path) -> list[str]:
+    """The slow tokenizer's `all_special_tokens` (what `skip_special_tokens=True` drops): the named special
+    tokens from tokenizer_config.json, overridden by special_tokens_map.json as `from_pretrained` does, the
+    class defaults for those it names nowhere, then `additional_special_tokens`."""
+    checkpoint = Path(checkpoint)
+
+    def load(name):
+        f = checkpoint / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    cfg, smap = load("tokenizer_config.json"), load("special_tokens_map.json")
+    cls = str(cfg.get("tokenizer_class") or "").removesuffix("Fast")
+    merged = {**SLOW_DEFAULTS.get(cls, {}), **cfg, **{k: v for k, v in smap.items() if v}}
+
+    def content(t):
+        return t.get("content") if isinstance(t, dict) else t
+
+    names = [content(merged.get(k)) for k in SPECIAL_KEYS]
+    names += [content(t) for t in merged.get("additional_special_tokens") or []]
+    return list(dict.fromkeys(n for n in names if n))

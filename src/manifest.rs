@@ -130,7 +130,18 @@ pub struct TokenizerSpec {
     pub img_end_id: u32,
     pub img_context_id: u32,
     pub vocab_size: usize,
+    /// The ids generation stops on: what the reference stops on for this layout (`stop_ids_source`).
     pub stop_ids: Vec<u32>,
+    pub answer: AnswerSpec,
+}
+
+/// How the answer text is made from the generated ids, as the reference returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AnswerSpec {
+    /// Ids left out of the text (the reference tokenizer's special ids; empty where it keeps them).
+    pub skip_ids: Vec<u32>,
+    /// The text is cut at the first occurrence of this (the template separator), then stripped.
+    pub split_at: Option<String>,
 }
 
 /// A conversation template as the reference `conversation.py` defines it.
@@ -203,7 +214,9 @@ impl Manifest {
             "max_tiles {} outside 1..={MAX_TILES}",
             self.image.max_tiles
         );
-        for id in [t.img_start_id, t.img_end_id, t.img_context_id].iter().chain(&t.stop_ids) {
+        ensure!(!t.stop_ids.is_empty(), "no stop ids: generation would only end at the length limit");
+        let ids = [t.img_start_id, t.img_end_id, t.img_context_id];
+        for id in ids.iter().chain(&t.stop_ids).chain(&t.answer.skip_ids) {
             ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }
         for (variant, op) in [(&v.amx, crate::kernels::OP_ATTENTION), (&d.amx, crate::kernels::OP_GQA)] {

@@ -15,7 +15,7 @@ use crate::manifest::Manifest;
 use crate::prompt;
 use crate::runtime::RuntimeOptions;
 use crate::sampling::{Sampler, SamplingOptions};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::tokenizer::{answer_text, AnswerStream, StreamDecoder, Tokenizer};
 use crate::vision::VisionEncoder;
 
 /// A loaded model folder: the graphs, the tokenizer and the embedding table.
@@ -87,7 +87,8 @@ impl InternVL {
         let t0 = Instant::now();
         let manifest = Manifest::load(dir)?;
         let bar = spinner(progress, "loading model");
-        let tokenizer = Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?;
+        let tokenizer =
+            Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?.skipping(&manifest.tokenizer.answer.skip_ids);
         for (name, id) in [
             (&manifest.tokenizer.img_start, manifest.tokenizer.img_start_id),
             (&manifest.tokenizer.img_end, manifest.tokenizer.img_end_id),
@@ -279,7 +280,8 @@ impl InternVL {
         conv.ids = full; // then every generated token the decoder runs: also the sampler's context
         let mut generated = Vec::new();
         let mut stream = StreamDecoder::default();
-        let mut started = false;
+        let split_at = self.manifest.tokenizer.answer.split_at.as_deref();
+        let mut answer = AnswerStream::new(split_at);
         let mut first_token_ms = 0.0;
         let mut finish_reason = "length";
         let mut steps = 0usize;
@@ -300,8 +302,8 @@ impl InternVL {
                 break;
             }
             generated.push(id);
-            if let Some(piece) = stream.push(&self.tokenizer, id)? {
-                emit(&piece, &mut started, on_text)?;
+            if let Some(piece) = stream.push(&self.tokenizer, id)?.and_then(|p| answer.push(&p)) {
+                on_text(&piece)?;
             }
             if generated.len() == budget {
                 break; // not run: the next turn re-tokenises the answer anyway
@@ -312,12 +314,14 @@ impl InternVL {
             conv.ids.push(id);
             steps += 1;
         }
-        if let Some(piece) = stream.finish(&self.tokenizer)? {
-            emit(&piece, &mut started, on_text)?;
+        let rest = stream.finish(&self.tokenizer)?.and_then(|p| answer.push(&p));
+        if let Some(piece) = rest.into_iter().chain(answer.finish()).reduce(|a, b| a + &b) {
+            on_text(&piece)?;
         }
         conv.broken = false;
         let decode_ms = ms(t);
-        let text = self.tokenizer.decode(&generated)?.trim().to_string();
+        // What the reference returns (and what the next turn's history holds).
+        let text = answer_text(&self.tokenizer.decode(&generated)?, split_at);
         Ok(Output {
             text,
             prompt_tokens,
@@ -368,15 +372,6 @@ impl Conversation {
 }
 
 /// Streams text with the leading whitespace dropped, as the reference strips its answer.
-fn emit(piece: &str, started: &mut bool, on_text: &mut dyn FnMut(&str) -> Result<()>) -> Result<()> {
-    let piece = if *started { piece } else { piece.trim_start() };
-    if !piece.is_empty() {
-        *started = true;
-        on_text(piece)?;
-    }
-    Ok(())
-}
-
 fn spinner(enabled: bool, msg: &'static str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();

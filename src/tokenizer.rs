@@ -1,18 +1,34 @@
-//! The model's `tokenizer.json` and UTF-8-safe streaming detokenisation.
+//! The model's `tokenizer.json`, decoding as the reference's tokenizer decodes, and UTF-8-safe streaming
+//! of the answer text exactly as the reference returns it.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
+use tokenizers::{Decoder, ModelWrapper};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Ids left out of decoded text (the reference tokenizer's special ids, from the manifest).
+    skip: HashSet<u32>,
+    /// A sentencepiece BPE with byte fallback: byte-token runs are decoded as sentencepiece does.
+    byte_fallback: bool,
 }
 
 impl Tokenizer {
+    /// Loads `path`; decoded text leaves out the tokens tokenizer.json marks special.
     pub fn load(path: &Path) -> Result<Self> {
         let inner =
             tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
-        Ok(Self { inner })
+        let skip = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        let byte_fallback = matches!(inner.get_model(), ModelWrapper::BPE(bpe) if bpe.byte_fallback);
+        Ok(Self { inner, skip, byte_fallback })
+    }
+
+    /// Decoded text leaves out exactly `ids` (the manifest's `answer.skip_ids`).
+    pub fn skipping(mut self, ids: &[u32]) -> Self {
+        self.skip = ids.iter().copied().collect();
+        self
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`, `<img>`) map to their ids.
@@ -22,12 +38,124 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Text of `ids` as the reference's `batch_decode` gives it: the skipped ids left out, byte-fallback
+    /// runs decoded as sentencepiece decodes them (one U+FFFD per invalid byte, valid characters kept,
+    /// where the `tokenizers` ByteFallback decoder turns a whole run with any invalid byte into U+FFFDs).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding tokens: {e}"))
+        let mut tokens = Vec::with_capacity(ids.len());
+        let mut bytes = Vec::new();
+        for &id in ids.iter().filter(|id| !self.skip.contains(id)) {
+            let token = self.inner.id_to_token(id).ok_or_else(|| anyhow!("decoding tokens: unknown id {id}"))?;
+            match self.byte_fallback.then(|| byte_token(&token)).flatten() {
+                Some(b) => bytes.push(b),
+                None => {
+                    if !bytes.is_empty() {
+                        tokens.push(sentencepiece_bytes(&std::mem::take(&mut bytes)));
+                    }
+                    tokens.push(token);
+                }
+            }
+        }
+        if !bytes.is_empty() {
+            tokens.push(sentencepiece_bytes(&bytes));
+        }
+        match self.inner.get_decoder() {
+            Some(d) => d.decode(tokens).map_err(|e| anyhow!("decoding tokens: {e}")),
+            None => Ok(tokens.join(" ")),
+        }
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// The byte of a byte-fallback token `<0xAB>`.
+fn byte_token(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// sentencepiece's decoding of a run of byte pieces: one character at a time where the bytes form a valid
+/// UTF-8 character, else one U+FFFD for the single byte, and on.
+fn sentencepiece_bytes(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let valid = (1..=4).filter(|n| i + n <= bytes.len()).find_map(|n| std::str::from_utf8(&bytes[i..i + n]).ok());
+        match valid {
+            Some(ch) => {
+                out.push_str(ch);
+                i += ch.len();
+            }
+            None => {
+                out.push('\u{FFFD}');
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Python's `str.isspace`: Unicode White_Space plus the information separators U+001C..U+001F.
+fn is_py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1C}'..='\u{1F}').contains(&c)
+}
+
+/// The reference's answer: `text.split(split_at)[0].strip()` (Python's strip).
+pub fn answer_text(text: &str, split_at: Option<&str>) -> String {
+    let cut = split_at.and_then(|s| text.split(s).next()).unwrap_or(text);
+    cut.trim_matches(is_py_space).to_string()
+}
+
+/// Streams the answer so that the pieces add up to [`answer_text`] of the whole text: leading whitespace is
+/// dropped, trailing whitespace and a tail that could begin the split string are held back until more text
+/// shows what they are, and nothing is shown past the split string.
+pub struct AnswerStream {
+    raw: String,
+    shown: usize,
+    split_at: Option<String>,
+}
+
+impl AnswerStream {
+    pub fn new(split_at: Option<&str>) -> Self {
+        Self { raw: String::new(), shown: 0, split_at: split_at.filter(|s| !s.is_empty()).map(str::to_string) }
+    }
+
+    /// Adds decoded text; returns what can be shown now.
+    pub fn push(&mut self, piece: &str) -> Option<String> {
+        self.raw.push_str(piece);
+        self.take(false)
+    }
+
+    /// The rest, once generation has ended.
+    pub fn finish(&mut self) -> Option<String> {
+        self.take(true)
+    }
+
+    fn take(&mut self, last: bool) -> Option<String> {
+        let text = self.raw.trim_start_matches(is_py_space);
+        let (mut text, cut) = match self.split_at.as_deref().and_then(|s| text.find(s)) {
+            Some(at) => (&text[..at], true),
+            None => (text, false),
+        };
+        if !(last || cut) {
+            if let Some(split) = self.split_at.as_deref() {
+                // The longest tail of the text that is a proper prefix of the split string.
+                if let Some(k) =
+                    (1..split.len()).rev().find(|&k| split.is_char_boundary(k) && text.ends_with(&split[..k]))
+                {
+                    text = &text[..text.len() - k];
+                }
+            }
+        }
+        let text = text.trim_end_matches(is_py_space);
+        if text.len() <= self.shown || !text.is_char_boundary(self.shown) {
+            return None;
+        }
+        let piece = text[self.shown..].to_string();
+        self.shown = text.len();
+        Some(piece)
     }
 }
 
@@ -65,5 +193,45 @@ impl StreamDecoder {
     /// Whatever is still held back at the end (a genuinely invalid sequence, shown as U+FFFD).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
         self.take(tok, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_runs_decode_as_sentencepiece() {
+        assert_eq!(sentencepiece_bytes(&[0x47, 0xD7]), "G\u{FFFD}");
+        assert_eq!(sentencepiece_bytes(&[0xE4, 0xBD, 0xA0, 0x41]), "你A");
+        // A truncated 3-byte character: one U+FFFD per byte (Python's "replace" would give one).
+        assert_eq!(sentencepiece_bytes(&[0xE4, 0xBD, 0x41]), "\u{FFFD}\u{FFFD}A");
+        assert_eq!(byte_token("<0x0A>"), Some(10));
+        assert_eq!(byte_token("<0x0A0>"), None);
+        assert_eq!(byte_token("<s>"), None);
+    }
+
+    #[test]
+    fn answer_text_splits_then_strips_like_python() {
+        assert_eq!(answer_text("  a b <|im_end|> c", Some("<|im_end|>")), "a b");
+        assert_eq!(answer_text("\u{1C}x\u{A0}\n", None), "x");
+        assert_eq!(answer_text("<|im_end|>rest", Some("<|im_end|>")), "");
+    }
+
+    #[test]
+    fn streamed_pieces_add_up_to_the_answer() {
+        let texts = ["  Hello <|im", "_end|> more", " a  b  ", "x <|im_start|>y <", "\n\n", "tail <|im_e"];
+        for whole in texts {
+            for step in 1..4 {
+                let mut stream = AnswerStream::new(Some("<|im_end|>"));
+                let mut shown = String::new();
+                let chars: Vec<char> = whole.chars().collect();
+                for chunk in chars.chunks(step) {
+                    shown.extend(stream.push(&chunk.iter().collect::<String>()));
+                }
+                shown.extend(stream.finish());
+                assert_eq!(shown, answer_text(whole, Some("<|im_end|>")), "{whole:?} in steps of {step}");
+            }
+        }
     }
 }
