@@ -155,9 +155,10 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
     which is not the set tokenizer.json marks special (InternVL's `<img>` tokens are special there only).
     -hf layout: transformers' `generate` stops on generation_config's eos ids; the fast tokenizer skips the
     tokens tokenizer.json marks special."""
-    from .tokenizer import reference_special_tokens
+    from .tokenizer import reference_added_tokens, reference_special_tokens
 
     tok = json.loads(tokenizer_json.read_text())
+    separate, spaces = [], False
     if ckpt.layout == "original":
         stop = [manifest.token_id(tokenizer_json, tpl["stop"])]
         stop_why = "chat(): eos_token_id = id of template.sep.strip()"
@@ -167,6 +168,13 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
         why = ("InternVL3.5 chat(): batch_decode(skip_special_tokens=False)" if keep_special else
                "chat(): batch_decode(skip_special_tokens=True) with the slow tokenizer's all_special_ids")
         split = tpl["stop"]
+        # The slow sentencepiece classes decode each run between non-special added tokens on its own and
+        # join the pieces with spaces (`spaces_between_special_tokens=True`; Qwen2Tokenizer turns it off).
+        added, sp_class = reference_added_tokens(ckpt.path)
+        if sp_class:
+            spaces = True
+            separate = sorted({i for i in (manifest.token_id_or_none(tokenizer_json, n)
+                                           for n in added if n not in names) if i is not None} - set(skip))
     else:
         stop = eos_ids(ckpt) or [manifest.token_id(tokenizer_json, tpl["stop"])]
         stop_why = "generate(): generation_config.json eos_token_id"
@@ -174,7 +182,8 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
         why = "decode(skip_special_tokens=True) with the fast tokenizer"
         split = None
     return {"stop_ids": stop, "stop_ids_source": stop_why,
-            "answer": {"skip_ids": skip, "skip_ids_source": why, "split_at": split}}
+            "answer": {"skip_ids": skip, "skip_ids_source": why, "split_at": split, "separate_ids": separate,
+                       "spaces_between_separate": spaces}}
 
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:

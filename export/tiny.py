@@ -166,6 +166,12 @@ def write_tokenizer(out: Path, tokenizer_dir: Path | None = None) -> None:
         return
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(QWEN2_TOKENIZER / f, out / f)
+    # The slow tokenizer's files, which releases ship beside tokenizer.json (the reference loads
+    # Qwen2Tokenizer with use_fast=False, which reads only these).
+    bpe = json.loads((QWEN2_TOKENIZER / "tokenizer.json").read_text())["model"]
+    (out / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     # What the -hf checkpoints add so that InternVLProcessor finds its image tokens.
@@ -287,8 +293,9 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
         for k, v in sd.items():
             if k.startswith(lm):
                 t["language_model.model." + k[len(lm):]] = v
-        if not text.tie_word_embeddings:
-            t["language_model.lm_head.weight"] = sd["lm_head.weight"]
+        # Always stored, tied or not: the remote code's InternVLChatModel never ties the LLM's head to its
+        # embeddings (releases with tied LLMs, e.g. InternVL2.5-1B, ship `language_model.lm_head.weight`).
+        t["language_model.lm_head.weight"] = sd["lm_head.weight"].clone()
     save_file(t, out / "model.safetensors", metadata={"format": "pt"})
 
     v = cfg.vision_config
@@ -300,7 +307,11 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
                "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
                "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
                "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
-               "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "hidden_act": "silu"}
+               "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "hidden_act": "silu",
+               # as InternVL2-8B's llm_config names its remote code (shipped beside config.json)
+               "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}
     elif family == "phi3":  # as Phi-3-mini-128k-instruct's config.json (transformers 4.3x) writes it
         rope = text.rope_parameters
         llm = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": text.vocab_size,
@@ -312,14 +323,17 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
                "rms_norm_eps": text.rms_norm_eps, "rope_theta": rope["rope_theta"], "sliding_window": 262144,
                "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
                "tie_word_embeddings": False, "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
-               "pad_token_id": text.pad_token_id}
+               "pad_token_id": text.pad_token_id,
+               "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",  # as InternVL2-4B's llm_config
+                            "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}}
     else:
         llm["architectures"] = [ARCHITECTURE[family]]
         llm["rope_theta"] = 1000000.0
     config = {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": TEMPLATE[family],
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                     "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
         "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1, "force_image_size": 448,
         "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
         "torch_dtype": "bfloat16",

@@ -253,6 +253,16 @@ SLOW_DEFAULTS = {
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+def reference_added_tokens(checkpoint: Path) -> tuple[list[str], bool]:
+    """The slow tokenizer's added tokens (tokenizer_config.json's added_tokens_decoder), and whether its
+    class is a sentencepiece one whose decode joins the text around them with spaces."""
+    f = Path(checkpoint) / "tokenizer_config.json"
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
+    cls = str(cfg.get("tokenizer_class") or "").removesuffix("Fast")
+    added = [t["content"] for t in (cfg.get("added_tokens_decoder") or {}).values()]
+    return added, cls in ("LlamaTokenizer", "InternLM2Tokenizer")
+
+
 def reference_special_tokens(checkpoint: Path) -> list[str]:
     """The slow tokenizer's `all_special_tokens` (what `skip_special_tokens=True` drops): the named special
     tokens from tokenizer_config.json, overridden by special_tokens_map.json as `from_pretrained` does, the

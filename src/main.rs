@@ -50,8 +50,13 @@ struct TokenizeArgs {
     #[arg(long, conflicts_with = "file")]
     text: Option<String>,
     /// A JSON list of strings; prints a JSON list of id lists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "decode")]
     file: Option<PathBuf>,
+    /// The reverse: a JSON list of id lists; prints, for each, `{"text": ..., "answer": ...}`: the decoded
+    /// text and the answer the reference would return for those generated ids (with --model, its
+    /// manifest's skipped ids and separator).
+    #[arg(long, conflicts_with = "text")]
+    decode: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -500,25 +505,38 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
-    let path = match (&a.model, &a.tokenizer) {
+    use internvl::tokenizer::{answer_text, Tokenizer};
+    let (tok, split_at) = match (&a.model, &a.tokenizer) {
         (Some(dir), None) => {
             let m = internvl::manifest::Manifest::load(dir)?;
-            m.path(&m.tokenizer.file)
+            let answer = &m.tokenizer.answer;
+            (Tokenizer::load(&m.path(&m.tokenizer.file))?.decoding_as(answer), answer.split_at.clone())
         }
-        (None, Some(file)) => file.clone(),
+        (None, Some(file)) => (Tokenizer::load(file)?, None),
         _ => anyhow::bail!("give exactly one of --model and --tokenizer"),
     };
-    let tok = internvl::tokenizer::Tokenizer::load(&path)?;
     let encode = |t: &str| tok.encode(t, true);
-    let out = match (&a.text, &a.file) {
-        (Some(t), _) => serde_json::to_string(&encode(t)?)?,
-        (None, Some(f)) => {
+    let out = match (&a.text, &a.file, &a.decode) {
+        (_, _, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let items: Vec<Vec<u32>> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?;
+            let mut out = Vec::with_capacity(items.len());
+            for ids in &items {
+                let text = tok.decode(ids)?;
+                let answer = answer_text(&text, split_at.as_deref());
+                out.push(serde_json::json!({ "text": text, "answer": answer }));
+            }
+            serde_json::to_string(&out)?
+        }
+        (Some(t), _, None) => serde_json::to_string(&encode(t)?)?,
+        (None, Some(f), None) => {
             let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
             let items: Vec<String> = serde_json::from_str(&text)
                 .with_context(|| format!("{}: expected a JSON list of strings", f.display()))?;
             serde_json::to_string(&items.iter().map(|t| encode(t)).collect::<Result<Vec<_>>>()?)?
         }
-        (None, None) => anyhow::bail!("give --text or --file"),
+        (None, None, None) => anyhow::bail!("give --text, --file or --decode"),
     };
     println!("{out}");
     Ok(())

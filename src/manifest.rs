@@ -142,6 +142,10 @@ pub struct AnswerSpec {
     pub skip_ids: Vec<u32>,
     /// The text is cut at the first occurrence of this (the template separator), then stripped.
     pub split_at: Option<String>,
+    /// Non-special added tokens that the reference's slow sentencepiece tokenizer decodes apart: the text
+    /// between them is decoded run by run, and the pieces are joined with spaces.
+    pub separate_ids: Vec<u32>,
+    pub spaces_between_separate: bool,
 }
 
 /// A conversation template as the reference `conversation.py` defines it.
@@ -216,7 +220,7 @@ impl Manifest {
         );
         ensure!(!t.stop_ids.is_empty(), "no stop ids: generation would only end at the length limit");
         let ids = [t.img_start_id, t.img_end_id, t.img_context_id];
-        for id in ids.iter().chain(&t.stop_ids).chain(&t.answer.skip_ids) {
+        for id in ids.iter().chain(&t.stop_ids).chain(&t.answer.skip_ids).chain(&t.answer.separate_ids) {
             ensure!((*id as usize) < d.vocab, "special token id {id} outside the vocabulary ({})", d.vocab);
         }
         for (variant, op) in [(&v.amx, crate::kernels::OP_ATTENTION), (&d.amx, crate::kernels::OP_GQA)] {

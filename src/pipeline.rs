@@ -88,7 +88,7 @@ impl InternVL {
         let manifest = Manifest::load(dir)?;
         let bar = spinner(progress, "loading model");
         let tokenizer =
-            Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?.skipping(&manifest.tokenizer.answer.skip_ids);
+            Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?.decoding_as(&manifest.tokenizer.answer);
         for (name, id) in [
             (&manifest.tokenizer.img_start, manifest.tokenizer.img_start_id),
             (&manifest.tokenizer.img_end, manifest.tokenizer.img_end_id),

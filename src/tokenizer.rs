@@ -13,6 +13,9 @@ pub struct Tokenizer {
     skip: HashSet<u32>,
     /// A sentencepiece BPE with byte fallback: byte-token runs are decoded as sentencepiece does.
     byte_fallback: bool,
+    /// Tokens decoded apart, the text around them decoded run by run and joined by `joiner`.
+    separate: HashSet<u32>,
+    joiner: &'static str,
 }
 
 impl Tokenizer {
@@ -22,12 +25,15 @@ impl Tokenizer {
             tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         let skip = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         let byte_fallback = matches!(inner.get_model(), ModelWrapper::BPE(bpe) if bpe.byte_fallback);
-        Ok(Self { inner, skip, byte_fallback })
+        Ok(Self { inner, skip, byte_fallback, separate: HashSet::new(), joiner: "" })
     }
 
-    /// Decoded text leaves out exactly `ids` (the manifest's `answer.skip_ids`).
-    pub fn skipping(mut self, ids: &[u32]) -> Self {
-        self.skip = ids.iter().copied().collect();
+    /// Decodes as the manifest's `answer` says the reference does: exactly its `skip_ids` left out, its
+    /// `separate_ids` decoded apart.
+    pub fn decoding_as(mut self, answer: &crate::manifest::AnswerSpec) -> Self {
+        self.skip = answer.skip_ids.iter().copied().collect();
+        self.separate = answer.separate_ids.iter().copied().collect();
+        self.joiner = if answer.spaces_between_separate { " " } else { "" };
         self
     }
 
@@ -41,7 +47,32 @@ impl Tokenizer {
     /// Text of `ids` as the reference's `batch_decode` gives it: the skipped ids left out, byte-fallback
     /// runs decoded as sentencepiece decodes them (one U+FFFD per invalid byte, valid characters kept,
     /// where the `tokenizers` ByteFallback decoder turns a whole run with any invalid byte into U+FFFDs).
+    /// Added tokens in `separate` split the ids into runs decoded on their own, as transformers' slow
+    /// `_decode` does; the pieces (empty runs before a separate token dropped) are joined.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if self.separate.is_empty() {
+            return self.decode_run(ids);
+        }
+        let mut pieces = Vec::new();
+        let mut run: Vec<u32> = Vec::new();
+        for &id in ids.iter().filter(|id| !self.skip.contains(id)) {
+            if self.separate.contains(&id) {
+                let text = self.decode_run(&std::mem::take(&mut run))?;
+                if !text.is_empty() {
+                    pieces.push(text);
+                }
+                pieces.push(self.inner.id_to_token(id).ok_or_else(|| anyhow!("decoding tokens: unknown id {id}"))?);
+            } else {
+                run.push(id);
+            }
+        }
+        if !run.is_empty() {
+            pieces.push(self.decode_run(&run)?);
+        }
+        Ok(pieces.join(self.joiner))
+    }
+
+    fn decode_run(&self, ids: &[u32]) -> Result<String> {
         let mut tokens = Vec::with_capacity(ids.len());
         let mut bytes = Vec::new();
         for &id in ids.iter().filter(|id| !self.skip.contains(id)) {

@@ -1,0 +1,276 @@
+"""Golden answers from the official InternVL remote code: `InternVLChatModel.chat()` on a checkpoint in the
+original OpenGVLab layout, exactly as a user runs it (model card), in the environment its code pins.
+
+Run with `.venv-ref437/bin/python` (the `internvl_chat` code: Qwen2, Llama, InternLM2, Phi-3 LLMs) or
+`.venv-ref455/bin/python` (the InternVL3.5 code: Qwen3 LLMs); `scripts/reference_env.sh` makes both.
+
+    official_chat.py --checkpoint DIR --cases cases.json --out golden.json
+
+The checkpoint folder is copied with the remote code's .py files beside config.json (as hub checkpoints
+ship them); nothing else changes. cases.json: a list of {"name", "question", "images": [paths, relative
+to the cases file's folder or absolute], "history": [[q, a], ...] (optional), "max_new_tokens", "max_num"
+(tiles, default 12)}. Each answer: "text" (the string chat() returns), "ids" (the generated tokens, the
+eos it stopped on included), "output_ids" (what generate() returned: under 4.37 [bos] + ids, since the
+prompt goes in as embeddings; under 4.55 ids), "eos_token_id" / "eos_token" (chat()'s stop id: the
+template separator's), "prompt_ids" (the input_ids chat() passed to generate), "template".
+
+The remote code is read from $INTERNVL_REFERENCE, else the first `shared/reference` found beside the
+repository or above it (../shared/reference/README.md says what it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference_code() -> Path:
+    env = os.environ.get("INTERNVL_REFERENCE")
+    candidates = [Path(env)] if env else [p / "shared" / "reference" for p in ROOT.parents]
+    for c in candidates:
+        if all((c / sub / "modeling_internvl_chat.py").is_file() for sub in ("internvl_chat", "internvl3_5")):
+            return c
+    raise SystemExit(f"official InternVL code not found (looked for {[str(c) for c in candidates]}); "
+                     "set INTERNVL_REFERENCE to the folder holding internvl_chat/ and internvl3_5/")
+
+
+# ---- The model card's preprocessing, literally (OpenGVLab/InternVL2_5-1B README) ----
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transform(input_size):
+    import torchvision.transforms as T
+    from torchvision.transforms.functional import InterpolationMode
+
+    MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+    transform = T.Compose([
+        T.Lambda(lambda img: img.convert('RGB') if img.mode != 'RGB' else img),
+        T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(mean=MEAN, std=STD)
+    ])
+    return transform
+
+
+def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+    best_ratio_diff = float('inf')
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:  # noqa: SIM102 (model card code, kept literal)
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+    orig_width, orig_height = image.size
+    aspect_ratio = orig_width / orig_height
+
+    # calculate the existing image aspect ratio
+    target_ratios = set(  # noqa: C401 (model card code, kept literal)
+        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if
+        i * j <= max_num and i * j >= min_num)
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+
+    # find the closest aspect ratio to the target
+    target_aspect_ratio = find_closest_aspect_ratio(
+        aspect_ratio, target_ratios, orig_width, orig_height, image_size)
+
+    # calculate the target width and height
+    target_width = image_size * target_aspect_ratio[0]
+    target_height = image_size * target_aspect_ratio[1]
+    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
+
+    # resize the image
+    resized_img = image.resize((target_width, target_height))
+    processed_images = []
+    for i in range(blocks):
+        box = (
+            (i % (target_width // image_size)) * image_size,
+            (i // (target_width // image_size)) * image_size,
+            ((i % (target_width // image_size)) + 1) * image_size,
+            ((i // (target_width // image_size)) + 1) * image_size
+        )
+        # split the image
+        split_img = resized_img.crop(box)
+        processed_images.append(split_img)
+    assert len(processed_images) == blocks
+    if use_thumbnail and len(processed_images) != 1:
+        thumbnail_img = image.resize((image_size, image_size))
+        processed_images.append(thumbnail_img)
+    return processed_images
+
+
+def load_image(image_file, input_size=448, max_num=12):
+    import torch
+    from PIL import Image
+
+    image = Image.open(image_file).convert('RGB')
+    transform = build_transform(input_size=input_size)
+    images = dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
+    pixel_values = [transform(image) for image in images]
+    pixel_values = torch.stack(pixel_values)
+    return pixel_values
+
+
+# ---- Loading as the model card does, with the README's numerically neutral shims ----
+
+
+def load(checkpoint: Path, work: Path):
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if not (checkpoint / "config.json").is_file():
+        raise SystemExit(f"{checkpoint}: no config.json (expected an original-layout InternVL checkpoint)")
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("model_type") != "internvl_chat":
+        raise SystemExit(f"{checkpoint}: model_type {config.get('model_type')!r}, expected 'internvl_chat' "
+                         "(the original OpenGVLab layout)")
+    qwen3 = config["llm_config"]["architectures"][0].startswith("Qwen3")
+    want = "4.55." if qwen3 else "4.37."
+    if not transformers.__version__.startswith(want):
+        raise SystemExit(f"{checkpoint.name}: the {'InternVL3.5' if qwen3 else 'internvl_chat'} code runs under "
+                         f"transformers {want}x, this is {transformers.__version__} ({sys.executable}); use "
+                         f"{'.venv-ref455' if qwen3 else '.venv-ref437'}/bin/python (scripts/reference_env.sh)")
+    code = reference_code() / ("internvl3_5" if qwen3 else "internvl_chat")
+    shutil.copytree(checkpoint, work, dirs_exist_ok=True)
+    for f in code.glob("*.py"):
+        shutil.copyfile(f, work / f.name)
+    cfg = AutoConfig.from_pretrained(work, trust_remote_code=True)
+    type(cfg).has_no_defaults_at_init = True  # 4.44-4.57: to_diff_dict() builds the config without arguments
+    model = AutoModel.from_pretrained(work, config=cfg, torch_dtype=torch.float32, low_cpu_mem_usage=True,
+                                      trust_remote_code=True).eval()
+    check_weights(model, work)
+    model = model.float()  # the InternVL3.5 code builds mlp1 and the LLM in bf16 whatever dtype is asked
+    tokenizer = AutoTokenizer.from_pretrained(work, trust_remote_code=True, use_fast=False)
+    print(f"[official_chat] {checkpoint.name}: {code.name} code, transformers {transformers.__version__}, "
+          f"{type(tokenizer).__name__}", file=sys.stderr)
+    return model, tokenizer
+
+
+def check_weights(model, folder: Path) -> None:
+    """Every tensor of the official model comes from the checkpoint and every stored tensor is used.
+    from_pretrained's own report cannot be trusted here: with base_model_prefix 'language_model', 4.37
+    reports nothing for a missing `language_model.lm_head.weight` and leaves it on the meta device."""
+    from safetensors import safe_open
+
+    stored = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            stored |= set(st.keys())
+    expected = set(model.state_dict())
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if expected - stored or stored - expected or meta:
+        raise SystemExit(f"{folder.name}: weights do not match the official model: missing "
+                         f"{sorted(expected - stored)}, unused {sorted(stored - expected)}, not loaded {meta}")
+
+
+def answer(model, tokenizer, case: dict) -> dict:
+    import torch
+
+    images = case.get("images") or []
+    max_num = case.get("max_num", 12)
+    pixel_values, num_patches_list = None, None
+    if images:
+        tiles = [load_image(p, max_num=max_num).to(torch.float32) for p in images]
+        pixel_values = torch.cat(tiles)
+        num_patches_list = [t.shape[0] for t in tiles]
+    question = case["question"]
+    if len(images) > 1 and "<image>" not in question:  # the model card's multi-image prompt
+        question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + question
+    history = [tuple(t) for t in case.get("history") or []] or None
+    seen = {"template": model.template}
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen["prompt_ids"] = kwargs["input_ids"][0].tolist()
+        seen["eos_token_id"] = eos = kwargs.get("eos_token_id")
+        seen["eos_token"] = tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else None
+        out = generate(*args, **kwargs)
+        seen["output_ids"] = out[0].tolist()  # what generate() returned (4.37: [bos] + ids)
+        return out
+
+    class NewTokens:
+        """A generate() streamer: its first put() is the ids generate starts from (4.37: [bos], since
+        the prompt goes in as embeddings; later versions: none), each later one a generated token."""
+
+        def __init__(self):
+            self.calls, seen["ids"] = 0, []
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:
+                seen["ids"] += value.reshape(-1).tolist()
+
+        def end(self):
+            pass
+
+    model.generate = recording_generate
+    try:
+        config = {"max_new_tokens": case["max_new_tokens"], "do_sample": False, "streamer": NewTokens()}
+        with torch.no_grad():
+            response, _ = model.chat(tokenizer, pixel_values, question, config, history=history,
+                                     return_history=True, num_patches_list=num_patches_list)
+    finally:
+        del model.generate
+    if "output_ids" not in seen:
+        raise SystemExit(f"case {case['name']}: chat() did not call generate()")
+    return {"name": case["name"], "text": response, **seen}
+
+
+def check_case(case: dict, base: Path) -> dict:
+    """The case with image paths resolved against the cases file's folder; refuses malformed cases."""
+    missing = [k for k in ("name", "question", "max_new_tokens") if k not in case]
+    if missing:
+        raise SystemExit(f"case {case.get('name', case)}: missing {missing}")
+    images = [base / p for p in case.get("images") or []]
+    for p in images:
+        if not p.is_file():
+            raise SystemExit(f"case {case['name']}: image {p} not found")
+    return {**case, "images": [str(p) for p in images]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--cases", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        model, tokenizer = load(a.checkpoint, Path(tmp) / a.checkpoint.name)
+        print(f"[official_chat] loaded in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        cases = [check_case(c, a.cases.resolve().parent) for c in json.loads(a.cases.read_text())]
+        goldens = []
+        for c in cases:
+            t = time.perf_counter()
+            goldens.append(answer(model, tokenizer, c))
+            print(f"[official_chat] {c['name']}: {len(goldens[-1]['ids'])} ids in {time.perf_counter() - t:.1f} s",
+                  file=sys.stderr)
+    tmp_out = a.out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(goldens, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp_out.replace(a.out)
+
+
+if __name__ == "__main__":
+    main()
