@@ -166,6 +166,10 @@ impl<'a> Jpeg<'a> {
         if unsafe { tj::tj3DecompressHeader(handle.0, data.as_ptr(), data.len() as tj::size_t) } != 0 {
             bail!("cannot decode JPEG image (corrupt header): {}", handle.error());
         }
+        let (w, h) = (handle.get(tj::TJPARAM_TJPARAM_JPEGWIDTH), handle.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
+        let (Ok(width @ 1..), Ok(height @ 1..)) = (u32::try_from(w), u32::try_from(h)) else {
+            bail!("cannot decode JPEG image: no frame with a valid size (a tables-only or empty JPEG)");
+        };
         let precision = handle.get(tj::TJPARAM_TJPARAM_PRECISION);
         if precision != 8 {
             bail!("cannot decode JPEG image: {precision}-bit samples (only 8-bit JPEG is supported, as in Pillow)");
@@ -173,11 +177,7 @@ impl<'a> Jpeg<'a> {
         let components = match handle.get(tj::TJPARAM_TJPARAM_COLORSPACE) as tj::TJCS {
             tj::TJCS_TJCS_GRAY | tj::TJCS_TJCS_YCbCr | tj::TJCS_TJCS_RGB => Layout::Rgb,
             tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK => Layout::Cmyk,
-            other => bail!("cannot decode JPEG image: unsupported colour space (TurboJPEG code {other})"),
-        };
-        let (w, h) = (handle.get(tj::TJPARAM_TJPARAM_JPEGWIDTH), handle.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
-        let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
-            bail!("cannot decode JPEG image: invalid size {w}x{h}");
+            _ => bail!("cannot decode JPEG image: unsupported colour space or component count"),
         };
         Ok(Self { handle, data, header: Header { width, height, components } })
     }
@@ -257,6 +257,12 @@ mod tests {
         j.extend(b"Exif\0\0II*\0");
         j.extend([0xFF, 0xD9]);
         assert_eq!(walk_markers(&j).unwrap().exif, Some(&b"II*\0"[..]));
+    }
+
+    #[test]
+    fn empty_jpeg_is_refused_before_decoding() {
+        let err = Jpeg::open(&[0xFF, 0xD8, 0xFF, 0xD9]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("no frame"), "{err}");
     }
 
     #[test]
