@@ -27,30 +27,16 @@ sys.path.insert(0, str(ROOT))
 
 from export import reference
 
+sys.path.insert(0, str(ROOT / "tests" / "oracle"))
+from model_card import dynamic_preprocess as oracle_dynamic_preprocess
+from model_card import find_closest_aspect_ratio as oracle_find_closest_aspect_ratio
+
 STD255 = np.array(reference.IMAGENET_STD, dtype=np.float32) * 255
 
 
 # --------------------------------------------------------------------------------------------
-# Literal copy of the model card code: the oracle for export/reference.py.
+# The model card code (tests/oracle/model_card.py, literal): the oracle for export/reference.py.
 # --------------------------------------------------------------------------------------------
-
-
-def oracle_find_closest_aspect_ratio(
-    aspect_ratio, target_ratios, width, height, image_size
-):
-    best_ratio_diff = float("inf")
-    best_ratio = (1, 1)
-    area = width * height
-    for ratio in target_ratios:
-        target_aspect_ratio = ratio[0] / ratio[1]
-        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
-        if ratio_diff < best_ratio_diff:
-            best_ratio_diff = ratio_diff
-            best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:  # noqa: SIM102 (model card code, kept literal)
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-                best_ratio = ratio
-    return best_ratio
 
 
 def oracle_choose(image, min_num, max_num, image_size):
@@ -68,28 +54,6 @@ def oracle_choose(image, min_num, max_num, image_size):
     return oracle_find_closest_aspect_ratio(
         aspect_ratio, target_ratios, orig_width, orig_height, image_size
     )
-
-
-def oracle_dynamic_preprocess(
-    image, min_num=1, max_num=12, image_size=448, use_thumbnail=False
-):
-    target_aspect_ratio = oracle_choose(image, min_num, max_num, image_size)
-    target_width = image_size * target_aspect_ratio[0]
-    target_height = image_size * target_aspect_ratio[1]
-    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
-    resized_img = image.resize((target_width, target_height))
-    processed_images = []
-    for i in range(blocks):
-        box = (
-            (i % (target_width // image_size)) * image_size,
-            (i // (target_width // image_size)) * image_size,
-            ((i % (target_width // image_size)) + 1) * image_size,
-            ((i // (target_width // image_size)) + 1) * image_size,
-        )
-        processed_images.append(resized_img.crop(box))
-    if use_thumbnail and len(processed_images) != 1:
-        processed_images.append(image.resize((image_size, image_size)))
-    return processed_images
 
 
 def oracle_grid(width, height, min_num, max_num, image_size=448):
