@@ -138,17 +138,27 @@ def answer(model, tokenizer, case: dict) -> dict:
         def end(self):
             pass
 
-    model.generate = recording_generate
-    try:
+    def ask(question, history):
+        seen.pop("output_ids", None)
         config = {"max_new_tokens": case["max_new_tokens"], "do_sample": False, "streamer": NewTokens()}
         with torch.no_grad():
-            response, _ = model.chat(tokenizer, pixel_values, question, config, history=history,
-                                     return_history=True, num_patches_list=num_patches_list)
+            response, history = model.chat(tokenizer, pixel_values, question, config, history=history,
+                                           return_history=True, num_patches_list=num_patches_list)
+        if "output_ids" not in seen:
+            raise SystemExit(f"case {case['name']}: chat() did not call generate()")
+        return {"text": response, **seen}, history
+
+    model.generate = recording_generate
+    try:
+        first, history = ask(question, history)
+        # Later turns as the model card's multi-round chat: the same pixel values, the returned history.
+        follow_ups = []
+        for q in case.get("follow_ups") or []:
+            turn, history = ask(q, history)
+            follow_ups.append(turn)
     finally:
         del model.generate
-    if "output_ids" not in seen:
-        raise SystemExit(f"case {case['name']}: chat() did not call generate()")
-    return {"name": case["name"], "text": response, **seen}
+    return {"name": case["name"], **first, "follow_ups": follow_ups}
 
 
 def check_case(case: dict, base: Path) -> dict:

@@ -58,6 +58,8 @@ def cases(img: dict[str, Path]) -> list[dict]:
         {"name": "history", "question": "And what colour is it?", "images": [str(img["progressive444"])],
          "history": [["<image>\nWhat is in the picture?", "A small red boat on a lake."]], "max_num": 2},
         {"name": "text_only", "question": "Write a short poem about the sea.", "images": []},
+        {"name": "chat", "question": "Describe the image.", "images": [str(img["baseline"])], "max_num": 4,
+         "follow_ups": ["What colour is the largest object?", "Say it again in one word."]},
     ]
 
 
@@ -100,7 +102,13 @@ def binary() -> Path:
     return ROOT / "target" / "release" / "internvl"
 
 
-NAMES = [c["name"] for c in cases({k: Path(k) for k in ("baseline", "progressive444", "cmyk", "gray")})]
+NAMES = [c["name"] for c in cases({k: Path(k) for k in ("baseline", "progressive444", "cmyk", "gray")})
+         if "follow_ups" not in c]
+
+
+def expected_ids(got: dict, want: dict) -> list[int]:
+    """Our ids as generate() returns them: with the stop id at the end when it stopped on one."""
+    return list(got["token_ids"]) + ([want["eos_token_id"]] if got["finish_reason"] == "stop" else [])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -110,14 +118,28 @@ def test_answer_equals_official_chat(binary, goldens, family, name):
     want = gold[family][name]
     case = next(c for c in all_cases if c["name"] == name)
     got = json.loads(run_ours(binary, family, case, work, json_out=True).stdout)
-    ours = list(got["token_ids"])
-    if got["finish_reason"] == "stop":  # generate() returns the eos it stopped on; we do not emit it
-        ours.append(want["eos_token_id"])
-    assert ours == want["ids"], f"{family}/{name}: ids differ from the official chat()"
+    assert expected_ids(got, want) == want["ids"], f"{family}/{name}: ids differ from the official chat()"
     assert got["prompt_tokens"] == len(want["prompt_ids"]), f"{family}/{name}: prompt length"
     assert got["text"] == want["text"], f"{family}/{name}: text differs from the official chat()"
     streamed = run_ours(binary, family, case, work, json_out=False).stdout.decode()
     assert streamed == want["text"] + "\n", f"{family}/{name}: streamed text differs"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chat_turns_equal_official_multi_round_chat(binary, goldens, family):
+    """`internvl chat`, three questions on stdin about one image: each answer equals the official chat()
+    called with the history it returned the turn before (its answers re-tokenised from their text)."""
+    _, gold, all_cases = goldens
+    want = gold[family]["chat"]
+    case = next(c for c in all_cases if c["name"] == "chat")
+    questions = [case["question"], *case["follow_ups"]]
+    cmd = [str(binary), "chat", "--model", str(FIXTURES / "models" / family), "--image", case["images"][0],
+           "--max-tiles", str(case["max_num"]), "--max-new-tokens", str(case["max_new_tokens"])]
+    r = subprocess.run(cmd, input="\n".join(questions) + "\n", capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    answers = [want["text"]] + [t["text"] for t in want["follow_ups"]]
+    assert r.stdout == "".join(a + "\n" for a in answers), f"{family}: chat turns differ from the official chat()"
 
 
 def test_goldens_exercise_what_they_claim(goldens):
