@@ -177,8 +177,9 @@ impl Manifest {
         let path = dir.join("manifest.json");
         ensure!(path.is_file(), "model folder {} has no manifest.json", dir.display());
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut m: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
+        let mut m: Manifest = serde_json::from_str(&text).with_context(|| {
+            format!("invalid manifest {} (from an older exporter? export the checkpoint again)", path.display())
+        })?;
         m.dir = dir.to_path_buf();
         m.validate().with_context(|| format!("invalid manifest {}", path.display()))?;
         Ok(m)
