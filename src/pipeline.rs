@@ -314,9 +314,11 @@ impl InternVL {
             conv.ids.push(id);
             steps += 1;
         }
-        let rest = stream.finish(&self.tokenizer)?.and_then(|p| answer.push(&p));
-        if let Some(piece) = rest.into_iter().chain(answer.finish()).reduce(|a, b| a + &b) {
+        if let Some(piece) = stream.finish(&self.tokenizer)?.and_then(|p| answer.push(&p)) {
             on_text(&piece)?;
+        }
+        if let Some(piece) = answer.finish() {
+            on_text(&piece)?; // trailing text held back in case it began the separator
         }
         conv.broken = false;
         let decode_ms = ms(t);
@@ -371,7 +373,6 @@ impl Conversation {
     }
 }
 
-/// Streams text with the leading whitespace dropped, as the reference strips its answer.
 fn spinner(enabled: bool, msg: &'static str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
