@@ -158,7 +158,7 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
     from .tokenizer import reference_added_tokens, reference_special_tokens
 
     tok = json.loads(tokenizer_json.read_text())
-    separate, spaces = [], False
+    separate, spaces, clean_runs, clean_text = [], False, False, False
     if ckpt.layout == "original":
         stop = [manifest.token_id(tokenizer_json, tpl["stop"])]
         stop_why = "chat(): eos_token_id = id of template.sep.strip()"
@@ -170,7 +170,7 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
         split = tpl["stop"]
         # The slow sentencepiece classes decode each run between non-special added tokens on its own and
         # join the pieces with spaces (`spaces_between_special_tokens=True`; Qwen2Tokenizer turns it off).
-        added, sp_class = reference_added_tokens(ckpt.path)
+        added, sp_class, clean_runs, clean_text = reference_added_tokens(ckpt.path)
         if sp_class:
             spaces = True
             separate = sorted({i for i in (manifest.token_id_or_none(tokenizer_json, n)
@@ -183,7 +183,7 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
         split = None
     return {"stop_ids": stop, "stop_ids_source": stop_why,
             "answer": {"skip_ids": skip, "skip_ids_source": why, "split_at": split, "separate_ids": separate,
-                       "spaces_between_separate": spaces}}
+                       "spaces_between_separate": spaces, "clean_up_runs": clean_runs, "clean_up_text": clean_text}}
 
 
 def eos_ids(ckpt: checkpoint.Checkpoint) -> list[int]:

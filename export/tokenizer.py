@@ -253,14 +253,18 @@ SLOW_DEFAULTS = {
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def reference_added_tokens(checkpoint: Path) -> tuple[list[str], bool]:
-    """The slow tokenizer's added tokens (tokenizer_config.json's added_tokens_decoder), and whether its
-    class is a sentencepiece one whose decode joins the text around them with spaces."""
+def reference_added_tokens(checkpoint: Path) -> tuple[list[str], bool, bool, bool]:
+    """The slow tokenizer's added tokens (tokenizer_config.json's added_tokens_decoder); whether its class
+    is a sentencepiece one whose decode joins the text around them with spaces; whether it applies
+    `clean_up_tokenization` (" ." -> "." and the like) to each run (InternLM2Tokenizer's
+    convert_tokens_to_string always does) and to the whole text (`clean_up_tokenization_spaces`, whose
+    default is False in all three classes)."""
     f = Path(checkpoint) / "tokenizer_config.json"
     cfg = json.loads(f.read_text()) if f.is_file() else {}
     cls = str(cfg.get("tokenizer_class") or "").removesuffix("Fast")
     added = [t["content"] for t in (cfg.get("added_tokens_decoder") or {}).values()]
-    return added, cls in ("LlamaTokenizer", "InternLM2Tokenizer")
+    return (added, cls in ("LlamaTokenizer", "InternLM2Tokenizer"), cls == "InternLM2Tokenizer",
+            bool(cfg.get("clean_up_tokenization_spaces", False)))
 
 
 def reference_special_tokens(checkpoint: Path) -> list[str]:

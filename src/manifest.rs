@@ -146,6 +146,10 @@ pub struct AnswerSpec {
     /// between them is decoded run by run, and the pieces are joined with spaces.
     pub separate_ids: Vec<u32>,
     pub spaces_between_separate: bool,
+    /// transformers' `clean_up_tokenization` (" ." -> "." and the like) on each run between separate
+    /// tokens (InternLM2's slow tokenizer) and on the whole text (`clean_up_tokenization_spaces`).
+    pub clean_up_runs: bool,
+    pub clean_up_text: bool,
 }
 
 /// A conversation template as the reference `conversation.py` defines it.

@@ -16,6 +16,8 @@ pub struct Tokenizer {
     /// Tokens decoded apart, the text around them decoded run by run and joined by `joiner`.
     separate: HashSet<u32>,
     joiner: &'static str,
+    clean_up_runs: bool,
+    clean_up_text: bool,
 }
 
 impl Tokenizer {
@@ -25,7 +27,15 @@ impl Tokenizer {
             tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         let skip = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         let byte_fallback = matches!(inner.get_model(), ModelWrapper::BPE(bpe) if bpe.byte_fallback);
-        Ok(Self { inner, skip, byte_fallback, separate: HashSet::new(), joiner: "" })
+        Ok(Self {
+            inner,
+            skip,
+            byte_fallback,
+            separate: HashSet::new(),
+            joiner: "",
+            clean_up_runs: false,
+            clean_up_text: false,
+        })
     }
 
     /// Decodes as the manifest's `answer` says the reference does: exactly its `skip_ids` left out, its
@@ -34,6 +44,8 @@ impl Tokenizer {
         self.skip = answer.skip_ids.iter().copied().collect();
         self.separate = answer.separate_ids.iter().copied().collect();
         self.joiner = if answer.spaces_between_separate { " " } else { "" };
+        self.clean_up_runs = answer.clean_up_runs;
+        self.clean_up_text = answer.clean_up_text;
         self
     }
 
@@ -50,6 +62,11 @@ impl Tokenizer {
     /// Added tokens in `separate` split the ids into runs decoded on their own, as transformers' slow
     /// `_decode` does; the pieces (empty runs before a separate token dropped) are joined.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let text = self.decode_runs(ids)?;
+        Ok(if self.clean_up_text { clean_up_tokenization(&text) } else { text })
+    }
+
+    fn decode_runs(&self, ids: &[u32]) -> Result<String> {
         if self.separate.is_empty() {
             return self.decode_run(ids);
         }
@@ -90,15 +107,24 @@ impl Tokenizer {
         if !bytes.is_empty() {
             tokens.push(sentencepiece_bytes(&bytes));
         }
-        match self.inner.get_decoder() {
-            Some(d) => d.decode(tokens).map_err(|e| anyhow!("decoding tokens: {e}")),
-            None => Ok(tokens.join(" ")),
-        }
+        let text = match self.inner.get_decoder() {
+            Some(d) => d.decode(tokens).map_err(|e| anyhow!("decoding tokens: {e}"))?,
+            None => tokens.join(" "),
+        };
+        Ok(if self.clean_up_runs { clean_up_tokenization(&text) } else { text })
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// transformers' `clean_up_tokenization`: the same replacements, in the same order.
+fn clean_up_tokenization(text: &str) -> String {
+    [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")]
+        .into_iter()
+        .chain([(" 's", "'s"), (" 've", "'ve"), (" 're", "'re")])
+        .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
 }
 
 /// The byte of a byte-fallback token `<0xAB>`.
