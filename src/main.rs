@@ -522,8 +522,8 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
             let items: Vec<Vec<u32>> = serde_json::from_str(&text)
                 .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?;
             let mut out = Vec::with_capacity(items.len());
-            for ids in &items {
-                let text = tok.decode(ids)?;
+            for (i, ids) in items.iter().enumerate() {
+                let text = tok.decode(ids).with_context(|| format!("{}: list {i}", f.display()))?;
                 let answer = answer_text(&text, split_at.as_deref());
                 out.push(serde_json::json!({ "text": text, "answer": answer }));
             }

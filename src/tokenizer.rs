@@ -67,12 +67,13 @@ impl Tokenizer {
     }
 
     fn decode_runs(&self, ids: &[u32]) -> Result<String> {
+        let kept: Vec<u32> = ids.iter().copied().filter(|id| !self.skip.contains(id)).collect();
         if self.separate.is_empty() {
-            return self.decode_run(ids);
+            return self.decode_run(&kept);
         }
         let mut pieces = Vec::new();
         let mut run: Vec<u32> = Vec::new();
-        for &id in ids.iter().filter(|id| !self.skip.contains(id)) {
+        for id in kept {
             if self.separate.contains(&id) {
                 let text = self.decode_run(&std::mem::take(&mut run))?;
                 if !text.is_empty() {
@@ -89,10 +90,11 @@ impl Tokenizer {
         Ok(pieces.join(self.joiner))
     }
 
+    /// One run of kept ids through the tokenizer's decoder.
     fn decode_run(&self, ids: &[u32]) -> Result<String> {
         let mut tokens = Vec::with_capacity(ids.len());
         let mut bytes = Vec::new();
-        for &id in ids.iter().filter(|id| !self.skip.contains(id)) {
+        for &id in ids {
             let token = self.inner.id_to_token(id).ok_or_else(|| anyhow!("decoding tokens: unknown id {id}"))?;
             match self.byte_fallback.then(|| byte_token(&token)).flatten() {
                 Some(b) => bytes.push(b),
