@@ -4,4 +4,4 @@ One module per exported graph (`vision`, `decoder`, `embed`), the checkpoint rea
 manifest schema in `manifest`, shared helpers in `common`; `python -m export --help` is the CLI.
 """
 
-EXPORTER_VERSION = "0.2.0"  # 0.2: tokenizer.answer, stop ids per layout
+EXPORTER_VERSION = "0.3.0"  # 0.2: tokenizer.answer, stop ids per layout; 0.3: files, pinned output shapes

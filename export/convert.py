@@ -65,6 +65,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
                 if variant:
                     entry["amx"] = variant
                     log(f"{variant['file']}: {layers} attention layers on the runtime's AMX kernel")
+        pin_shapes(work, vision, decoder)
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
                      "img_context_id": ids["img_context"], "vocab_size": ids["vocab_size"],
@@ -90,6 +91,17 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
     finally:
         if work.exists():
             shutil.rmtree(work)
+
+
+def pin_shapes(work: Path, vision: dict, decoder: dict) -> None:
+    """The fixed output sizes in every graph file (portable and AMX), for the runtime's load-time check."""
+    kv = ["batch", decoder["kv_heads"], "total", decoder["head_dim"]]
+    present = {decoder["outputs"][f"present_{x}"].replace("{}", str(i)): kv
+               for i in range(decoder["layers"]) for x in ("key", "value")}
+    for entry, shapes in ((vision, {vision["output"]: ["tiles", vision["tokens_per_tile"], vision["embed_dim"]]}),
+                          (decoder, {decoder["outputs"]["logits"]: ["batch", decoder["vocab"]], **present})):
+        for f in [entry["file"]] + ([entry["amx"]["file"]] if "amx" in entry else []):
+            manifest.pin_output_shapes(work / f, shapes)
 
 
 def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:

@@ -5,6 +5,7 @@ src/manifest.rs reads exactly this (FORMAT_VERSION must match) and validates it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -67,7 +68,41 @@ def write(out_dir: Path, *, name: str, dtype: str, source: dict, vision: dict, e
         "tokenizer": tokenizer,
         "template": template,
         "generation": generation,
+        "files": file_entries(out_dir),
     }
     path = out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def file_entries(out_dir: Path) -> dict:
+    """Size and SHA-256 of every file the folder holds (the runtime checks sizes at each load, digests on
+    `internvl info --verify`)."""
+    entries = {}
+    for f in sorted(out_dir.iterdir()):
+        if f.name == "manifest.json" or not f.is_file():
+            continue
+        digest = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        entries[f.name] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return entries
+
+
+def pin_output_shapes(graph: Path, shapes: dict[str, list]) -> None:
+    """Writes the fixed sizes of `graph`'s outputs (names -> dims, a str for a dynamic one) into the graph, so
+    the runtime can compare them with the manifest at load instead of at the first run."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    outputs = {o.name: o for o in model.graph.output}
+    for name, dims in shapes.items():
+        shape = outputs[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise ValueError(f"{graph.name}: output {name} has rank {len(shape.dim)}, expected {len(dims)}")
+        for d, want in zip(shape.dim, dims):
+            if isinstance(want, int):
+                d.Clear()
+                d.dim_value = want
+    onnx.save_model(model, str(graph))  # initializers keep pointing at their .data file

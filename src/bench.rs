@@ -153,6 +153,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         prefill_chunk: o.prefill_chunk,
         ignore_stop: true,
         forced: None,
+        keep_logits: false,
     };
     // Time to first token: 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7 tiles.
     let one = request(vec![synthetic_image(448, 448)], "Describe the image.", 1);

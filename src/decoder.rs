@@ -13,7 +13,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor};
 
 use crate::manifest::{layer_name, Attention, DecoderSpec, Manifest};
-use crate::runtime::{open_graph, ort_err, RuntimeOptions};
+use crate::runtime::{check_shape, open_graph, ort_err, RuntimeOptions};
 
 /// Default prompt positions per prefill run. Measured on the InternVL2.5-1B shape, int8, 2 threads, a
 /// 1844-token prompt: chunks of 128 / 256 / 512 / 1024 / 2048 prefill at 997 / 1052 / 957 / 675 / 487
@@ -56,48 +56,30 @@ impl Decoder {
             present_names.push(layer_name(&spec.outputs.present_key, l));
             present_names.push(layer_name(&spec.outputs.present_value, l));
         }
-        // The manifest must describe this graph: its names, layer count and input width.
-        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        let wanted_in = [
-            Some(&spec.inputs.inputs_embeds),
-            Some(&spec.inputs.attention_mask),
-            spec.inputs.position_ids.as_ref(),
-            spec.inputs.long_rope.as_ref(),
-        ];
-        for name in past_names.iter().chain(wanted_in.into_iter().flatten()) {
-            ensure!(
-                inputs.contains(&name.as_str()),
-                "{} has no input {name:?}: manifest and graph are from different models",
-                path.display()
-            );
+        // The manifest must describe this graph: its names, layer count and dimensions.
+        let (ins, outs) = (session.inputs(), session.outputs());
+        let kv = [None, Some(spec.kv_heads), None, Some(spec.head_dim)];
+        for (past, present) in past_names.iter().zip(&present_names) {
+            check_shape(&path, ins, past, &kv)?;
+            check_shape(&path, outs, present, &kv)?;
         }
-        for name in present_names.iter().chain([&spec.outputs.logits]) {
-            ensure!(
-                outputs.contains(&name.as_str()),
-                "{} has no output {name:?}: manifest and graph are from different models",
-                path.display()
-            );
+        check_shape(&path, ins, &spec.inputs.inputs_embeds, &[None, None, Some(spec.hidden)])?;
+        check_shape(&path, ins, &spec.inputs.attention_mask, &[None, None])?;
+        if let Some(name) = &spec.inputs.position_ids {
+            check_shape(&path, ins, name, &[None, None])?;
         }
-        let n_past =
-            inputs.iter().filter(|n| n.starts_with(spec.inputs.past_key.split("{}").next().unwrap_or(""))).count();
+        if let Some(name) = &spec.inputs.long_rope {
+            check_shape(&path, ins, name, &[None])?;
+        }
+        check_shape(&path, outs, &spec.outputs.logits, &[None, Some(spec.vocab)])?;
+        let prefix = spec.inputs.past_key.split("{}").next().unwrap_or("");
+        let n_past = ins.iter().filter(|i| i.name().starts_with(prefix)).count();
         ensure!(
             n_past == 2 * spec.layers,
             "{} has {n_past} cache inputs but the manifest says {} layers: manifest and graph are from different models",
             path.display(),
             spec.layers
         );
-        if let Some(ort::value::ValueType::Tensor { shape, .. }) =
-            session.inputs().iter().find(|i| i.name() == spec.inputs.inputs_embeds).map(|i| i.dtype())
-        {
-            let width = shape.last().copied().unwrap_or(-1);
-            ensure!(
-                width == spec.hidden as i64,
-                "{} takes embeddings of width {width}, the manifest says {}: manifest and graph are from different models",
-                path.display(),
-                spec.hidden
-            );
-        }
         Ok(Self { session, spec, file, past_names, present_names })
     }
 
@@ -223,7 +205,7 @@ impl Decoder {
         // chunk of this call uses the choice the whole call would get.
         let long_rope = self.spec.long_rope_after.is_some_and(|after| end > after);
         let mut logits = Vec::new();
-        for piece in embeds.chunks(chunk.max(1) * hidden) {
+        for piece in embeds.chunks(chunk.max(1).saturating_mul(hidden)) {
             logits = self.step(piece, cache, long_rope)?;
             on_chunk(piece.len() / hidden);
         }

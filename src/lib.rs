@@ -10,6 +10,8 @@
 pub mod bench;
 pub mod decoder;
 pub mod embed;
+pub mod error;
+pub mod files;
 pub mod image;
 pub mod kernels;
 pub mod manifest;

@@ -1,23 +1,51 @@
 //! The `internvl` command line: parses flags, prints, maps errors to one line and a non-zero exit.
 
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use internvl::bench::{self, BenchOptions};
 use internvl::decoder::DEFAULT_PREFILL_CHUNK;
-use internvl::image::{load_image, preprocess, tile_images, ImageConfig, MAX_TILES};
+use internvl::error::{ErrorKind, WithKind};
+use internvl::files::{self, OutputRules};
+use internvl::image::{image_dimensions, load_image, preprocess, tile_count, tile_images, ImageConfig, MAX_TILES};
 use internvl::manifest::Manifest;
-use internvl::prompt::Turn;
-use internvl::runtime::{AttentionKernels, Device, RuntimeOptions};
+use internvl::runtime::{AttentionKernels, Device, RuntimeOptions, MAX_THREADS};
 use internvl::sampling::SamplingOptions;
 use internvl::{npy, vision, InternVL, Request};
 
+/// Flag bounds, checked by the parser so a bad value is a usage error naming the flag.
+fn positive(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=max)
+}
+
+fn tiles() -> clap::builder::RangedU64ValueParser<u32> {
+    clap::builder::RangedU64ValueParser::<u32>::new().range(1..=u64::from(MAX_TILES))
+}
+
+fn threads() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_THREADS as u64)
+}
+
+/// Most tiles per vision run: one tile already fills the cores (vision::DEFAULT_BATCH).
+const MAX_VISION_BATCH: u64 = 64;
+/// Most prompt positions per prefill run: the largest context a manifest may declare (a larger chunk
+/// than the prompt is the whole prompt in one run).
+const MAX_PREFILL_CHUNK: u64 = 1 << 21;
+/// Generation is also bounded by the context; this keeps the number itself sane.
+const MAX_NEW_TOKENS: u64 = 1 << 21;
+
 #[derive(Parser)]
-#[command(name = "internvl", version, about = "Run InternVL vision-language models exported to ONNX")]
+#[command(
+    name = "internvl",
+    version,
+    about = "Run InternVL vision-language models exported to ONNX",
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage (flags, output paths), 3 bad input (image, prompt, history), 4 model folder."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +65,20 @@ enum Command {
     Bench(BenchArgs),
     /// Print the token ids of a text (one JSON list per input line of --file, or of --text).
     Tokenize(TokenizeArgs),
+    /// Describe a model folder and check its files (sizes always; checksums with --verify).
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Also compare every file's SHA-256 with the manifest (reads the whole folder).
+    #[arg(long)]
+    verify: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -64,16 +106,16 @@ struct BenchArgs {
     #[arg(long)]
     model: PathBuf,
     /// Repetitions of each measurement (median, min and max are reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 3, value_parser = positive(1000))]
     runs: usize,
-    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
     vision_batch: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128, value_parser = positive(MAX_NEW_TOKENS))]
     decode_tokens: usize,
-    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
     prefill_chunk: usize,
     /// Context lengths at which a decode step is timed (comma-separated; the flag alone skips them).
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "256,1024,2048,4096,8192")]
+    #[arg(long, allow_negative_numbers = true, value_delimiter = ',', num_args = 0.., default_value = "256,1024,2048,4096,8192", value_parser = positive(1 << 21))]
     decode_curve: Vec<usize>,
     #[command(flatten)]
     rt: RuntimeArgs,
@@ -95,35 +137,35 @@ struct GenArgs {
     #[arg(long)]
     system: Option<String>,
     /// Most tiles per image (1..=40; default from the model, 12).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = tiles())]
     max_tiles: Option<u32>,
     /// Apply the EXIF orientation tag (the reference ignores it).
     #[arg(long)]
     exif: bool,
     /// Most tokens to generate (default from the model, 1024); also bounded by the context.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive(MAX_NEW_TOKENS))]
     max_new_tokens: Option<usize>,
     /// 0 = greedy (default).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     top_p: f32,
     /// 0 = off.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
     rt: RuntimeArgs,
     /// Tiles per vision-graph run.
-    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
     vision_batch: usize,
     /// Prompt positions per prefill run (bounds attention memory on long prompts).
-    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
     prefill_chunk: usize,
-    /// Timing figures on stderr.
+    /// Timing figures, and ONNX Runtime's own warnings, on stderr.
     #[arg(long)]
     verbose: bool,
 }
@@ -146,6 +188,9 @@ struct RunArgs {
     /// With --force-tokens: write the logits before each forced id to this .npy ([ids, vocab] float32).
     #[arg(long, requires = "force_tokens")]
     logits_out: Option<PathBuf>,
+    /// Replace an existing --logits-out file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -159,7 +204,7 @@ struct RuntimeArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// Intra-op threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0, value_parser = threads())]
     threads: usize,
     /// Attention kernels: `auto` = this crate's AMX ones where the model folder and the CPU allow it.
     #[arg(long, value_enum, default_value_t = AttentionKernels::Auto)]
@@ -176,18 +221,21 @@ impl RuntimeArgs {
 struct PreprocessArgs {
     #[arg(long)]
     image: PathBuf,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 12, value_parser = tiles())]
     max_tiles: u32,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = tiles())]
     min_tiles: u32,
     #[arg(long)]
     exif: bool,
     /// .npy file to write ([tiles, 3, 448, 448] float32).
     #[arg(long)]
     out: PathBuf,
-    /// Also write each tile as a PNG into this folder.
+    /// Also write each tile as a PNG (`tile_00.png`, ...) into this folder, which must exist.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Replace existing output files.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -198,35 +246,42 @@ struct EmbedArgs {
     #[arg(long)]
     image: PathBuf,
     /// Most tiles (1..=40; default from the model).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = tiles())]
     max_tiles: Option<u32>,
     #[arg(long)]
     exif: bool,
     /// .npy file to write ([tiles, tokens_per_tile, hidden] float32).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = vision::DEFAULT_BATCH)]
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
+    #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
     vision_batch: usize,
     #[command(flatten)]
     rt: RuntimeArgs,
-    /// Timing and the vision graph used, on stderr.
+    /// Timing and the vision graph used, and ONNX Runtime's own warnings, on stderr.
     #[arg(long)]
     verbose: bool,
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`internvl tokenize ... | head -c1`) ends the process quietly, as it ends `cat`,
+    // instead of a panic in the middle of a write. The Rust runtime ignores SIGPIPE by default.
+    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+            use clap::error::ErrorKind as Clap;
+            if matches!(e.kind(), Clap::DisplayHelp | Clap::DisplayVersion) {
+                let _ = write!(std::io::stdout(), "{e}");
                 return ExitCode::SUCCESS;
             }
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("error: {first} (see internvl --help)");
-            return ExitCode::from(2);
+            eprintln!("error: {} (see internvl --help)", clap_one_line(&e.to_string()));
+            return ExitCode::from(ErrorKind::Usage.exit_code());
         }
     };
     let res = match cli.command {
@@ -236,20 +291,51 @@ fn main() -> ExitCode {
         Command::Embed(a) => embed_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
+        Command::Info(a) => info_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            ExitCode::from(ErrorKind::of(&e).exit_code())
         }
     }
 }
 
+/// clap's message on one line: its first line plus the indented lines that name what is missing or
+/// wrong, without the usage block and the "for more information" tip.
+fn clap_one_line(msg: &str) -> String {
+    let mut parts = Vec::new();
+    for line in msg.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.trim_start_matches("error: ").to_string());
+        }
+    }
+    let joined = parts.join(" ");
+    if joined.is_empty() {
+        "invalid arguments".into()
+    } else {
+        joined
+    }
+}
+
+/// Most images one request may name: each takes at least one tile of the context, and every file is
+/// read twice (sizes first, then pixels).
+const MAX_IMAGES: usize = 64;
+/// Decoded pixels one request may hold at once: two images at Pillow's decompression-bomb limit.
+const MAX_REQUEST_PIXELS: u64 = 2 * internvl::image::MAX_IMAGE_PIXELS;
+
 impl GenArgs {
-    /// Checks the flags, decodes the images (a bad image fails before the model spends seconds loading),
-    /// then loads the model.
+    /// Checks the flags and the images against the model's context from their headers (a request that
+    /// cannot fit costs no decoding), decodes the images (a bad one fails before the model spends seconds
+    /// loading), then loads the model.
     fn load(&self, progress: bool) -> Result<(InternVL, Vec<image::RgbImage>, Request)> {
+        let t0 = Instant::now();
+        internvl::runtime::show_runtime_logs(self.verbose);
         let sampling = SamplingOptions {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -257,13 +343,10 @@ impl GenArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
         };
-        sampling.validate()?;
-        if let Some(n) = self.max_tiles {
-            anyhow::ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
-        }
-        let images = self.image.iter().map(|p| load_image(p, self.exif)).collect::<Result<Vec<_>>>()?;
-        let opts = self.rt.options();
-        let model = InternVL::load(&self.model, &opts, progress)?;
+        sampling.validate().kind(ErrorKind::Usage)?;
+        let manifest = Manifest::load(&self.model)?;
+        let images = self.load_images(&manifest)?;
+        let model = InternVL::open(manifest, &self.rt.options(), progress, t0)?;
         let req = Request {
             images: Vec::new(),
             prompt: String::new(),
@@ -276,9 +359,42 @@ impl GenArgs {
             prefill_chunk: self.prefill_chunk,
             ignore_stop: false,
             forced: None,
+            keep_logits: false,
         };
         Ok((model, images, req))
     }
+
+    fn load_images(&self, m: &Manifest) -> Result<Vec<image::RgbImage>> {
+        check_images(&self.image, m, self.max_tiles)?;
+        self.image.iter().map(|p| load_image(p, self.exif)).collect()
+    }
+}
+
+/// The images of one request, from their headers: few enough, small enough, and their tiles within the
+/// model's context.
+fn check_images(paths: &[PathBuf], m: &Manifest, max_tiles: Option<u32>) -> Result<()> {
+    if paths.len() > MAX_IMAGES {
+        return Err(anyhow::anyhow!("{} images given; at most {MAX_IMAGES} per request", paths.len()))
+            .kind(ErrorKind::Input);
+    }
+    let cfg = ImageConfig { max_tiles: max_tiles.unwrap_or(m.image.max_tiles), ..m.image.clone() };
+    let (mut tiles, mut pixels) = (0usize, 0u64);
+    for p in paths {
+        let (w, h) = image_dimensions(p)?;
+        tiles += tile_count(w, h, &cfg);
+        pixels += u64::from(w) * u64::from(h);
+    }
+    let (ctx, positions) = (m.decoder.max_context, tiles.saturating_mul(m.vision.tokens_per_tile));
+    let fits = positions < ctx && pixels <= MAX_REQUEST_PIXELS;
+    if !fits {
+        let why = if positions >= ctx {
+            format!("their {tiles} tiles need {positions} positions but the model's context is {ctx} tokens; use fewer images or --max-tiles")
+        } else {
+            format!("{pixels} pixels in all, more than the limit of {MAX_REQUEST_PIXELS} per request")
+        };
+        return Err(anyhow::anyhow!("{} images: {why}", paths.len())).kind(ErrorKind::Input);
+    }
+    Ok(())
 }
 
 fn print_timings(out: &internvl::Output) {
@@ -302,21 +418,26 @@ fn print_timings(out: &internvl::Output) {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    let mut inputs: Vec<&Path> = a.gen.image.iter().map(PathBuf::as_path).collect();
+    inputs.extend(a.history.as_deref());
+    inputs.extend(a.force_tokens.as_deref());
+    if let Some(path) = &a.logits_out {
+        let rules = OutputRules { inputs, model_dir: Some(&a.gen.model), force: a.force };
+        rules.check(path, "--logits-out")?;
+    }
     let history = match &a.history {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading history file {}", p.display()))?;
-            serde_json::from_str::<Vec<Turn>>(&text).with_context(|| {
-                format!("history file {}: expected a JSON list of {{\"user\": ..., \"assistant\": ...}}", p.display())
-            })?
-        }
+        Some(p) => internvl::prompt::load_history(p)?,
         None => Vec::new(),
     };
     let forced = match &a.force_tokens {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text = files::read_text(p, files::MAX_TEXT_FILE, "--force-tokens file").kind(ErrorKind::Input)?;
             let ids = serde_json::from_str::<Vec<u32>>(&text)
-                .with_context(|| format!("--force-tokens {}: expected a JSON list of token ids", p.display()))?;
-            anyhow::ensure!(!ids.is_empty(), "--force-tokens {}: no ids", p.display());
+                .with_context(|| format!("--force-tokens {}: expected a JSON list of token ids", p.display()))
+                .kind(ErrorKind::Input)?;
+            if ids.is_empty() {
+                return Err(anyhow::anyhow!("--force-tokens {}: no ids", p.display())).kind(ErrorKind::Input);
+            }
             Some(ids)
         }
         None => None,
@@ -324,15 +445,22 @@ fn run(a: RunArgs) -> Result<()> {
     let progress = std::io::stderr().is_terminal() && !a.json;
     let (mut model, images, mut req) = a.gen.load(progress)?;
     if let Some(ids) = &forced {
-        let vocab = model.manifest.decoder.vocab;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            anyhow::bail!("--force-tokens: id {bad} outside the vocabulary ({vocab})");
+        let (vocab, ctx) = (model.manifest.decoder.vocab, model.manifest.decoder.max_context);
+        let bad = ids.iter().find(|&&id| id as usize >= vocab);
+        let why = match bad {
+            Some(bad) => Some(format!("id {bad} outside the vocabulary ({vocab})")),
+            None if ids.len() >= ctx => Some(format!("{} ids, more than the context of {ctx}", ids.len())),
+            None => None,
+        };
+        if let Some(why) = why {
+            return Err(anyhow::anyhow!("--force-tokens: {why}")).kind(ErrorKind::Input);
         }
     }
     req.images = images;
     req.prompt = a.prompt;
     req.history = history;
     req.forced = forced;
+    req.keep_logits = a.logits_out.is_some();
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let out = model.generate(&req, &mut |piece| {
@@ -357,30 +485,99 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// What one read of a chat line gave.
+enum Line {
+    Text(String),
+    /// Longer than the bound: the rest of it was read and dropped.
+    TooLong(usize),
+    NotUtf8,
+    End,
+}
+
+/// The next line of `input`, at most `limit` bytes kept: an endless line cannot exhaust memory, and a line
+/// that is not UTF-8 is reported, not fatal.
+fn read_line(input: &mut impl BufRead, limit: usize) -> std::io::Result<Line> {
+    let mut line = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            if seen == 0 {
+                return Ok(Line::End);
+            }
+            break;
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        seen += chunk.len() + usize::from(done.is_some());
+        if line.len() + chunk.len() <= limit {
+            line.extend_from_slice(chunk);
+        }
+        let used = done.unwrap_or(buf.len());
+        input.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if seen > limit {
+        return Ok(Line::TooLong(seen));
+    }
+    Ok(match String::from_utf8(line) {
+        Ok(text) => Line::Text(text),
+        Err(_) => Line::NotUtf8,
+    })
+}
+
 /// Interactive conversation on stdin: one question per line, answers streamed; the KV cache is kept
-/// between turns. `/image PATH` attaches an image to the next question, `/reset` starts over.
+/// between turns. `/image PATH` attaches an image to the next question, `/reset` starts over. A bad line
+/// (an image that does not load, a question too long, invalid UTF-8) is reported and the session goes on.
 fn chat(a: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     let (mut model, mut images, req) = a.gen.load(std::io::stderr().is_terminal())?;
+    let mut image_paths = a.gen.image.clone();
     let mut conv = model.new_conversation()?;
     let mut stdout = std::io::stdout().lock();
-    let mut line = String::new();
+    let mut stdin = std::io::stdin().lock();
+    let limit = model.max_prompt_bytes();
     loop {
         if interactive {
             eprint!("> ");
         }
-        line.clear();
-        if std::io::stdin().read_line(&mut line).context("reading stdin")? == 0 {
-            return Ok(());
-        }
-        let q = line.trim_end_matches(['\n', '\r']);
+        let line = match read_line(&mut stdin, limit).context("reading stdin")? {
+            Line::End => return Ok(()),
+            Line::TooLong(n) => {
+                eprintln!(
+                    "error: line of {n} bytes is longer than the model's context can hold ({limit} bytes); ignored"
+                );
+                continue;
+            }
+            Line::NotUtf8 => {
+                eprintln!("error: line is not valid UTF-8; ignored");
+                continue;
+            }
+            Line::Text(t) => t,
+        };
+        let q = line.trim_end_matches('\r');
         if q.trim().is_empty() {
             continue;
         }
-        if let Some(path) = q.strip_prefix("/image ") {
-            match load_image(std::path::Path::new(path.trim()), a.gen.exif) {
+        if q.trim() == "/image" || q.starts_with("/image ") {
+            let path = PathBuf::from(q["/image".len()..].trim());
+            if path.as_os_str().is_empty() {
+                eprintln!("error: /image needs a path: /image PATH");
+                continue;
+            }
+            image_paths.push(path.clone());
+            let loaded = check_images(&image_paths, &model.manifest, a.gen.max_tiles)
+                .and_then(|()| load_image(&path, a.gen.exif));
+            match loaded {
                 Ok(img) => images.push(img),
-                Err(e) => eprintln!("error: {}", one_line(&e)),
+                Err(e) => {
+                    image_paths.pop();
+                    eprintln!("error: {}", one_line(&e));
+                }
             }
             continue;
         }
@@ -393,6 +590,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             stdout.flush().context("writing to stdout")
         });
         images.clear();
+        image_paths.clear();
         writeln!(stdout).context("writing to stdout")?;
         match out {
             Ok(out) if a.gen.verbose => print_timings(&out),
@@ -411,31 +609,42 @@ fn chat(a: ChatArgs) -> Result<()> {
 
 /// anyhow's chain on one line: "context: cause: cause".
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    format!("{e:#}").replace(['\n', '\r'], " ")
 }
 
 fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
-    anyhow::ensure!(
-        (1..=MAX_TILES).contains(&a.max_tiles),
-        "--max-tiles {} must be between 1 and {MAX_TILES}",
-        a.max_tiles
-    );
-    anyhow::ensure!(
-        (1..=a.max_tiles).contains(&a.min_tiles),
-        "--min-tiles {} must be between 1 and --max-tiles",
-        a.min_tiles
-    );
+    if a.min_tiles > a.max_tiles {
+        let msg = format!("--min-tiles {} must not exceed --max-tiles {}", a.min_tiles, a.max_tiles);
+        return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
+    }
+    let rules = OutputRules { inputs: vec![&a.image], model_dir: None, force: a.force };
+    rules.check(&a.out, "--out")?;
+    if let Some(dir) = &a.png {
+        if !dir.is_dir() {
+            let msg = format!("--png {}: not an existing folder", dir.display());
+            return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
+        }
+    }
     let img = load_image(&a.image, a.exif)?;
     let cfg = ImageConfig { max_tiles: a.max_tiles, min_tiles: a.min_tiles, ..ImageConfig::default() };
     let tiles = preprocess(&img, &cfg)?;
+    let pngs = match &a.png {
+        Some(dir) => {
+            let paths: Vec<PathBuf> = (0..tiles.count).map(|i| dir.join(format!("tile_{i:02}.png"))).collect();
+            let rules = OutputRules { inputs: vec![&a.image, &a.out], model_dir: None, force: a.force };
+            for p in &paths {
+                rules.check(p, "--png")?;
+            }
+            paths
+        }
+        None => Vec::new(),
+    };
     let s = tiles.size as usize;
     npy::write_f32(&a.out, &[tiles.count, 3, s, s], &tiles.data)?;
-    if let Some(dir) = a.png {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !pngs.is_empty() {
         let (images, _) = tile_images(&img, &cfg)?;
-        for (i, t) in images.iter().enumerate() {
-            let p = dir.join(format!("tile_{i:02}.png"));
-            t.save(&p).with_context(|| format!("writing {}", p.display()))?;
+        for (t, p) in images.iter().zip(&pngs) {
+            files::write_atomic(p, |w| t.write_to(w, image::ImageFormat::Png).map_err(std::io::Error::other))?;
         }
     }
     eprintln!("{} tiles (grid {}x{}) -> {}", tiles.count, tiles.grid.0, tiles.grid.1, a.out.display());
@@ -443,14 +652,14 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
 }
 
 fn embed_cmd(a: EmbedArgs) -> Result<()> {
+    internvl::runtime::show_runtime_logs(a.verbose);
+    let rules = OutputRules { inputs: vec![&a.image], model_dir: Some(&a.model), force: a.force };
+    rules.check(&a.out, "--out")?;
     let m = Manifest::load(&a.model)?;
-    if let Some(n) = a.max_tiles {
-        anyhow::ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
-    }
     let img = load_image(&a.image, a.exif)?;
     let cfg = ImageConfig { max_tiles: a.max_tiles.unwrap_or(m.image.max_tiles), ..m.image.clone() };
     let tiles = preprocess(&img, &cfg)?;
-    let mut encoder = vision::VisionEncoder::load(&m, &a.rt.options())?;
+    let mut encoder = vision::VisionEncoder::load(&m, &a.rt.options()).kind(ErrorKind::Model)?;
     let t0 = std::time::Instant::now();
     let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch, &indicatif::ProgressBar::hidden())?;
     if a.verbose {
@@ -508,22 +717,25 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
     use internvl::tokenizer::{answer_text, Tokenizer};
     let (tok, split_at) = match (&a.model, &a.tokenizer) {
         (Some(dir), None) => {
-            let m = internvl::manifest::Manifest::load(dir)?;
+            let m = Manifest::load(dir)?;
             let answer = &m.tokenizer.answer;
-            (Tokenizer::load(&m.path(&m.tokenizer.file))?.decoding_as(answer), answer.split_at.clone())
+            let tok = Tokenizer::load(&m.path(&m.tokenizer.file)).kind(ErrorKind::Model)?;
+            (tok.decoding_as(answer), answer.split_at.clone())
         }
-        (None, Some(file)) => (Tokenizer::load(file)?, None),
-        _ => anyhow::bail!("give exactly one of --model and --tokenizer"),
+        (None, Some(file)) => (Tokenizer::load(file).kind(ErrorKind::Input)?, None),
+        _ => return Err(anyhow::anyhow!("give exactly one of --model and --tokenizer")).kind(ErrorKind::Usage),
     };
-    let encode = |t: &str| tok.encode(t, true);
+    let read = |f: &Path| files::read_text(f, files::MAX_TEXT_FILE, "input file").kind(ErrorKind::Input);
+    let encode = |t: &str| tok.encode(t, true).kind(ErrorKind::Input);
     let out = match (&a.text, &a.file, &a.decode) {
         (_, _, Some(f)) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let items: Vec<Vec<u32>> = serde_json::from_str(&text)
-                .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?;
+            let items: Vec<Vec<u32>> = serde_json::from_str(&read(f)?)
+                .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))
+                .kind(ErrorKind::Input)?;
             let mut out = Vec::with_capacity(items.len());
             for (i, ids) in items.iter().enumerate() {
-                let text = tok.decode(ids).with_context(|| format!("{}: list {i}", f.display()))?;
+                let text =
+                    tok.decode(ids).with_context(|| format!("{}: list {i}", f.display())).kind(ErrorKind::Input)?;
                 let answer = answer_text(&text, split_at.as_deref());
                 out.push(serde_json::json!({ "text": text, "answer": answer }));
             }
@@ -531,13 +743,68 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         }
         (Some(t), _, None) => serde_json::to_string(&encode(t)?)?,
         (None, Some(f), None) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let items: Vec<String> = serde_json::from_str(&text)
-                .with_context(|| format!("{}: expected a JSON list of strings", f.display()))?;
+            let items: Vec<String> = serde_json::from_str(&read(f)?)
+                .with_context(|| format!("{}: expected a JSON list of strings", f.display()))
+                .kind(ErrorKind::Input)?;
             serde_json::to_string(&items.iter().map(|t| encode(t)).collect::<Result<Vec<_>>>()?)?
         }
-        (None, None, None) => anyhow::bail!("give --text, --file or --decode"),
+        (None, None, None) => return Err(anyhow::anyhow!("give --text, --file or --decode")).kind(ErrorKind::Usage),
     };
-    println!("{out}");
+    writeln!(std::io::stdout(), "{out}").context("writing to stdout")
+}
+
+fn info_cmd(a: InfoArgs) -> Result<()> {
+    let m = Manifest::load(&a.model)?;
+    let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
+    let verified = if a.verify {
+        let show = std::io::stderr().is_terminal();
+        Some(m.verify_checksums(|name, n| {
+            if show {
+                eprintln!("verified {name} ({n} bytes)");
+            }
+        })?)
+    } else {
+        None
+    };
+    let graphs: Vec<&str> = [Some(&m.vision.file), Some(&m.decoder.file)]
+        .into_iter()
+        .chain([m.vision.amx.as_ref().map(|v| &v.file), m.decoder.amx.as_ref().map(|v| &v.file)])
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let devices = if m.dtype == "float32" { "cpu, cuda, tensorrt" } else { "cpu" };
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({
+            "name": m.name, "dtype": m.dtype, "llm": m.decoder.arch, "template": m.template.name,
+            "graphs": graphs, "layers": m.decoder.layers, "hidden": m.decoder.hidden, "vocab": m.decoder.vocab,
+            "max_context": m.decoder.max_context, "image_size": m.image.image_size,
+            "max_tiles": m.image.max_tiles, "tokens_per_tile": m.vision.tokens_per_tile,
+            "files": m.files.len(), "bytes": bytes, "devices": devices, "verified_bytes": verified,
+        });
+        writeln!(stdout, "{v}").context("writing to stdout")?;
+        return Ok(());
+    }
+    let lines = [
+        format!("{} ({}), {} LLM, {} template", m.name, m.dtype, m.decoder.arch, m.template.name),
+        format!("graphs: {}", graphs.join(", ")),
+        format!(
+            "decoder: {} layers, hidden {}, vocab {}, context {} tokens",
+            m.decoder.layers, m.decoder.hidden, m.decoder.vocab, m.decoder.max_context
+        ),
+        format!(
+            "images: {}x{} tiles, {}..={} per image, {} tokens each",
+            m.image.image_size, m.image.image_size, m.image.min_tiles, m.image.max_tiles, m.vision.tokens_per_tile
+        ),
+        format!("files: {} ({:.1} MiB), sizes checked", m.files.len(), bytes as f64 / (1u64 << 20) as f64),
+        match verified {
+            Some(n) => format!("checksums: all {} files match ({n} bytes read)", m.files.len()),
+            None => "checksums: not checked (--verify)".into(),
+        },
+        format!("devices: {devices}"),
+    ];
+    for line in lines {
+        writeln!(stdout, "{line}").context("writing to stdout")?;
+    }
     Ok(())
 }

@@ -4,11 +4,14 @@
 //! [`Manifest::load`]: the files it names exist, the dimensions agree with each other, and the
 //! template style is one the prompt builder knows.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
+use crate::error::{ErrorKind, WithKind};
+use crate::files;
 use crate::image::{ImageConfig, MAX_TILES};
 
 /// The schema this runtime reads; `export/manifest.py` writes the same number.
@@ -30,9 +33,19 @@ pub struct Manifest {
     pub template: TemplateSpec,
     #[serde(default)]
     pub generation: GenerationSpec,
+    /// Every file of the folder but the manifest, with its size and SHA-256: sizes are checked at every
+    /// load (a truncated or swapped `.data` file is named before ONNX Runtime reads it), digests by
+    /// `internvl info --verify`.
+    pub files: BTreeMap<String, FileEntry>,
     /// Folder the manifest was read from; file names below resolve against it.
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,17 +188,29 @@ impl Default for GenerationSpec {
 }
 
 impl Manifest {
-    /// Reads and validates `DIR/manifest.json`; errors name the folder and the offending value.
+    /// Reads and validates `DIR/manifest.json` and the files it names; errors name the folder and the
+    /// offending value, and are model errors.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_unmarked(dir).kind(ErrorKind::Model)
+    }
+
+    fn load_unmarked(dir: &Path) -> Result<Self> {
         ensure!(dir.is_dir(), "model folder not found: {}", dir.display());
         let path = dir.join("manifest.json");
         ensure!(path.is_file(), "model folder {} has no manifest.json", dir.display());
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut m: Manifest = serde_json::from_str(&text).with_context(|| {
-            format!("invalid manifest {} (from an older exporter? export the checkpoint again)", path.display())
-        })?;
+        let text = files::read_text(&path, files::MAX_MANIFEST_FILE, "manifest")?;
+        let mut m = Self::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
         m.dir = dir.to_path_buf();
-        m.validate().with_context(|| format!("invalid manifest {}", path.display()))?;
+        m.check_files().with_context(|| format!("model folder {}", dir.display()))?;
+        Ok(m)
+    }
+
+    /// The manifest in `text`, its values checked against each other and against sane bounds (no file is
+    /// touched: [`Manifest::load`] checks those).
+    pub fn parse(text: &str) -> Result<Self> {
+        let m: Manifest = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{e} (from an older exporter? export the checkpoint again)"))?;
+        m.validate()?;
         Ok(m)
     }
 
@@ -204,6 +229,20 @@ impl Manifest {
         ensure!(["float32", "int8", "int4"].contains(&self.dtype.as_str()), "dtype {:?} is not supported", self.dtype);
         ensure!(self.embed.dtype == "float32", "embedding dtype {:?} is not supported", self.embed.dtype);
         let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
+        // Bounds far above any InternVL release, low enough that no buffer sized from them overflows or
+        // asks for more memory than a machine has before the graphs' own shapes are compared.
+        for (name, value, max) in [
+            ("image.image_size", self.image.image_size as usize, 4096),
+            ("vision.tokens_per_tile", v.tokens_per_tile, 16_384),
+            ("decoder.hidden", d.hidden, 65_536),
+            ("decoder.vocab", d.vocab, 1 << 22),
+            ("decoder.layers", d.layers, 1024),
+            ("decoder.kv_heads", d.kv_heads, 1024),
+            ("decoder.head_dim", d.head_dim, 1024),
+            ("decoder.max_context", d.max_context, 1 << 21),
+        ] {
+            ensure!((1..=max).contains(&value), "{name} {value} outside 1..={max}");
+        }
         ensure!(
             v.image_size == self.image.image_size,
             "vision image_size {} != image {}",
@@ -223,6 +262,18 @@ impl Manifest {
             "max_tiles {} outside 1..={MAX_TILES}",
             self.image.max_tiles
         );
+        ensure!(
+            (1..=self.image.max_tiles).contains(&self.image.min_tiles),
+            "min_tiles {} outside 1..=max_tiles",
+            self.image.min_tiles
+        );
+        ensure!(
+            self.image.std.iter().chain(&self.image.mean).all(|x| x.is_finite())
+                && self.image.std.iter().all(|&s| s > 0.0),
+            "image mean / std {:?} / {:?} are not finite positive numbers",
+            self.image.mean,
+            self.image.std
+        );
         ensure!(!t.stop_ids.is_empty(), "no stop ids: generation would only end at the length limit");
         let ids = [t.img_start_id, t.img_end_id, t.img_context_id];
         for id in ids.iter().chain(&t.stop_ids).chain(&t.answer.skip_ids).chain(&t.answer.separate_ids) {
@@ -234,24 +285,76 @@ impl Manifest {
                 ensure!(amx.op == ours, "graph {} calls {:?}; this runtime provides {ours:?}", amx.file, amx.op);
             }
         }
-        let variants = [&v.amx, &d.amx].into_iter().flatten().map(|a| &a.file);
-        for file in [&v.file, &e.file, &d.file, &t.file].into_iter().chain(variants) {
-            let p = self.path(file);
-            if !p.is_file() {
-                bail!("model folder {} is missing {file}", self.dir.display());
-            }
+        for name in self.files.keys() {
+            let plain = Path::new(name).components().count() == 1 && !name.starts_with('.') && name != "manifest.json";
+            ensure!(plain, "file entry {name:?} is not a plain file name in the model folder");
         }
-        let want = (e.vocab * e.hidden * 4) as u64;
-        let path = self.path(&e.file);
-        let got = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+        for file in self.named_files() {
+            ensure!(self.files.contains_key(file), "{file} is not listed in the manifest's files");
+        }
+        let want = e.vocab as u64 * e.hidden as u64 * 4;
+        let listed = self.files.get(&e.file).map_or(0, |f| f.bytes);
         ensure!(
-            got == want,
-            "{} has {got} bytes, expected {want} ({} x {} float32)",
-            path.display(),
+            listed == want,
+            "{} is listed with {listed} bytes, expected {want} ({} x {} float32)",
+            e.file,
             e.vocab,
             e.hidden
         );
         Ok(())
+    }
+
+    /// The files the stages open (graphs, their AMX variants, the tokenizer, the embedding table).
+    fn named_files(&self) -> impl Iterator<Item = &String> {
+        let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
+        let variants = [&v.amx, &d.amx].into_iter().flatten().map(|a| &a.file);
+        [&v.file, &e.file, &d.file, &t.file].into_iter().chain(variants)
+    }
+
+    /// The fast check of every load: each listed file is present, a regular file, and of its listed size.
+    fn check_files(&self) -> Result<()> {
+        for (name, entry) in &self.files {
+            let p = self.path(name);
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{name} is missing"),
+                Err(e) => bail!("cannot read {}: {e}", p.display()),
+            };
+            ensure!(meta.is_file(), "{} is not a regular file", p.display());
+            ensure!(
+                meta.len() == entry.bytes,
+                "{} has {} bytes but the export wrote {} (truncated, damaged or from another export)",
+                p.display(),
+                meta.len(),
+                entry.bytes
+            );
+        }
+        Ok(())
+    }
+
+    /// The full check (`internvl info --verify`): every listed file's SHA-256. Returns the bytes read.
+    pub fn verify_checksums(&self, on_file: impl FnMut(&str, u64)) -> Result<u64> {
+        self.verify_unmarked(on_file).kind(ErrorKind::Model)
+    }
+
+    fn verify_unmarked(&self, mut on_file: impl FnMut(&str, u64)) -> Result<u64> {
+        use sha2::{Digest, Sha256};
+        let mut total = 0;
+        for (name, entry) in &self.files {
+            let p = self.path(name);
+            let (mut file, _) = files::open_regular(&p, u64::MAX, "model file")?;
+            let mut hasher = Sha256::new();
+            let n = std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", p.display()))?;
+            let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            ensure!(
+                digest == entry.sha256.to_ascii_lowercase(),
+                "{} does not match its checksum (damaged, or swapped with another export's file)",
+                p.display()
+            );
+            total += n;
+            on_file(name, n);
+        }
+        Ok(total)
     }
 }
 

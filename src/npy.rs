@@ -4,8 +4,7 @@
 //! dependency; the reader accepts what numpy's `np.save` writes for `float32` arrays.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -14,7 +13,8 @@ const ALIGN: usize = 64;
 
 /// Writes `data` as a float32 `.npy` file with the given `shape`.
 ///
-/// The shape must match the number of elements.
+/// The shape must match the number of elements. The file appears whole or not at all
+/// ([`crate::files::write_atomic`]); callers check the path first ([`crate::files::OutputRules`]).
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let expected = shape
         .iter()
@@ -38,9 +38,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     header.push('\n');
     let header_len = u16::try_from(header.len()).map_err(|_| anyhow!("npy header too long for shape {shape:?}"))?;
 
-    let file = File::create(path).with_context(|| format!("cannot create npy file {}", path.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let write = |w: &mut BufWriter<File>| -> std::io::Result<()> {
+    crate::files::write_atomic(path, |w| {
         w.write_all(MAGIC)?;
         w.write_all(&[1, 0])?;
         w.write_all(&header_len.to_le_bytes())?;
@@ -53,19 +51,15 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
             }
             w.write_all(&buf)?;
         }
-        w.flush()
-    };
-    write(&mut w).with_context(|| format!("cannot write npy file {}", path.display()))
+        Ok(())
+    })
 }
 
 /// Reads a float32 `.npy` file (format 1.x, 2.x or 3.x, little-endian `<f4`, C order).
 ///
 /// Returns the shape and the values in C order.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .with_context(|| format!("cannot read npy file {}", path.display()))?;
+    let bytes = crate::files::read_limited(path, 16 << 30, "npy file")?;
     parse(&bytes).with_context(|| format!("invalid npy file {}", path.display()))
 }
 

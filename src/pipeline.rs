@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::decoder::{Decoder, KvCache};
 use crate::embed::Embeddings;
-use crate::image::{preprocess, ImageConfig, MAX_TILES};
+use crate::error::{ErrorKind, WithKind};
+use crate::image::{preprocess, tile_count, ImageConfig, MAX_TILES};
 use crate::manifest::Manifest;
 use crate::prompt;
 use crate::runtime::RuntimeOptions;
@@ -45,9 +46,11 @@ pub struct Request {
     pub prefill_chunk: usize,
     /// Keep decoding past end-of-turn tokens (benchmarks measure a fixed number of steps).
     pub ignore_stop: bool,
-    /// Teacher forcing: answer with exactly these ids instead of sampling (stop tokens included), and
-    /// return the logits each one follows (`Output::logits`): how `scripts/quality.py` scores a model.
+    /// Teacher forcing: answer with exactly these ids instead of sampling (stop tokens included): how
+    /// `scripts/quality.py` scores a model.
     pub forced: Option<Vec<u32>>,
+    /// With `forced`: return the logits each forced id follows (`Output::logits`, vocab floats per id).
+    pub keep_logits: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,7 +88,16 @@ impl InternVL {
     /// Loads and cross-checks a model folder (manifest, graphs, tokenizer, embedding table).
     pub fn load(dir: &Path, opts: &RuntimeOptions, progress: bool) -> Result<Self> {
         let t0 = Instant::now();
-        let manifest = Manifest::load(dir)?;
+        Self::open(Manifest::load(dir)?, opts, progress, t0)
+    }
+
+    /// [`InternVL::load`] of a manifest already read (a command that checked a request against it first);
+    /// `t0` is when loading started.
+    pub fn open(manifest: Manifest, opts: &RuntimeOptions, progress: bool, t0: Instant) -> Result<Self> {
+        Self::open_unmarked(manifest, opts, progress, t0).kind(ErrorKind::Model)
+    }
+
+    fn open_unmarked(manifest: Manifest, opts: &RuntimeOptions, progress: bool, t0: Instant) -> Result<Self> {
         let bar = spinner(progress, "loading model");
         let tokenizer =
             Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?.decoding_as(&manifest.tokenizer.answer);
@@ -125,6 +137,38 @@ impl InternVL {
             prompt::render(&self.manifest.template, &req.history, &req.prompt, req.system.as_deref(), req.images.len());
         let mut conv = self.new_conversation()?;
         self.turn(&mut conv, &text, &req.images, req, on_text)
+    }
+
+    /// The ids of `text` with `tiles` tiles per image, refused (before the work) when they cannot fit the
+    /// context: text longer than the context could hold in bytes is refused before it is tokenised.
+    fn prompt_ids(&self, text: &str, tiles: &[usize]) -> Result<Vec<u32>> {
+        let ctx = self.manifest.decoder.max_context;
+        let image_positions = tiles.iter().sum::<usize>().saturating_mul(self.manifest.vision.tokens_per_tile);
+        ensure!(
+            image_positions < ctx,
+            "the images need {image_positions} positions ({} tiles) but the model's context is {ctx} tokens; use fewer images or tiles (max_tiles)",
+            tiles.iter().sum::<usize>()
+        );
+        ensure!(
+            text.len() <= self.max_prompt_bytes(),
+            "the prompt is {} bytes, more than the model's context of {ctx} tokens can hold ({} bytes at most)",
+            text.len(),
+            self.max_prompt_bytes()
+        );
+        let full = prompt::token_ids(&self.manifest, &self.tokenizer, text, tiles, true)?;
+        ensure!(
+            full.len() < ctx,
+            "the prompt is {} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (max_tiles) or a shorter prompt",
+            full.len(),
+            tiles.iter().sum::<usize>()
+        );
+        Ok(full)
+    }
+
+    /// Most prompt bytes that could still fit the context: every token covers at most the longest
+    /// vocabulary entry's bytes, and normalisation (NFC, NFKC) at most halves a text.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.manifest.decoder.max_context.saturating_mul(self.tokenizer.max_token_bytes()).saturating_mul(2)
     }
 
     /// The vision and decoder graph files opened (portable or AMX variants).
@@ -180,30 +224,30 @@ impl InternVL {
         req: &Request,
         on_text: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Output> {
-        req.sampling.validate()?;
+        req.sampling.validate().kind(ErrorKind::Usage)?;
         if let Some(n) = req.max_tiles {
-            ensure!((1..=MAX_TILES).contains(&n), "--max-tiles {n} must be between 1 and {MAX_TILES}");
+            ensure!((1..=MAX_TILES).contains(&n), "max_tiles {n} must be between 1 and {MAX_TILES}");
         }
+        ensure!(!conv.broken, "this conversation's cache was lost in an earlier error; start a new one");
         let start = Instant::now();
         let hidden = self.manifest.decoder.hidden;
 
-        // Preprocess.
+        // Prompt: the whole conversation's ids (the images of earlier turns keep their tile counts), from
+        // the images' sizes alone, so a request too long for the context costs no pixel work.
         let cfg = self.image_config(req.max_tiles);
-        let mut tiles: Vec<_> = images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
-        let preprocess_ms = ms(start);
-
-        // Prompt: the whole conversation's ids (the images of earlier turns keep their tile counts).
-        let counts: Vec<usize> = tiles.iter().map(|t| t.count).collect();
-        ensure!(!conv.broken, "this conversation's cache was lost in an earlier error; start a new one");
+        let counts: Vec<usize> = images.iter().map(|img| tile_count(img.width(), img.height(), &cfg)).collect();
         let all_tiles: Vec<usize> = conv.tiles.iter().chain(&counts).copied().collect();
-        let full = prompt::token_ids(&self.manifest, &self.tokenizer, text, &all_tiles, true)?;
+        let full = self.prompt_ids(text, &all_tiles).kind(ErrorKind::Input)?;
         let ctx = self.manifest.decoder.max_context;
         let total = full.len();
+
+        // Preprocess.
+        let mut tiles: Vec<_> = images.iter().map(|img| preprocess(img, &cfg)).collect::<Result<_>>()?;
         ensure!(
-            total < ctx,
-            "the prompt is {total} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (--max-tiles) or a shorter prompt",
-            all_tiles.iter().sum::<usize>()
+            tiles.iter().map(|t| t.count).eq(counts.iter().copied()),
+            "internal error: tiles made differ from tiles counted"
         );
+        let preprocess_ms = ms(start);
         // Positions the cache can keep: those whose ids are unchanged (at least the last one is run, for its
         // logits). LongRoPE: the reference runs a conversation past the switch point with the long factors
         // throughout, so positions computed with the short ones are recomputed.
@@ -289,7 +333,9 @@ impl InternVL {
         while generated.len() < budget {
             let id = match &req.forced {
                 Some(ids) => {
-                    forced_logits.push(logits.clone());
+                    if req.keep_logits {
+                        forced_logits.push(logits.clone());
+                    }
                     ids[generated.len()]
                 }
                 None => sampler.next(&mut logits, &conv.ids),

@@ -4,6 +4,10 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
+use std::path::Path;
+
+use crate::error::{ErrorKind, WithKind};
+use crate::files;
 use crate::manifest::{Manifest, TemplateSpec};
 use crate::tokenizer::Tokenizer;
 
@@ -14,6 +18,17 @@ pub const IMAGE_PLACEHOLDER: &str = "<image>";
 pub struct Turn {
     pub user: String,
     pub assistant: String,
+}
+
+/// Earlier turns from a history file's text: a JSON list of `{"user": ..., "assistant": ...}`, oldest first.
+pub fn parse_history(text: &str) -> Result<Vec<Turn>> {
+    serde_json::from_str(text).context("expected a JSON list of {\"user\": ..., \"assistant\": ...}")
+}
+
+/// [`parse_history`] of a file, read with a size bound; errors name the file and are input errors.
+pub fn load_history(path: &Path) -> Result<Vec<Turn>> {
+    let text = files::read_text(path, files::MAX_TEXT_FILE, "history file").kind(ErrorKind::Input)?;
+    parse_history(&text).with_context(|| format!("history file {}", path.display())).kind(ErrorKind::Input)
 }
 
 /// The prompt text with `<image>` placeholders still in it (what the reference calls `query` before the

@@ -8,9 +8,12 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 use ort::ep::{self, ExecutionProvider};
+use ort::logging::LogLevel;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
+use ort::value::{Outlet, ValueType};
 
+use crate::error::{ErrorKind, WithKind};
 use crate::kernels;
 use crate::manifest::{AmxVariant, Manifest};
 
@@ -62,6 +65,19 @@ impl Default for RuntimeOptions {
 
 static ENVIRONMENT: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
 
+/// Most intra-op threads: ONNX Runtime starts every one of them at load (100000 crash it), and more threads
+/// than cores only slow a step down.
+pub const MAX_THREADS: usize = 1024;
+
+/// ONNX Runtime's own log lines go to stderr only when asked for (`--verbose`); its errors still come
+/// back as errors of the call that failed.
+static ORT_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Shows ONNX Runtime's warnings (and worse) on stderr, one line each, prefixed `onnxruntime:`.
+pub fn show_runtime_logs(on: bool) {
+    ORT_LOGS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Resolves `threads = 0` to one thread per available core.
 pub fn thread_count(threads: usize) -> usize {
     if threads == 0 {
@@ -78,6 +94,13 @@ pub fn thread_count(threads: usize) -> usize {
 /// with a pool per session, the vision session's threads keep spinning after their work and steal
 /// the cores the decoder needs next.
 pub fn init(threads: usize) -> Result<(&'static Path, &'static Environment)> {
+    if threads > MAX_THREADS {
+        return Err(anyhow!("{threads} threads is more than the limit of {MAX_THREADS}")).kind(ErrorKind::Usage);
+    }
+    init_unmarked(threads).kind(ErrorKind::Internal)
+}
+
+fn init_unmarked(threads: usize) -> Result<(&'static Path, &'static Environment)> {
     let res = ENVIRONMENT.get_or_init(|| {
         let path = find_library().map_err(|e| e.to_string())?;
         let fail = |e: ort::Error| format!("starting ONNX Runtime from {}: {e}", path.display());
@@ -88,7 +111,15 @@ pub fn init(threads: usize) -> Result<(&'static Path, &'static Environment)> {
             .with_intra_threads(thread_count(threads))
             .and_then(|p| p.with_inter_threads(1))
             .map_err(fail)?;
-        let env = builder.with_name("internvl").with_global_thread_pool(pool).build().map_err(fail)?;
+        let logger: ort::logging::LoggerFunction = std::sync::Arc::new(|level, _category, _id, location, message| {
+            if ORT_LOGS.load(std::sync::atomic::Ordering::Relaxed) && level >= LogLevel::Warning {
+                let message = message.replace(['\n', '\r'], " ");
+                eprintln!("onnxruntime: {level:?} {location}: {message}");
+            }
+        });
+        let env =
+            builder.with_name("internvl").with_global_thread_pool(pool).with_logger(logger).build().map_err(fail)?;
+        env.set_log_level(LogLevel::Warning);
         Ok((path, env))
     });
     match res {
@@ -145,7 +176,7 @@ pub fn open_graph(
         None
     };
     match (opts.attention, why_not, amx) {
-        (AttentionKernels::Amx, Some(why), _) => bail!("--attention amx: {why}"),
+        (AttentionKernels::Amx, Some(why), _) => Err(anyhow!("attention amx: {why}")).kind(ErrorKind::Usage),
         (AttentionKernels::Amx | AttentionKernels::Auto, None, Some(amx)) => {
             Ok((open(&m.path(&amx.file), opts, true)?, amx.file.clone()))
         }
@@ -199,4 +230,25 @@ fn require_provider<E: ExecutionProvider>(device: Device) -> Result<()> {
 /// ort's errors carry the builder they failed on (not `Sync`), so keep only the message.
 pub fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
     anyhow!("{e}")
+}
+
+/// Compares a graph input's or output's declared shape with the manifest's dims (`None`: any size), so a
+/// manifest from another model fails at load, naming the file, not at the first run.
+pub fn check_shape(path: &Path, outlets: &[Outlet], name: &str, want: &[Option<usize>]) -> Result<()> {
+    let outlet = outlets.iter().find(|o| o.name() == name);
+    let Some(ValueType::Tensor { shape, .. }) = outlet.map(|o| o.dtype()) else {
+        bail!("{} has no tensor {name:?}: manifest and graph are from different models", path.display());
+    };
+    let fits = shape.len() == want.len()
+        && shape.iter().zip(want).all(|(&got, want)| want.is_none_or(|w| i64::try_from(w) == Ok(got)));
+    if !fits {
+        let show = |d: Option<usize>| d.map_or("_".to_string(), |d| d.to_string());
+        bail!(
+            "{}: {name} has shape {:?} but the manifest says [{}]: manifest and graph are from different models (export again)",
+            path.display(),
+            &shape[..],
+            want.iter().map(|&d| show(d)).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
 }

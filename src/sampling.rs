@@ -70,14 +70,16 @@ impl Sampler {
         if o.temperature == 0.0 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / o.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
+        // In f64 and by division: 1 / T overflows f32 for a tiny temperature (1e-40), and inf x 0 is NaN;
+        // here the scaled logits stay finite and the choice tends to greedy, as the limit T -> 0 does.
+        let t = f64::from(o.temperature);
+        let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, f64::from(l) / t)).collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if o.top_k > 0 && o.top_k < cand.len() {
             cand.truncate(o.top_k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if o.top_p < 1.0 {
@@ -136,6 +138,15 @@ mod tests {
         };
         assert_eq!(run(opts.clone()), run(opts.clone()));
         assert_ne!(run(opts.clone()), run(SamplingOptions { seed: 8, ..opts }));
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy_not_nan() {
+        let mut s = Sampler::new(SamplingOptions { temperature: 1e-40, seed: 3, ..Default::default() });
+        let logits = vec![0.1, 0.5, 2.0, 1.9, -3.0];
+        for _ in 0..20 {
+            assert_eq!(s.next(&mut logits.clone(), &[]), 2);
+        }
     }
 
     #[test]

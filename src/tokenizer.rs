@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use tokenizers::{Decoder, ModelWrapper};
 
 pub struct Tokenizer {
@@ -18,16 +18,26 @@ pub struct Tokenizer {
     joiner: &'static str,
     clean_up_runs: bool,
     clean_up_text: bool,
+    /// Bytes of the longest vocabulary entry (as stored: at least the bytes of text it stands for).
+    max_token_bytes: usize,
 }
 
 impl Tokenizer {
     /// Loads `path`; decoded text leaves out the tokens tokenizer.json marks special.
     pub fn load(path: &Path) -> Result<Self> {
+        let data = crate::files::read_limited(path, crate::files::MAX_TOKENIZER_FILE, "tokenizer")?;
+        Self::from_bytes(&data).with_context(|| format!("loading tokenizer {}", path.display()))
+    }
+
+    /// A tokenizer.json's bytes.
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+            tokenizers::Tokenizer::from_bytes(data).map_err(|e| anyhow!("{}", e.to_string().replace('\n', " ")))?;
         let skip = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         let byte_fallback = matches!(inner.get_model(), ModelWrapper::BPE(bpe) if bpe.byte_fallback);
+        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
         Ok(Self {
+            max_token_bytes,
             inner,
             skip,
             byte_fallback,
@@ -114,6 +124,12 @@ impl Tokenizer {
             None => tokens.join(" "),
         };
         Ok(if self.clean_up_runs { clean_up_tokenization(&text) } else { text })
+    }
+
+    /// An upper bound on the text bytes one token stands for: byte-level BPE stores each byte as one
+    /// character of one or two bytes, sentencepiece its `▁` (3 bytes) for a space and `<0xAB>` for a byte.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

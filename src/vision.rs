@@ -9,7 +9,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 
 use crate::manifest::{Manifest, VisionSpec};
-use crate::runtime::{open_graph, ort_err, RuntimeOptions};
+use crate::runtime::{check_shape, open_graph, ort_err, RuntimeOptions};
 
 /// Default tiles per vision run (see README, "Tile batching"). Measured on the InternVL2.5-1B shape,
 /// int8, 2 threads: 417-437 / 433-443 / 485-493 ms per tile at batch 1 / 2 / 4 with AMX attention (ONNX
@@ -28,16 +28,10 @@ impl VisionEncoder {
     pub fn load(m: &Manifest, opts: &RuntimeOptions) -> Result<Self> {
         let spec = m.vision.clone();
         let (session, file) = open_graph(m, &spec.file, spec.amx.as_ref(), opts)?;
-        ensure!(
-            session.inputs().iter().any(|i| i.name() == spec.input),
-            "{file}: no input named {:?} (manifest from another model?)",
-            spec.input
-        );
-        ensure!(
-            session.outputs().iter().any(|o| o.name() == spec.output),
-            "{file}: no output named {:?} (manifest from another model?)",
-            spec.output
-        );
+        let path = m.path(&file);
+        let size = Some(spec.image_size as usize);
+        check_shape(&path, session.inputs(), &spec.input, &[None, Some(3), size, size])?;
+        check_shape(&path, session.outputs(), &spec.output, &[None, Some(spec.tokens_per_tile), Some(spec.embed_dim)])?;
         Ok(Self { session, spec, file })
     }
 
@@ -48,7 +42,7 @@ impl VisionEncoder {
         ensure!(pixels.len() == tiles * per_tile, "pixel buffer holds {} floats, expected {tiles} tiles", pixels.len());
         let out_per_tile = self.spec.tokens_per_tile * self.spec.embed_dim;
         let mut out = Vec::with_capacity(tiles * out_per_tile);
-        let batch = batch.max(1);
+        let batch = batch.clamp(1, tiles.max(1));
         for (i, chunk) in pixels.chunks(batch * per_tile).enumerate() {
             let n = chunk.len() / per_tile;
             let input = TensorRef::from_array_view(([n, 3, size, size], chunk)).map_err(ort_err)?;

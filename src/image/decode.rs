@@ -20,10 +20,11 @@
 //!   `ImageOps.exif_transpose`).
 
 use super::jpeg;
+use crate::error::{ErrorKind, WithKind};
 use ::image::metadata::Orientation;
 use ::image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use anyhow::{anyhow, bail, Result};
-use std::io::{Cursor, ErrorKind};
+use std::io::Cursor;
 use std::path::Path;
 
 /// Largest accepted image, in pixels: Pillow raises `DecompressionBombError` above
@@ -45,28 +46,52 @@ pub(super) fn one_line(s: impl std::fmt::Display) -> String {
 /// Every error is a single line that names the file.
 pub fn load_image(path: &Path, apply_exif: bool) -> Result<RgbImage> {
     let shown = path.display();
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == ErrorKind::NotFound => bail!("image file not found: {shown}"),
-        Err(e) if path.is_dir() => bail!("image path is a directory, not a file: {shown} ({e})"),
-        Err(e) => bail!("cannot read image file {shown}: {}", one_line(e)),
-    };
+    let data = crate::files::read_limited(path, crate::files::MAX_IMAGE_FILE, "image file").kind(ErrorKind::Input)?;
     if data.is_empty() {
-        bail!("image file is empty (0 bytes): {shown}");
+        return Err(anyhow!("image file is empty (0 bytes): {shown}")).kind(ErrorKind::Input);
     }
     // One flat error (not a context chain) so that however the caller prints it, it is a
     // single line naming the file.
-    decode_bytes(&data, apply_exif).map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
+    decode_image(&data, apply_exif)
+        .map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
+        .kind(ErrorKind::Input)
 }
 
-/// Decodes an in-memory image file; errors do not include a file name (see [`load_image`]).
-fn decode_bytes(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
+/// Width and height from `path`'s header, without decoding pixels: how a request's tiles are counted
+/// before the work. Errors as [`load_image`]'s.
+pub fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    let shown = path.display();
+    let data = crate::files::read_limited(path, crate::files::MAX_IMAGE_FILE, "image file").kind(ErrorKind::Input)?;
+    let probe = || -> Result<(u32, u32)> {
+        let reader = ImageReader::new(Cursor::new(&data[..]))
+            .with_guessed_format()
+            .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
+        let (w, h) = match reader.format() {
+            Some(ImageFormat::Jpeg) => {
+                let header = jpeg::Jpeg::open(&data)?.header;
+                (header.width, header.height)
+            }
+            Some(format) => reader.into_dimensions().map_err(|e| decode_error(format, e))?,
+            None => bail!("not a recognised image file (unknown format)"),
+        };
+        check_pixels(w, h)?;
+        Ok((w, h))
+    };
+    probe().map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}")))).kind(ErrorKind::Input)
+}
+
+/// Decodes an in-memory image file (what [`load_image`] read, or a request body's bytes); errors do not
+/// include a file name.
+pub fn decode_image(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
     let mut reader = ImageReader::new(Cursor::new(data))
         .with_guessed_format()
         .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
     let format = reader.format().ok_or_else(|| anyhow!("not a recognised image file (unknown format)"))?;
-    if format == ImageFormat::Jpeg {
-        return decode_jpeg(data, apply_exif);
+    match format {
+        ImageFormat::Jpeg => return decode_jpeg(data, apply_exif),
+        ImageFormat::Png => check_png_chunks(data)?,
+        ImageFormat::WebP => check_riff_size(data)?,
+        _ => {}
     }
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
@@ -107,6 +132,80 @@ fn check_pixels(width: u32, height: u32) -> Result<()> {
     Ok(())
 }
 
+/// Pillow's bound on one compressed PNG text or ICC chunk once inflated (`MAX_TEXT_CHUNK`, 1 MiB), and on
+/// all text chunks together (`MAX_TEXT_MEMORY`, 64 MiB).
+const PNG_MAX_CHUNK_INFLATED: u64 = 1 << 20;
+const PNG_MAX_TEXT_MEMORY: u64 = 64 << 20;
+
+/// Refuses, as Pillow does, a PNG whose `iCCP`, `zTXt` or compressed `iTXt` chunk inflates past 1 MiB (a
+/// 3 MB file can hold a 3 GiB profile) or whose text adds up past 64 MiB; inflation stops at the bound,
+/// so the check costs at most that. A chunk whose zlib data is corrupt is skipped, as Pillow skips it.
+fn check_png_chunks(data: &[u8]) -> Result<()> {
+    use std::io::Read;
+    let mut pos = PNG_SIGNATURE.len();
+    let mut text = 0u64;
+    while pos + 8 <= data.len() {
+        let len = u32::from_be_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let kind = &data[pos + 4..pos + 8];
+        let Some(body) = data.get(pos + 8..(pos + 8).saturating_add(len)) else {
+            break; // truncated: the decoder says so
+        };
+        let compressed = match kind {
+            b"iCCP" | b"zTXt" => body.iter().position(|&b| b == 0).and_then(|i| body.get(i + 2..)),
+            b"iTXt" => {
+                // keyword \0 flag method language \0 translated keyword \0 text
+                let key = body.iter().position(|&b| b == 0);
+                match key.and_then(|i| body.get(i + 1..)) {
+                    Some([1, 0, rest @ ..]) => {
+                        let mut nul = rest.iter().enumerate().filter(|(_, &b)| b == 0).map(|(i, _)| i);
+                        nul.nth(1).and_then(|i| rest.get(i + 1..))
+                    }
+                    _ => None,
+                }
+            }
+            b"tEXt" => {
+                text += body.len() as u64;
+                None
+            }
+            b"IEND" => break,
+            _ => None,
+        };
+        if let Some(z) = compressed {
+            let mut out = Vec::new();
+            let inflated = flate2::read::ZlibDecoder::new(z).take(PNG_MAX_CHUNK_INFLATED + 1).read_to_end(&mut out);
+            let n = inflated.map_or(0, |_| out.len() as u64);
+            if n > PNG_MAX_CHUNK_INFLATED {
+                let name = String::from_utf8_lossy(kind);
+                bail!("PNG {name} chunk inflates to more than {PNG_MAX_CHUNK_INFLATED} bytes (a decompression bomb; Pillow refuses it too)");
+            }
+            if kind != b"iCCP" {
+                text += n;
+            }
+        }
+        if text > PNG_MAX_TEXT_MEMORY {
+            bail!("PNG text chunks add up to more than {PNG_MAX_TEXT_MEMORY} bytes (Pillow refuses it too)");
+        }
+        pos += 12 + len;
+    }
+    Ok(())
+}
+
+/// A WebP file shorter than its RIFF header says is truncated: libwebp (Pillow's decoder) refuses it, the
+/// `image` crate would decode what is there.
+fn check_riff_size(data: &[u8]) -> Result<()> {
+    if data.len() >= 12 && data.starts_with(b"RIFF") {
+        let size = u64::from(u32::from_le_bytes([data[4], data[5], data[6], data[7]]));
+        if size + 8 > data.len() as u64 {
+            bail!(
+                "image file is truncated (WebP data ends early: the header says {} bytes, the file has {})",
+                size + 8,
+                data.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// JPEG through libjpeg-turbo, as Pillow decodes it; EXIF orientation read from the APP1 segment.
 fn decode_jpeg(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
     let markers = jpeg::walk_markers(data)?;
@@ -130,7 +229,7 @@ fn decode_jpeg(data: &[u8], apply_exif: bool) -> Result<RgbImage> {
 fn decode_error(format: ImageFormat, e: ImageError) -> anyhow::Error {
     let name = format!("{format:?}").to_uppercase();
     match e {
-        ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             anyhow!("image file is truncated ({name} data ends early)")
         }
         ImageError::Unsupported(u) => anyhow!("unsupported image format or feature ({name}): {}", one_line(u)),

@@ -21,10 +21,10 @@ mod tiling;
 use ::image::RgbImage;
 use anyhow::{ensure, Result};
 
-pub use decode::{load_image, MAX_IMAGE_PIXELS};
+pub use decode::{decode_image, image_dimensions, load_image, MAX_IMAGE_PIXELS};
 pub use normalize::normalize_into;
 pub use resize::resize_bicubic;
-pub use tiling::{closest_grid, find_closest_aspect_ratio, target_ratios, tile_images, MAX_TILES_LIMIT};
+pub use tiling::{closest_grid, find_closest_aspect_ratio, target_ratios, tile_count, tile_images, MAX_TILES_LIMIT};
 
 /// Most tiles per image a request may ask for (`--max-tiles`), as the reference's `max_num` is used.
 pub const MAX_TILES: u32 = 40;

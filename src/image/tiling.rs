@@ -170,6 +170,14 @@ pub fn closest_grid(width: u32, height: u32, cfg: &ImageConfig) -> (u32, u32) {
     find_closest_aspect_ratio(aspect_ratio, &ratios, width, height, cfg.image_size)
 }
 
+/// Tiles `dynamic_preprocess` makes of a `width` x `height` image (thumbnail included): known from the
+/// header alone, so a request's length is checked before any pixel is decoded.
+pub fn tile_count(width: u32, height: u32, cfg: &ImageConfig) -> usize {
+    let (cols, rows) = closest_grid(width.max(1), height.max(1), cfg);
+    let grid = (cols * rows) as usize;
+    grid + usize::from(cfg.use_thumbnail && grid != 1)
+}
+
 fn validate(cfg: &ImageConfig) -> Result<()> {
     ensure!(
         cfg.image_size >= 1 && cfg.image_size <= MAX_IMAGE_SIZE,

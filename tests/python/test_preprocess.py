@@ -637,3 +637,56 @@ def test_bad_input_errors(binary, tmp_path, name):
             Image.open(path).convert("RGB")
     if name == "too_large":
         assert "20000x10000" in lines[0]
+
+
+def _png_with_chunk(kind: bytes, payload: bytes) -> bytes:
+    """A small PNG with one extra ancillary chunk right after IHDR."""
+    buf = __import__("io").BytesIO()
+    Image.fromarray(noise(64, 48)).save(buf, "PNG")
+    data = buf.getvalue()
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return data[:33] + struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc) + data[33:]
+
+
+def _bomb_cases() -> dict[str, bytes]:
+    def z(n):
+        return zlib.compress(b"\0" * n, 9)
+
+    cases = {
+        "iccp_900k": _png_with_chunk(b"iCCP", b"icc\0\0" + z(900_000)),
+        "iccp_2m": _png_with_chunk(b"iCCP", b"icc\0\0" + z(2 << 20)),
+        "iccp_64m": _png_with_chunk(b"iCCP", b"icc\0\0" + z(64 << 20)),
+        "ztxt_2m": _png_with_chunk(b"zTXt", b"key\0\0" + z(2 << 20)),
+        "itxt_2m": _png_with_chunk(b"iTXt", b"key\0\1\0en\0k\0" + z(2 << 20)),
+        "itxt_plain": _png_with_chunk(b"iTXt", b"key\0\0\0en\0k\0" + b"x" * 5000),
+        "iccp_corrupt_zlib": _png_with_chunk(b"iCCP", b"icc\0\0" + b"not zlib at all"),
+    }
+    for lossless in (False, True):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(photo(64, 48)).save(buf, "WEBP", lossless=lossless, quality=80)
+        webp = buf.getvalue()
+        for cut in (1, 2, 3, 4):
+            cases[f"webp_{'lossless' if lossless else 'lossy'}_cut{cut}"] = webp[:-cut]
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_bomb_cases()))
+def test_chunk_bombs_and_cut_webp_as_pillow(binary, tmp_path, name):
+    """Accepted exactly when Pillow accepts (and then bit-exact); refused in one line otherwise. Pillow
+    refuses PNG text / ICC chunks that inflate past 1 MiB and WebP files shorter than their RIFF size."""
+    path = tmp_path / (name + (".webp" if name.startswith("webp") else ".png"))
+    path.write_bytes(_bomb_cases()[name])
+    try:
+        ref = reference.load_image(path)
+    except (OSError, ValueError):
+        ref = None
+    out = tmp_path / "out.npy"
+    r = run_cli(binary, path, out)
+    assert "panicked" not in r.stderr
+    if ref is None:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 3 and len(lines) == 1 and str(path) in lines[0], r.stderr
+        assert not out.exists()
+    else:
+        assert r.returncode == 0, r.stderr
+        assert_exact(np.load(out), ref, name)
