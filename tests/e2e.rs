@@ -1,43 +1,14 @@
 //! End to end on the tiny random-weight model: the `internvl` binary must produce exactly the token
-//! ids that PyTorch `generate` produces (goldens computed in the same run by tests/fixtures.py), and
-//! bad input must give a one-line error and a non-zero exit.
+//! ids that PyTorch `generate` produces (goldens computed in the same run by tests/fixtures.py). Bad
+//! input is tests/hostile.rs.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Output;
 
+use common::*;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds (or reuses, when up to date) the fixtures; every test needs them, none may skip without them.
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = root().join("build/fixtures");
-        let status = Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tests/fixtures.py"))
-            .arg(&dir)
-            .status()
-            .expect("running tests/fixtures.py (run scripts/setup.sh first)");
-        assert!(status.success(), "tests/fixtures.py failed");
-        dir
-    })
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_internvl"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("spawning internvl")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 struct Case {
     name: String,
@@ -298,147 +269,6 @@ fn seeded_sampling_is_reproducible() {
     let c = run_case(&case, &[&args[..], &["--seed", "2"]].concat());
     assert_eq!(a["token_ids"], b["token_ids"]);
     assert_ne!(a["token_ids"], c["token_ids"]);
-}
-
-// ---- bad input -------------------------------------------------------------------------------
-
-/// Non-zero exit, exactly one line on stderr that mentions `needle`, and no panic.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "error must be one line: {err:?}");
-    assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
-}
-
-fn run_model(model: &Path, image: Option<&Path>, extra: &[&str]) -> Output {
-    let mut args =
-        vec!["run".to_string(), "--model".into(), model.display().to_string(), "--prompt".into(), "Hi".into()];
-    if let Some(i) = image {
-        args.extend(["--image".into(), i.display().to_string()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    bin().args(&args).output().unwrap()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = root().join("build/test-tmp").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A copy of the model folder (large files linked, not copied) to break in one way.
-fn model_copy(name: &str) -> PathBuf {
-    folder_copy(&fixtures().join("model"), name)
-}
-
-fn folder_copy(src: &Path, name: &str) -> PathBuf {
-    let dst = tmp(name);
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::os::unix::fs::symlink(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    dst
-}
-
-fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Value)) {
-    let p = dir.join("manifest.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::remove_file(&p).unwrap();
-    std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
-}
-
-#[test]
-fn missing_image_file() {
-    let img = root().join("build/test-tmp/does-not-exist.png");
-    assert_clean_error(&run_model(&fixtures().join("model"), Some(&img), &[]), "does-not-exist.png");
-}
-
-#[test]
-fn corrupt_truncated_and_non_image_files() {
-    let d = tmp("bad-images");
-    let png = std::fs::read(fixtures().join("images/448x448_1.png")).unwrap();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("truncated.png", png[..png.len() / 2].to_vec()),
-        ("corrupt.png", {
-            let mut b = png.clone();
-            for x in b.iter_mut().skip(100).step_by(7) {
-                *x ^= 0x5a;
-            }
-            b
-        }),
-        ("notes.png", b"this is a text file, not an image\n".to_vec()),
-        ("empty.jpg", Vec::new()),
-    ];
-    for (name, bytes) in cases {
-        let p = d.join(name);
-        std::fs::write(&p, bytes).unwrap();
-        assert_clean_error(&run_model(&fixtures().join("model"), Some(&p), &[]), name);
-    }
-}
-
-#[test]
-fn model_folder_missing_a_graph() {
-    let m = model_copy("missing-graph");
-    std::fs::remove_file(m.join("decoder.onnx")).unwrap();
-    assert_clean_error(&run_model(&m, None, &[]), "decoder.onnx");
-    assert_clean_error(&run_model(&tmp("empty-model"), None, &[]), "manifest.json");
-    assert_clean_error(&run_model(&root().join("build/test-tmp/no-such-model"), None, &[]), "no-such-model");
-}
-
-#[test]
-fn manifest_from_another_model() {
-    let m = model_copy("other-manifest-layers");
-    edit_manifest(&m, |v| v["decoder"]["layers"] = 24.into());
-    assert_clean_error(&run_model(&m, None, &[]), "different models");
-    let m = model_copy("other-manifest-hidden");
-    edit_manifest(&m, |v| {
-        v["decoder"]["hidden"] = 896.into();
-        v["embed"]["hidden"] = 896.into();
-        v["vision"]["embed_dim"] = 896.into();
-    });
-    assert_clean_error(&run_model(&m, None, &[]), "embed_tokens.bin");
-    let m = model_copy("other-manifest-version");
-    edit_manifest(&m, |v| v["format_version"] = 99.into());
-    assert_clean_error(&run_model(&m, None, &[]), "format_version");
-}
-
-#[test]
-fn prompt_longer_than_context() {
-    let m = model_copy("short-context");
-    edit_manifest(&m, |v| v["decoder"]["max_context"] = 600.into());
-    let img = fixtures().join("images/800x600_3.png");
-    assert_clean_error(&run_model(&m, Some(&img), &[]), "context");
-}
-
-#[test]
-fn unknown_flag_and_bad_values() {
-    assert_clean_error(&run(&["run", "--model", "x", "--prompt", "p", "--bogus"]), "--bogus");
-    let model = fixtures().join("model");
-    let m = model.to_str().unwrap();
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--max-tiles", "41"]), "--max-tiles");
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--top-p", "0"]), "--top-p");
-    assert_clean_error(&run(&["run", "--model", m, "--prompt", "p", "--device", "gpu"]), "gpu");
-}
-
-#[test]
-fn reserved_image_token_in_the_prompt_is_an_error() {
-    let out = run(&["run", "--model", fixtures().join("model").to_str().unwrap(), "--prompt", "say <IMG_CONTEXT> now"]);
-    assert_clean_error(&out, "<IMG_CONTEXT>");
-    let img = fixtures().join("images/448x448_1.png");
-    let model = fixtures().join("model");
-    let args =
-        ["run", "--model", model.to_str().unwrap(), "--image", img.to_str().unwrap(), "--prompt", "<image>, <image>"];
-    assert_clean_error(&run(&args), "placeholder");
-}
-
-#[test]
-fn unavailable_gpu_provider_is_an_error() {
-    // The CPU build of ONNX Runtime has no CUDA provider: asking for it must not fall back silently.
-    let out = run_model(&fixtures().join("model"), None, &["--device", "cuda"]);
-    assert_clean_error(&out, "cuda");
 }
 
 #[test]
