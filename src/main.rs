@@ -726,7 +726,15 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         _ => return Err(anyhow::anyhow!("give exactly one of --model and --tokenizer")).kind(ErrorKind::Usage),
     };
     let read = |f: &Path| files::read_text(f, files::MAX_TEXT_FILE, "input file").kind(ErrorKind::Input);
-    let encode = |t: &str| tok.encode(t, true).kind(ErrorKind::Input);
+    // Tokenising takes about 100x a text's size for a moment: one text is bounded, not only the file.
+    const MAX_TEXT: usize = 4 << 20;
+    let encode = |t: &str| {
+        if t.len() > MAX_TEXT {
+            let msg = format!("a text of {} bytes, more than the limit of {MAX_TEXT} per text", t.len());
+            return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Input);
+        }
+        tok.encode(t, true).kind(ErrorKind::Input)
+    };
     let out = match (&a.text, &a.file, &a.decode) {
         (_, _, Some(f)) => {
             let items: Vec<Vec<u32>> = serde_json::from_str(&read(f)?)

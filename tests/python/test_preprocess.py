@@ -92,6 +92,7 @@ def run_cli(
 
 def preprocess(binary: Path, image: Path, tmp_path: Path, **kw) -> np.ndarray:
     out = tmp_path / (image.stem + ".npy")
+    out.unlink(missing_ok=True)  # a test may preprocess one image twice; outputs are never overwritten
     r = run_cli(binary, image, out, **kw)
     assert r.returncode == 0, r.stderr
     assert "panicked" not in r.stderr
