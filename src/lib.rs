@@ -3,7 +3,7 @@
 //! ```text
 //! image::load_image -> image::preprocess (tiles) -> vision (image embeddings)
 //! prompt (template, <image> expansion) -> embed (token rows) -> decoder (prefill, KV-cache steps)
-//! -> sampling -> tokenizer::StreamDecoder (text pieces)
+//! -> sampling -> tokenizer::AnswerStream (text pieces)
 //! ```
 //! [`pipeline::InternVL`] ties them together; `src/main.rs` is only the command line.
 

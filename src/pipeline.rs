@@ -16,7 +16,7 @@ use crate::manifest::Manifest;
 use crate::prompt;
 use crate::runtime::RuntimeOptions;
 use crate::sampling::{Sampler, SamplingOptions};
-use crate::tokenizer::{answer_text, AnswerStream, StreamDecoder, Tokenizer};
+use crate::tokenizer::{AnswerStream, Tokenizer};
 use crate::vision::VisionEncoder;
 
 /// A loaded model folder: the graphs, the tokenizer and the embedding table.
@@ -323,9 +323,7 @@ impl InternVL {
         let prompt_tokens = ids.len();
         conv.ids = full; // then every generated token the decoder runs: also the sampler's context
         let mut generated = Vec::new();
-        let mut stream = StreamDecoder::default();
-        let split_at = self.manifest.tokenizer.answer.split_at.as_deref();
-        let mut answer = AnswerStream::new(split_at);
+        let mut answer = AnswerStream::new(self.manifest.tokenizer.answer.split_at.as_deref());
         let mut first_token_ms = 0.0;
         let mut finish_reason = "length";
         let mut steps = 0usize;
@@ -348,7 +346,7 @@ impl InternVL {
                 break;
             }
             generated.push(id);
-            if let Some(piece) = stream.push(&self.tokenizer, id)?.and_then(|p| answer.push(&p)) {
+            if let Some(piece) = answer.push(&self.tokenizer, id)? {
                 on_text(&piece)?;
             }
             if generated.len() == budget {
@@ -360,16 +358,13 @@ impl InternVL {
             conv.ids.push(id);
             steps += 1;
         }
-        if let Some(piece) = stream.finish(&self.tokenizer)?.and_then(|p| answer.push(&p)) {
-            on_text(&piece)?;
-        }
-        if let Some(piece) = answer.finish() {
+        // What the reference returns (and what the next turn's history holds); the stream added up to it.
+        let (rest, text) = answer.finish(&self.tokenizer)?;
+        if let Some(piece) = rest {
             on_text(&piece)?; // trailing text held back in case it began the separator
         }
         conv.broken = false;
         let decode_ms = ms(t);
-        // What the reference returns (and what the next turn's history holds).
-        let text = answer_text(&self.tokenizer.decode(&generated)?, split_at);
         Ok(Output {
             text,
             prompt_tokens,
