@@ -15,7 +15,7 @@ use internvl::files::{self, OutputRules};
 use internvl::image::{image_dimensions, load_image, preprocess, tile_count, tile_images, ImageConfig, MAX_TILES};
 use internvl::manifest::Manifest;
 use internvl::runtime::{AttentionKernels, Device, RuntimeOptions, MAX_THREADS};
-use internvl::sampling::SamplingOptions;
+use internvl::sampling::{self, SamplingOptions};
 use internvl::{npy, vision, InternVL, Request};
 
 /// Flag bounds, checked by the parser so a bad value is a usage error naming the flag.
@@ -29,6 +29,15 @@ fn tiles() -> clap::builder::RangedU64ValueParser<u32> {
 
 fn threads() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_THREADS as u64)
+}
+
+/// A float flag checked by the library's rule for its parameter, so the parser's message names the flag.
+fn checked(rule: fn(f32) -> Result<()>) -> impl Fn(&str) -> std::result::Result<f32, String> + Clone {
+    move |s| {
+        let v: f32 = s.trim().parse().map_err(|e| format!("{e}"))?;
+        rule(v).map_err(|e| e.to_string())?;
+        Ok(v)
+    }
 }
 
 /// Most tiles per vision run: one tile already fills the cores (vision::DEFAULT_BATCH).
@@ -146,14 +155,14 @@ struct GenArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = positive(MAX_NEW_TOKENS))]
     max_new_tokens: Option<usize>,
     /// 0 = greedy (default).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0, value_parser = checked(sampling::check_temperature))]
     temperature: f32,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0, value_parser = checked(sampling::check_top_p))]
     top_p: f32,
     /// 0 = off.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0, value_parser = checked(sampling::check_repetition_penalty))]
     repetition_penalty: f32,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,

@@ -25,20 +25,27 @@ impl Default for SamplingOptions {
 }
 
 impl SamplingOptions {
+    /// The parameters' rules; messages name them as the API and the flags do (`temperature`, `top_p`).
     pub fn validate(&self) -> Result<()> {
-        ensure!(
-            self.temperature >= 0.0 && self.temperature.is_finite(),
-            "--temperature {} must be >= 0",
-            self.temperature
-        );
-        ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p {} must be in (0, 1]", self.top_p);
-        ensure!(
-            self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
-            "--repetition-penalty {} must be > 0",
-            self.repetition_penalty
-        );
-        Ok(())
+        check_temperature(self.temperature)?;
+        check_top_p(self.top_p)?;
+        check_repetition_penalty(self.repetition_penalty)
     }
+}
+
+pub fn check_temperature(t: f32) -> Result<()> {
+    ensure!(t >= 0.0 && t.is_finite(), "temperature {t} must be a finite number >= 0");
+    Ok(())
+}
+
+pub fn check_top_p(p: f32) -> Result<()> {
+    ensure!(p > 0.0 && p <= 1.0, "top_p {p} must be in (0, 1]");
+    Ok(())
+}
+
+pub fn check_repetition_penalty(r: f32) -> Result<()> {
+    ensure!(r > 0.0 && r.is_finite(), "repetition_penalty {r} must be a finite number > 0");
+    Ok(())
 }
 
 pub struct Sampler {
