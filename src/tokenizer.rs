@@ -189,8 +189,9 @@ pub fn answer_text(text: &str, split_at: Option<&str>) -> String {
 /// tail is held back while it could still change or go: an incomplete character (U+FFFD), a space that a
 /// clean-up rule (" ," -> ",") may remove, trailing whitespace, a tail that could begin the split string;
 /// nothing is shown past the split string. Decoding everything (rather than a window of recent tokens)
-/// costs about a microsecond per 20 ids per step, and makes every rule that spans tokens (clean-up, runs
-/// joined around added tokens, byte-fallback runs) come out as in the whole text.
+/// makes every rule that spans tokens (clean-up, runs joined around added tokens, byte-fallback runs) come
+/// out as in the whole text; it costs under a microsecond per id per step (Qwen2's tokenizer: 2.4 ms at
+/// 4096 ids, against 30 ms or more for the decode step of a 1B model on 2 cores).
 pub struct AnswerStream {
     ids: Vec<u32>,
     shown: String,
