@@ -80,6 +80,9 @@ pub struct Output {
     pub logits: Vec<Vec<f32>>,
 }
 
+/// Answer positions the KV cache is sized for before decoding (the manifest's default answer length).
+const RESERVE_AHEAD: usize = 1024;
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -311,7 +314,10 @@ impl InternVL {
             conv.short_rope = after.is_some_and(|a| total <= a);
         }
         let budget = req.forced.as_ref().map_or(req.max_new_tokens, Vec::len).min(ctx - total);
-        self.decoder.reserve(&mut conv.cache, total + budget)?;
+        // Room for the answer up to the default answer length: a large max_new_tokens does not allocate
+        // the whole context's cache (8 GB for an 8B model) for an answer that stops after a sentence;
+        // longer answers grow it by doubling.
+        self.decoder.reserve(&mut conv.cache, total + budget.min(RESERVE_AHEAD))?;
         let bar = counter(self.progress, ids.len() as u64, "prefill tokens");
         let mut logits = self.decoder.forward(&embeds, &mut conv.cache, req.prefill_chunk, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
