@@ -186,8 +186,8 @@ pub fn answer_text(text: &str, split_at: Option<&str>) -> String {
 /// Streams the answer so that the pieces add up to exactly [`answer_text`] of the whole decoded text (what
 /// `--json`, the chat history and the reference return). Each step decodes every id generated so far, as
 /// the final text is decoded, and shows what can no longer change: leading whitespace is dropped, and the
-/// tail is held back while it could still change or go: an incomplete character (U+FFFD), a space that a
-/// clean-up rule (" ," -> ",") may remove, trailing whitespace, a tail that could begin the split string;
+/// tail is held back while it could still change or go: an incomplete character (U+FFFD), the last few
+/// characters where a clean-up rule (" ," -> ",") may still apply or be undone, trailing whitespace, a tail that could begin the split string;
 /// nothing is shown past the split string. Decoding everything (rather than a window of recent tokens)
 /// makes every rule that spans tokens (clean-up, runs joined around added tokens, byte-fallback runs) come
 /// out as in the whole text; it costs under a microsecond per id per step (Qwen2's tokenizer: 2.4 ms at
@@ -235,11 +235,9 @@ impl AnswerStream {
             }
             text = text.trim_end_matches('\u{FFFD}');
             if clean_up {
-                // Every clean-up pattern starts with a space and is at most 4 characters long.
-                let tail_start = text.char_indices().rev().nth(2).map_or(0, |(i, _)| i);
-                if let Some(space) = text[tail_start..].rfind(' ') {
-                    text = &text[..tail_start + space];
-                }
+                // A clean-up rule spans at most 4 characters, and more text can undo one already applied
+                // (" ' " -> "'" until " ." takes its last space), so the last 4 characters wait.
+                text = text.char_indices().rev().nth(3).map_or("", |(i, _)| &text[..i]);
             }
         }
         let text = text.trim_end_matches(is_py_space);
@@ -278,8 +276,16 @@ mod tests {
 
     #[test]
     fn streamed_pieces_add_up_to_the_answer() {
-        let texts =
-            ["  Hello <|im", "_end|> more", " a  b  ", "x <|im_start|>y <", "\n\n", "tail <|im_e", "a ,b 'm . ? !"];
+        let texts = [
+            "  Hello <|im",
+            "_end|> more",
+            " a  b  ",
+            "x <|im_start|>y <",
+            "\n\n",
+            "tail <|im_e",
+            "a ,b 'm . ? !",
+            "umb ' .' ' n't",
+        ];
         for whole in texts {
             for clean_up in [false, true] {
                 let final_text = |t: &str| if clean_up { clean_up_tokenization(t) } else { t.to_string() };
