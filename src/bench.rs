@@ -11,6 +11,7 @@ use anyhow::{ensure, Result};
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::error::{ErrorKind, WithKind};
 use crate::pipeline::{InternVL, Request};
 use crate::runtime::RuntimeOptions;
 use crate::sampling::SamplingOptions;
@@ -102,6 +103,11 @@ pub fn peak_rss_mb() -> f64 {
 
 pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     ensure!(o.runs >= 1, "--runs must be at least 1");
+    let ctx = crate::manifest::Manifest::load(dir)?.decoder.max_context;
+    if o.decode_tokens >= ctx {
+        let msg = format!("decode_tokens {} must be below the model's context of {ctx} tokens", o.decode_tokens);
+        return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
+    }
     let threads = crate::runtime::thread_count(rt.threads);
     let mut loads = Vec::new();
     let mut model = None;
@@ -189,7 +195,11 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
     let max_context = model.manifest.decoder.max_context;
     let row: Vec<f32> = (0..hidden).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut curve = Vec::new();
-    for &len in o.decode_curve.iter().filter(|&&l| l + 16 < max_context) {
+    for &len in &o.decode_curve {
+        if len + 16 >= max_context {
+            log(&format!("decode step at {len} context: skipped, past the model's context of {max_context} tokens"));
+            continue;
+        }
         let mut per_step = Vec::new();
         for _ in 0..o.runs {
             let dec = model.decoder_mut();
