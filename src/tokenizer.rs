@@ -184,72 +184,138 @@ pub fn answer_text(text: &str, split_at: Option<&str>) -> String {
 }
 
 /// Streams the answer so that the pieces add up to exactly [`answer_text`] of the whole decoded text (what
-/// `--json`, the chat history and the reference return). Each step decodes every id generated so far, as
-/// the final text is decoded, and shows what can no longer change: leading whitespace is dropped, and the
-/// tail is held back while it could still change or go: an incomplete character (U+FFFD), the last few
-/// characters where a clean-up rule (" ," -> ",") may still apply or be undone, trailing whitespace, a tail that could begin the split string;
-/// nothing is shown past the split string. Decoding everything (rather than a window of recent tokens)
-/// makes every rule that spans tokens (clean-up, runs joined around added tokens, byte-fallback runs) come
-/// out as in the whole text; it costs under a microsecond per id per step (Qwen2's tokenizer: 2.4 ms at
-/// 4096 ids, against 30 ms or more for the decode step of a 1B model on 2 cores).
+/// `--json`, the chat history and the reference return), showing only what can no longer change: leading
+/// whitespace is dropped, and the tail is held back while it could still change or go: an incomplete
+/// character (U+FFFD), the last few characters where a clean-up rule (" ," -> ",") may still apply or be
+/// undone, trailing whitespace, a tail that could begin the split string; nothing is shown past the split
+/// string.
+///
+/// The whole text is kept up to date by decoding only a window of recent ids (at least [`WINDOW_CHARS`]
+/// characters long) and appending what the window gained. Every rule that spans tokens (clean-up, byte
+/// runs, runs joined around added tokens, a stripped leading space) reaches back a few characters at most,
+/// so the window's own left edge decodes the same before and after a step and the difference is what the
+/// whole text gained. Where the window's earlier text changed (a clean-up rule undone), the whole text is
+/// decoded once and the window starts again: the text is always what decoding every id gives, at a cost
+/// that does not grow with the answer.
 pub struct AnswerStream {
     ids: Vec<u32>,
+    /// The decode of `ids`.
+    text: String,
+    window_start: usize,
+    /// The decode of `ids[window_start..]`.
+    window_text: String,
     shown: String,
     split_at: Option<String>,
 }
 
+/// Ids after which the window moves up (see [`AnswerStream`]).
+const WINDOW_IDS: usize = 32;
+/// Characters the window holds at least when it moves: far more than any rule's reach.
+const WINDOW_CHARS: usize = 32;
+
 impl AnswerStream {
     pub fn new(split_at: Option<&str>) -> Self {
-        Self { ids: Vec::new(), shown: String::new(), split_at: split_at.filter(|s| !s.is_empty()).map(str::to_string) }
+        Self {
+            ids: Vec::new(),
+            text: String::new(),
+            window_start: 0,
+            window_text: String::new(),
+            shown: String::new(),
+            split_at: split_at.filter(|s| !s.is_empty()).map(str::to_string),
+        }
     }
 
     /// Adds a generated id; returns the text that became final with it.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        Ok(self.update(&text, false, tok.clean_up_text || tok.clean_up_runs))
+        let window = tok.decode(&self.ids[self.window_start..])?;
+        // A character split across tokens decodes as U+FFFD until its last byte arrives: the comparison
+        // leaves such a tail out on both sides.
+        let (old, new) = (self.window_text.trim_end_matches('\u{FFFD}'), window.trim_end_matches('\u{FFFD}'));
+        match new.strip_prefix(old) {
+            Some(_) => {
+                let settled = self.text.len() - (self.window_text.len() - old.len());
+                self.text.truncate(settled);
+                self.text.push_str(&window[old.len()..]);
+                self.window_text = window;
+            }
+            None => {
+                self.text = tok.decode(&self.ids)?;
+                self.move_window(tok)?;
+            }
+        }
+        if self.ids.len() - self.window_start >= 2 * WINDOW_IDS {
+            self.move_window(tok)?;
+        }
+        Ok(self.take(false, tok.clean_up_text || tok.clean_up_runs))
+    }
+
+    /// Starts the window `WINDOW_IDS` back, or further while it holds fewer than `WINDOW_CHARS` characters
+    /// (skipped ids decode to nothing).
+    fn move_window(&mut self, tok: &Tokenizer) -> Result<()> {
+        let mut start = self.ids.len().saturating_sub(WINDOW_IDS);
+        loop {
+            let text = tok.decode(&self.ids[start..])?;
+            if start == 0 || text.chars().count() >= WINDOW_CHARS {
+                self.window_start = start;
+                self.window_text = text;
+                return Ok(());
+            }
+            start = start.saturating_sub(WINDOW_IDS);
+        }
     }
 
     /// The rest, once generation has ended, and the whole answer (the pieces shown add up to it).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<(Option<String>, String)> {
-        let text = tok.decode(&self.ids)?;
-        let piece = self.update(&text, true, false);
-        Ok((piece, answer_text(&text, self.split_at.as_deref())))
+        self.text = tok.decode(&self.ids)?;
+        let piece = self.take(true, false);
+        Ok((piece, answer_text(&self.text, self.split_at.as_deref())))
     }
 
-    /// What of `text` (the decode of every id so far) can be shown now beyond what was.
-    fn update(&mut self, text: &str, last: bool, clean_up: bool) -> Option<String> {
-        let text = text.trim_start_matches(is_py_space);
-        let (mut text, cut) = match self.split_at.as_deref().and_then(|s| text.find(s)) {
-            Some(at) => (&text[..at], true),
-            None => (text, false),
-        };
-        if !(last || cut) {
-            if let Some(split) = self.split_at.as_deref() {
-                // The longest tail of the text that is a proper prefix of the split string.
-                if let Some(k) =
-                    (1..split.len()).rev().find(|&k| split.is_char_boundary(k) && text.ends_with(&split[..k]))
-                {
-                    text = &text[..text.len() - k];
-                }
-            }
-            text = text.trim_end_matches('\u{FFFD}');
-            if clean_up {
-                // A clean-up rule spans at most 4 characters, and more text can undo one already applied
-                // (" ' " -> "'" until " ." takes its last space), so the last 4 characters wait.
-                text = text.char_indices().rev().nth(3).map_or("", |(i, _)| &text[..i]);
-            }
-        }
-        let text = text.trim_end_matches(is_py_space);
+    fn take(&mut self, last: bool, clean_up: bool) -> Option<String> {
+        let show = showable(&self.text, self.split_at.as_deref(), self.shown.len(), last, clean_up);
         // Held-back text only ever grows into the final text, so what was shown is a prefix of it; were it
         // not, showing nothing more is the safe failure.
-        if text.len() <= self.shown.len() || !text.starts_with(self.shown.as_str()) {
+        if show.len() <= self.shown.len() || !show.starts_with(self.shown.as_str()) {
             return None;
         }
-        let piece = text[self.shown.len()..].to_string();
+        let piece = show[self.shown.len()..].to_string();
         self.shown.push_str(&piece);
         Some(piece)
     }
+}
+
+/// The part of `text` (the decode of every id so far) that can be shown: see [`AnswerStream`]. `shown`
+/// bytes of it were shown before, so the split string is looked for only from there on.
+fn showable<'a>(text: &'a str, split_at: Option<&str>, shown: usize, last: bool, clean_up: bool) -> &'a str {
+    let text = text.trim_start_matches(is_py_space);
+    let cut_at = split_at.and_then(|s| {
+        let mut from = shown.saturating_sub(s.len()).min(text.len());
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        text[from..].find(s).map(|at| from + at)
+    });
+    let (mut text, cut) = match cut_at {
+        Some(at) => (&text[..at], true),
+        None => (text, false),
+    };
+    if !(last || cut) {
+        if let Some(split) = split_at {
+            // The longest tail of the text that is a proper prefix of the split string.
+            if let Some(k) = (1..split.len()).rev().find(|&k| split.is_char_boundary(k) && text.ends_with(&split[..k]))
+            {
+                text = &text[..text.len() - k];
+            }
+        }
+        text = text.trim_end_matches('\u{FFFD}');
+        if clean_up {
+            // A clean-up rule spans at most 4 characters, and more text can undo one already applied
+            // (" ' " -> "'" until " ." takes its last space), so the last 4 characters wait.
+            text = text.char_indices().rev().nth(3).map_or("", |(i, _)| &text[..i]);
+        }
+    }
+    text.trim_end_matches(is_py_space)
 }
 
 #[cfg(test)]
@@ -275,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn streamed_pieces_add_up_to_the_answer() {
+    fn showable_text_holds_back_what_can_change() {
         let texts = [
             "  Hello <|im",
             "_end|> more",
@@ -289,14 +355,18 @@ mod tests {
         for whole in texts {
             for clean_up in [false, true] {
                 let final_text = |t: &str| if clean_up { clean_up_tokenization(t) } else { t.to_string() };
-                let mut stream = AnswerStream::new(Some("<|im_end|>"));
                 let mut shown = String::new();
                 let chars: Vec<char> = whole.chars().collect();
-                for n in 1..=chars.len() {
-                    let prefix: String = chars[..n].iter().collect();
-                    shown.extend(stream.update(&final_text(&prefix), false, clean_up));
+                for n in 1..=chars.len() + 1 {
+                    let prefix: String = chars[..n.min(chars.len())].iter().collect();
+                    let text = final_text(&prefix);
+                    let show = showable(&text, Some("<|im_end|>"), shown.len(), n > chars.len(), clean_up);
+                    if show.len() > shown.len() && show.starts_with(&shown) {
+                        shown = show.to_string(); // as AnswerStream::take shows it
+                    }
+                    let want = answer_text(&final_text(whole), Some("<|im_end|>"));
+                    assert!(want.starts_with(&shown), "{whole:?}: showed {shown:?}, the answer is {want:?}");
                 }
-                shown.extend(stream.update(&final_text(whole), true, clean_up));
                 assert_eq!(
                     shown,
                     answer_text(&final_text(whole), Some("<|im_end|>")),
