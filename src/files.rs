@@ -96,6 +96,9 @@ impl OutputRules<'_> {
     /// not a regular file, or exists and `force` is off; its folder must exist.
     pub fn check(&self, path: &Path, flag: &str) -> Result<()> {
         let shown = path.display();
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            bail_usage(format!("{flag} {shown} ends with '/': give a file name"))?;
+        }
         let name =
             path.file_name().with_context(|| format!("{flag} {shown}: not a file name")).kind(ErrorKind::Usage)?;
         let parent = match path.parent() {
@@ -114,6 +117,18 @@ impl OutputRules<'_> {
                     model.display()
                 ))?;
             }
+        }
+        for input in &self.inputs {
+            if resolved(input).is_some_and(|p| p == target) {
+                bail_usage(format!(
+                    "{flag} {shown} is also an input ({}); choose another output path",
+                    input.display()
+                ))?;
+            }
+        }
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            // Replacing the link would surprise, following it could reach anything: name the file itself.
+            bail_usage(format!("{flag} {shown} is a symbolic link; give the path of a file instead"))?;
         }
         match std::fs::metadata(&target) {
             Ok(meta) => {
@@ -137,6 +152,16 @@ impl OutputRules<'_> {
         }
         Ok(())
     }
+}
+
+/// `path` with its folder resolved (the file itself need not exist): how two spellings of one path that
+/// is not written yet compare equal.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
 fn bail_usage(msg: String) -> Result<()> {
@@ -219,6 +244,16 @@ mod tests {
         assert!(rules.check(&input, "--out").unwrap_err().to_string().contains("--force"));
         assert!(rules.check(&d.join("nope/x.npy"), "--out").unwrap_err().to_string().contains("does not exist"));
         rules.check(&d.join("new.npy"), "--out").unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere"), d.join("link.npy")).unwrap();
+        assert!(rules.check(&d.join("link.npy"), "--out").unwrap_err().to_string().contains("symbolic link"));
+        std::fs::remove_file(d.join("link.npy")).unwrap();
+        let not_yet = d.join("sub-out.npy");
+        let rules = OutputRules { inputs: vec![&not_yet], model_dir: None, force: false };
+        assert!(rules
+            .check(&d.join(".").join("sub-out.npy"), "--png")
+            .unwrap_err()
+            .to_string()
+            .contains("also an input"));
 
         // A failed write leaves the old file and no temporary file.
         let e = write_atomic(&input, |w| {

@@ -119,7 +119,8 @@ struct BenchArgs {
     runs: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
     vision_batch: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 128, value_parser = positive(MAX_NEW_TOKENS))]
+    /// Tokens per decode measurement (at least 2: the rate is of the steps after the first token).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=MAX_NEW_TOKENS))]
     decode_tokens: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
     prefill_chunk: usize,
@@ -155,14 +156,14 @@ struct GenArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = positive(MAX_NEW_TOKENS))]
     max_new_tokens: Option<usize>,
     /// 0 = greedy (default).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0, value_parser = checked(sampling::check_temperature))]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.0, value_parser = checked(sampling::check_temperature))]
     temperature: f32,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0, value_parser = checked(sampling::check_top_p))]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, value_parser = checked(sampling::check_top_p))]
     top_p: f32,
     /// 0 = off.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0, value_parser = checked(sampling::check_repetition_penalty))]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0, value_parser = checked(sampling::check_repetition_penalty))]
     repetition_penalty: f32,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
@@ -289,6 +290,10 @@ fn main() -> ExitCode {
                 let _ = write!(std::io::stdout(), "{e}");
                 return ExitCode::SUCCESS;
             }
+            if e.kind() == Clap::DisplayHelpOnMissingArgumentOrSubcommand {
+                eprintln!("error: no command given (see internvl --help)");
+                return ExitCode::from(ErrorKind::Usage.exit_code());
+            }
             eprintln!("error: {} (see internvl --help)", clap_one_line(&e.to_string()));
             return ExitCode::from(ErrorKind::Usage.exit_code());
         }
@@ -331,6 +336,9 @@ fn clap_one_line(msg: &str) -> String {
         joined
     }
 }
+
+/// `--logits-out` is held in memory until written: 2 GiB is 3500 positions of a 152k vocabulary.
+const MAX_LOGITS_BYTES: u64 = 2 << 30;
 
 /// Most images one request may name: each takes at least one tile of the context, and every file is
 /// read twice (sizes first, then pixels).
@@ -456,9 +464,14 @@ fn run(a: RunArgs) -> Result<()> {
     if let Some(ids) = &forced {
         let (vocab, ctx) = (model.manifest.decoder.vocab, model.manifest.decoder.max_context);
         let bad = ids.iter().find(|&&id| id as usize >= vocab);
+        let logits_bytes = (ids.len() as u64).saturating_mul(vocab as u64 * 4);
         let why = match bad {
             Some(bad) => Some(format!("id {bad} outside the vocabulary ({vocab})")),
             None if ids.len() >= ctx => Some(format!("{} ids, more than the context of {ctx}", ids.len())),
+            None if a.logits_out.is_some() && logits_bytes > MAX_LOGITS_BYTES => Some(format!(
+                "{} ids would make {logits_bytes} bytes of --logits-out ({vocab} floats each), more than the limit of {MAX_LOGITS_BYTES}",
+                ids.len()
+            )),
             None => None,
         };
         if let Some(why) = why {
@@ -489,7 +502,7 @@ fn run(a: RunArgs) -> Result<()> {
     }
     if let Some(path) = &a.logits_out {
         let vocab = model.manifest.decoder.vocab;
-        npy::write_f32(path, &[out.logits.len(), vocab], &out.logits.concat())?;
+        npy::write_f32_rows(path, vocab, &out.logits)?;
     }
     Ok(())
 }
@@ -684,6 +697,11 @@ fn embed_cmd(a: EmbedArgs) -> Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
+    const MAX_CURVE_POINTS: usize = 64;
+    if a.decode_curve.len() > MAX_CURVE_POINTS {
+        let msg = format!("--decode-curve has {} points; at most {MAX_CURVE_POINTS}", a.decode_curve.len());
+        return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
+    }
     let rt = a.rt.options();
     let opts = BenchOptions {
         runs: a.runs,
@@ -724,6 +742,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
     use internvl::tokenizer::{answer_text, Tokenizer};
+    // The input first: a bad file is refused before the tokenizer is loaded.
+    let read = |f: &Path| files::read_text(f, files::MAX_TEXT_FILE, "input file").kind(ErrorKind::Input);
+    let input = a.decode.as_deref().or(a.file.as_deref()).map(read).transpose()?.unwrap_or_default();
     let (tok, split_at) = match (&a.model, &a.tokenizer) {
         (Some(dir), None) => {
             let m = Manifest::load(dir)?;
@@ -734,7 +755,6 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         (None, Some(file)) => (Tokenizer::load(file).kind(ErrorKind::Input)?, None),
         _ => return Err(anyhow::anyhow!("give exactly one of --model and --tokenizer")).kind(ErrorKind::Usage),
     };
-    let read = |f: &Path| files::read_text(f, files::MAX_TEXT_FILE, "input file").kind(ErrorKind::Input);
     // Tokenising takes about 100x a text's size for a moment: one text is bounded, not only the file.
     const MAX_TEXT: usize = 4 << 20;
     let encode = |t: &str| {
@@ -746,21 +766,25 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
     };
     let out = match (&a.text, &a.file, &a.decode) {
         (_, _, Some(f)) => {
-            let items: Vec<Vec<u32>> = serde_json::from_str(&read(f)?)
+            let items: Vec<Vec<u32>> = serde_json::from_str(&input)
                 .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))
                 .kind(ErrorKind::Input)?;
-            let mut out = Vec::with_capacity(items.len());
+            // Written as decoded: a file of millions of short lists never holds all their texts at once.
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            write!(stdout, "[").context("writing to stdout")?;
             for (i, ids) in items.iter().enumerate() {
                 let text =
                     tok.decode(ids).with_context(|| format!("{}: list {i}", f.display())).kind(ErrorKind::Input)?;
                 let answer = answer_text(&text, split_at.as_deref());
-                out.push(serde_json::json!({ "text": text, "answer": answer }));
+                let item = serde_json::json!({ "text": text, "answer": answer });
+                write!(stdout, "{}{item}", if i == 0 { "" } else { "," }).context("writing to stdout")?;
             }
-            serde_json::to_string(&out)?
+            writeln!(stdout, "]").context("writing to stdout")?;
+            return stdout.flush().context("writing to stdout");
         }
         (Some(t), _, None) => serde_json::to_string(&encode(t)?)?,
         (None, Some(f), None) => {
-            let items: Vec<String> = serde_json::from_str(&read(f)?)
+            let items: Vec<String> = serde_json::from_str(&input)
                 .with_context(|| format!("{}: expected a JSON list of strings", f.display()))
                 .kind(ErrorKind::Input)?;
             serde_json::to_string(&items.iter().map(|t| encode(t)).collect::<Result<Vec<_>>>()?)?

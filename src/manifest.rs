@@ -195,9 +195,9 @@ impl Manifest {
     }
 
     fn load_unmarked(dir: &Path) -> Result<Self> {
-        ensure!(dir.is_dir(), "model folder not found: {}", dir.display());
+        ensure!(dir.exists(), "model folder not found: {}", dir.display());
+        ensure!(dir.is_dir(), "model folder {} is not a folder", dir.display());
         let path = dir.join("manifest.json");
-        ensure!(path.is_file(), "model folder {} has no manifest.json", dir.display());
         let text = files::read_text(&path, files::MAX_MANIFEST_FILE, "manifest")?;
         let mut m = Self::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))?;
         m.dir = dir.to_path_buf();
@@ -311,8 +311,20 @@ impl Manifest {
         [&v.file, &e.file, &d.file, &t.file].into_iter().chain(variants)
     }
 
-    /// The fast check of every load: each listed file is present, a regular file, and of its listed size.
+    /// The fast check of every load: each listed file is present, a regular file, and of its listed size;
+    /// and every graph, weight or tokenizer file the folder holds is listed (one the export did not write,
+    /// or whose entry was removed, would be loaded unchecked).
     fn check_files(&self) -> Result<()> {
+        let entries = std::fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?;
+        for entry in entries {
+            let name = entry.with_context(|| format!("reading {}", self.dir.display()))?.file_name();
+            let name = name.to_string_lossy();
+            let weights = [".onnx", ".data", ".bin", ".json"].iter().any(|ext| name.ends_with(ext));
+            ensure!(
+                !weights || name == "manifest.json" || self.files.contains_key(name.as_ref()),
+                "{name} is not listed in the manifest's files (not from this export?)"
+            );
+        }
         for (name, entry) in &self.files {
             let p = self.path(name);
             let meta = match std::fs::metadata(&p) {

@@ -16,14 +16,24 @@ const ALIGN: usize = 64;
 /// The shape must match the number of elements. The file appears whole or not at all
 /// ([`crate::files::write_atomic`]); callers check the path first ([`crate::files::OutputRules`]).
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    write_with(path, shape, [data].into_iter())
+}
+
+/// [`write_f32`] of `rows` of `width` values each (`[rows, width]`), without joining them first.
+pub fn write_f32_rows(path: &Path, width: usize, rows: &[Vec<f32>]) -> Result<()> {
+    write_with(path, &[rows.len(), width], rows.iter().map(Vec::as_slice))
+}
+
+/// The values of `parts`, in order, as one `.npy` array of `shape`.
+fn write_with<'a>(path: &Path, shape: &[usize], parts: impl Iterator<Item = &'a [f32]> + Clone) -> Result<()> {
+    let given: usize = parts.clone().map(<[f32]>::len).sum();
     let expected = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| anyhow!("npy shape {shape:?} overflows"))?;
     ensure!(
-        expected == data.len(),
-        "npy shape {shape:?} needs {expected} values but {} were given (writing {})",
-        data.len(),
+        expected == given,
+        "npy shape {shape:?} needs {expected} values but {given} were given (writing {})",
         path.display()
     );
     let dims = match shape {
@@ -44,7 +54,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
         w.write_all(&header_len.to_le_bytes())?;
         w.write_all(header.as_bytes())?;
         let mut buf = Vec::with_capacity(64 * 1024 * 4);
-        for chunk in data.chunks(64 * 1024) {
+        for chunk in parts.flat_map(|p| p.chunks(64 * 1024)) {
             buf.clear();
             for v in chunk {
                 buf.extend_from_slice(&v.to_le_bytes());

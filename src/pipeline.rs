@@ -80,6 +80,9 @@ pub struct Output {
     pub logits: Vec<Vec<f32>>,
 }
 
+/// Prompts longer than this are counted on prefixes before they are tokenised whole.
+const PREFIX_BYTES: usize = 256 << 10;
+
 /// Answer positions the KV cache is sized for before decoding (the manifest's default answer length).
 const RESERVE_AHEAD: usize = 1024;
 
@@ -158,6 +161,7 @@ impl InternVL {
             text.len(),
             self.max_prompt_bytes()
         );
+        self.check_token_count(text)?;
         let full = prompt::token_ids(&self.manifest, &self.tokenizer, text, tiles, true)?;
         ensure!(
             full.len() < ctx,
@@ -166,6 +170,28 @@ impl InternVL {
             tiles.iter().sum::<usize>()
         );
         Ok(full)
+    }
+
+    /// Tokenising takes about 200 bytes of memory per token for a moment, so a long text (12 M tokens of
+    /// CJK fit under the byte bound) is counted on growing prefixes first: when a prefix alone has twice
+    /// the context in tokens, the whole text cannot fit (a prefix's tokens are the whole text's, but at the
+    /// cut), and it is refused at the cost of that prefix.
+    fn check_token_count(&self, text: &str) -> Result<()> {
+        let ctx = self.manifest.decoder.max_context;
+        let mut len = PREFIX_BYTES;
+        while len < text.len() {
+            let mut cut = len;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let n = self.tokenizer.encode(&text[..cut], false)?.len();
+            ensure!(
+                n <= 2 * ctx,
+                "the prompt is more than {n} tokens (counted on its first {cut} bytes) but the model's context is {ctx} tokens"
+            );
+            len *= 4;
+        }
+        Ok(())
     }
 
     /// Most prompt bytes that could still fit the context: every token covers at most the longest

@@ -232,6 +232,10 @@ fn hostile_corpus() {
     let long_turn = serde_json::json!([{"user": "a".repeat(20 << 20), "assistant": "b"}]);
     std::fs::write(d.join("long-history.json"), long_turn.to_string()).unwrap();
     std::fs::write(d.join("vocab.json"), b"[1, 99999999]").unwrap();
+    let cjk = serde_json::json!([{"user": "\u{9f98} ".repeat(4_150_000), "assistant": "b"}]);
+    std::fs::write(d.join("cjk-history.json"), cjk.to_string()).unwrap();
+    std::fs::write(d.join("4000-ids.json"), serde_json::to_string(&vec![1u32; 4000]).unwrap()).unwrap();
+    std::os::unix::fs::symlink("/proc/self/fd/1", d.join("stdout-link")).unwrap();
     std::fs::write(d.join("many-ids.json"), serde_json::to_string(&vec![1u32; 40_000]).unwrap()).unwrap();
     let mut webp = Vec::new();
     image::RgbImage::new(40, 30).write_to(&mut std::io::Cursor::new(&mut webp), image::ImageFormat::WebP).unwrap();
@@ -276,7 +280,7 @@ fn hostile_corpus() {
     let mut corpus = vec![
         // Files destroyed.
         bad("output is the input", 2, "also an input", &[pre, im, p, out, p]),
-        bad("output is a link to the input", 2, "also an input", &[pre, im, p, out, &f("link.npy"), &"--force"]),
+        bad("output is a link to the input", 2, "symbolic link", &[pre, im, p, out, &f("link.npy"), &"--force"]),
         bad(
             "output inside the model folder",
             2,
@@ -325,6 +329,18 @@ fn hostile_corpus() {
             "context",
             &[run, mo, m, pr, &"Hi", &"--force-tokens", &f("many-ids.json")],
         ),
+        bad("16 MB of CJK history", 3, "counted on its first", &[run, mo, m, hi, &f("cjk-history.json"), pr, &"Hi"]),
+        bad(
+            "2.4 GB of logits",
+            3,
+            "--logits-out",
+            &[run, mo, m, pr, &"Hi", &"--force-tokens", &f("4000-ids.json"), &"--logits-out", &f("l.npy")],
+        ),
+        bad("output is a link to stdout", 2, "symbolic link", &[pre, im, p, out, &f("stdout-link"), &"--force"]),
+        bad("output path ends with /", 2, "ends with '/'", &[pre, im, p, out, &f("x.npy/")]),
+        bad("output collides with a tile", 2, "also an input", &[pre, im, p, out, &f("tile_00.png"), &"--png", &d]),
+        bad("no command", 2, "no command", &[]),
+        bad("temperature -inf", 2, "--temperature", &[run, mo, m, pr, &"Hi", &"--temperature", &"-inf"]),
         // Panics and crashes.
         bad("100000 threads", 2, "--threads", &[run, mo, m, pr, &"Hi", &"--threads", &"100000"]),
         bad("vision batch 2^52", 2, "--vision-batch", &[run, mo, m, pr, &"Hi", &"--vision-batch", &"4503599627370496"]),
