@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 command -v cmake >/dev/null || export CMAKE="$PWD/.venv/bin/cmake"  # libjpeg-turbo's build (setup.sh)
-.venv/bin/ruff check export tests
+.venv/bin/ruff check export tests fuzz
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --quiet -- -D warnings
 .venv/bin/python tests/fixtures.py build/fixtures

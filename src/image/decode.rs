@@ -138,8 +138,8 @@ const PNG_MAX_CHUNK_INFLATED: u64 = 1 << 20;
 const PNG_MAX_TEXT_MEMORY: u64 = 64 << 20;
 
 /// Refuses, as Pillow does, a PNG whose `iCCP`, `zTXt` or compressed `iTXt` chunk inflates past 1 MiB (a
-/// 3 MB file can hold a 3 GiB profile) or whose text adds up past 64 MiB; inflation stops at the bound,
-/// so the check costs at most that. A chunk whose zlib data is corrupt is skipped, as Pillow skips it.
+/// 3 MB file can hold a 3 GiB profile) or whose text adds up past 64 MiB (ICC profiles are counted in that
+/// total too, which Pillow does not do: it bounds the work); inflation stops at the bound. A chunk whose zlib data is corrupt is skipped, as Pillow skips it.
 fn check_png_chunks(data: &[u8]) -> Result<()> {
     use std::io::Read;
     let mut pos = PNG_SIGNATURE.len();
@@ -178,12 +178,11 @@ fn check_png_chunks(data: &[u8]) -> Result<()> {
                 let name = String::from_utf8_lossy(kind);
                 bail!("PNG {name} chunk inflates to more than {PNG_MAX_CHUNK_INFLATED} bytes (a decompression bomb; Pillow refuses it too)");
             }
-            if kind != b"iCCP" {
-                text += n;
-            }
+            // ICC profiles count too: each is bounded, but many small chunks would add up to hours of inflating.
+            text += n;
         }
         if text > PNG_MAX_TEXT_MEMORY {
-            bail!("PNG text chunks add up to more than {PNG_MAX_TEXT_MEMORY} bytes (Pillow refuses it too)");
+            bail!("PNG text and ICC chunks inflate to more than {PNG_MAX_TEXT_MEMORY} bytes in all");
         }
         pos += 12 + len;
     }
