@@ -11,10 +11,12 @@ use anyhow::{ensure, Result};
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::decoder::RowInput;
+use crate::engine::media::Media;
+use crate::engine::{Content, Engine, EngineConfig, Params};
 use crate::error::{ErrorKind, WithKind};
-use crate::pipeline::{InternVL, Request};
+use crate::model::Model;
 use crate::runtime::RuntimeOptions;
-use crate::sampling::SamplingOptions;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -67,6 +69,12 @@ pub struct BenchReport {
 }
 
 /// A deterministic picture with structure at every scale (the content does not change the cost).
+/// A synthetic image as a request brings it (its key from its pixels: no file bytes).
+fn synthetic_media(image: RgbImage) -> Media {
+    let sha256 = crate::engine::media::sha256(image.as_raw());
+    Media::Pixels { sha256, image: std::sync::Arc::new(image) }
+}
+
 pub fn synthetic_image(width: u32, height: u32) -> RgbImage {
     RgbImage::from_fn(width, height, |x, y| {
         let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
@@ -114,10 +122,10 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
     for _ in 0..o.runs {
         drop(model.take());
         let t = Instant::now();
-        model = Some(InternVL::load(dir, rt, false)?);
+        model = Some(Model::load(dir, rt)?);
         loads.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let Some(mut model) = model else { anyhow::bail!("--runs must be at least 1") };
+    let Some(model) = model else { anyhow::bail!("--runs must be at least 1") };
     log(&format!("load: {:.0} ms", Stat::of(loads.clone()).median));
 
     // Vision: random normalised tiles, one at a time and in batches.
@@ -147,32 +155,26 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         Stat::of(vb.clone()).median
     ));
 
-    let request = |images: Vec<RgbImage>, prompt: &str, max_new_tokens: usize| Request {
-        images,
-        prompt: prompt.to_string(),
-        history: Vec::new(),
-        system: None,
-        max_tiles: None,
-        max_new_tokens,
-        sampling: SamplingOptions::default(),
-        vision_batch: o.vision_batch,
-        prefill_chunk: o.prefill_chunk,
-        ignore_stop: true,
-        forced: None,
-        keep_logits: false,
+    let model = std::sync::Arc::new(model);
+    model.set_media_cache_bytes(0); // every run encodes its image
+    let cfg = EngineConfig { rows: 1, vision_batch: o.vision_batch, prefill_chunk: o.prefill_chunk };
+    let mut engine = Engine::new(std::sync::Arc::clone(&model), cfg)?;
+    let mut ask = |images: Vec<RgbImage>, prompt: &str, max_new_tokens: usize| {
+        let images = images.into_iter().map(synthetic_media).collect();
+        let content = Content { question: prompt.to_string(), images, ..Content::default() };
+        let params = Params { ignore_eos: true, ..Params::new(max_new_tokens) };
+        engine.generate(content, params, &mut |_| Ok(()))
     };
     // Time to first token: 448x448 -> 1 tile; 1344x896 -> 3x2 grid + thumbnail = 7 tiles.
-    let one = request(vec![synthetic_image(448, 448)], "Describe the image.", 1);
-    let seven = request(vec![synthetic_image(1344, 896)], "Describe the image.", 1);
     let (mut t1, mut t7, mut pf) = (Vec::new(), Vec::new(), Vec::new());
     let mut prefill_tokens = 0;
     for _ in 0..o.runs {
-        let out = model.generate(&one, &mut |_| Ok(()))?;
+        let out = ask(vec![synthetic_image(448, 448)], "Describe the image.", 1)?;
         ensure!(out.tiles == 1, "bench image gave {} tiles, expected 1", out.tiles);
         t1.push(out.timings.first_token_ms);
         pf.push(out.timings.prefill_tokens_per_s);
         prefill_tokens = out.prompt_tokens;
-        let out = model.generate(&seven, &mut |_| Ok(()))?;
+        let out = ask(vec![synthetic_image(1344, 896)], "Describe the image.", 1)?;
         ensure!(out.tiles == 7, "bench image gave {} tiles, expected 7", out.tiles);
         t7.push(out.timings.first_token_ms);
     }
@@ -182,10 +184,9 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         Stat::of(t7.clone()).median
     ));
 
-    let text = request(Vec::new(), "Write a long story about a lighthouse keeper.", o.decode_tokens);
     let mut dec = Vec::new();
     for _ in 0..o.runs {
-        let out = model.generate(&text, &mut |_| Ok(()))?;
+        let out = ask(Vec::new(), "Write a long story about a lighthouse keeper.", o.decode_tokens)?;
         dec.push(out.timings.decode_tokens_per_s);
     }
     log(&format!("decode: {:.2} tokens/s", Stat::of(dec.clone()).median));
@@ -202,12 +203,13 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
         }
         let mut per_step = Vec::new();
         for _ in 0..o.runs {
-            let dec = model.decoder_mut();
+            let dec = model.decoder();
             let mut cache = dec.synthetic_cache(len, 16)?;
-            dec.forward(&row, &mut cache, 1, |_| ())?; // warm-up
+            let input = [RowInput { row: 0, embeds: &row }];
+            dec.step(&mut cache, &input, false)?; // warm-up
             let t = Instant::now();
             for _ in 0..15 {
-                dec.forward(&row, &mut cache, 1, |_| ())?;
+                dec.step(&mut cache, &input, false)?;
             }
             per_step.push(t.elapsed().as_secs_f64() * 1e3 / 15.0);
         }

@@ -1,16 +1,26 @@
 //! The LLM through `decoder.onnx`: prefill, then one step per token, the KV cache carried between calls.
 //!
-//! With fused attention (GroupQueryAttention) the cache lives in preallocated buffers bound through an
-//! `IoBinding` as both `past_key_values.*` and `present.*`: the kernel sees the same buffer on both sides
-//! and only writes the new positions, so a decode step costs the same at 8k tokens of context as at 256
-//! (no per-step copy of the whole cache). Graphs with plain-operator attention concatenate past and new
-//! keys into fresh tensors, which are handed back unchanged as the next call's past. Long prompts are
-//! prefilled in chunks so the attention scores of one call stay bounded (`chunk` x context).
+//! A [`KvCache`] holds the cache of several sequences ("rows"), so that one decode step of every active
+//! sequence is one call of the graph: the weights are read once per step whatever the batch, which is
+//! what makes serving many streams cost little more than one (decode is memory-bound).
+//!
+//! With fused attention (GroupQueryAttention) each layer's keys and values live in one buffer
+//! `[rows, kv_heads, capacity, head_dim]` that a call binds, for the rows it runs, as both
+//! `past_key_values.*` and `present.*`: the kernel sees the same memory on both sides and only writes the
+//! new positions, each row at its own length (`seqlens_k` comes from the row's mask), so a decode step
+//! costs the same at 8k tokens of context as at 256 and rows of different lengths step together. Graphs
+//! with plain-operator attention concatenate past and new keys into fresh tensors, which are handed back
+//! unchanged as the next call's past; their rows step one at a time. Long prompts are prefilled in
+//! chunks (the caller's) so the attention scores of one call stay bounded (`chunk` x context).
 
-use anyhow::{ensure, Context, Result};
-use ort::memory::{Allocator, MemoryInfo};
+use std::ffi::CString;
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session};
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynValue, Tensor, TensorRefMut};
+use ort::AsPointer;
 
 use crate::manifest::{layer_name, Attention, DecoderSpec, Manifest};
 use crate::runtime::{check_shape, open_graph, ort_err, RuntimeOptions};
@@ -20,8 +30,13 @@ use crate::runtime::{check_shape, open_graph, ort_err, RuntimeOptions};
 /// tokens/s; the attention scores of a smaller chunk stay in cache.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// Positions a shared cache starts with; it grows by doubling (one copy of the filled part each time)
+/// unless [`Decoder::reserve`] sized it for the request up front.
+const MIN_CAPACITY: usize = 256;
+
 pub struct Decoder {
-    session: Session,
+    /// ONNX Runtime's `Run` needs `&mut`; the lock lives here so the model is shared by reference.
+    session: Mutex<Session>,
     pub spec: DecoderSpec,
     /// The graph opened: the portable one or its AMX variant.
     pub file: String,
@@ -29,18 +44,55 @@ pub struct Decoder {
     present_names: Vec<String>,
 }
 
-/// Positions a shared cache starts with; it grows by doubling (one copy of the filled part each time)
-/// unless [`Decoder::reserve`] sized it for the whole request up front.
-const MIN_CAPACITY: usize = 256;
-
-/// The KV cache of one sequence: `2 * layers` tensors `[1, kv_heads, capacity, head_dim]`, of which the
-/// first `len` positions are filled (plain attention: capacity == len, a new set per step).
+/// The KV cache of `rows` sequences; row `r` holds `len(r)` filled positions.
 pub struct KvCache {
-    tensors: Vec<DynValue>,
-    pub len: usize,
-    capacity: usize,
-    /// Fused attention: every past/present pair bound to its buffer, the logits to CPU memory.
-    binding: Option<IoBinding>,
+    lens: Vec<usize>,
+    store: Store,
+}
+
+enum Store {
+    /// Fused attention: per layer K and V, `[rows, kv_heads, capacity, head_dim]` each.
+    Shared { buffers: Vec<Vec<f32>>, capacity: usize },
+    /// Plain attention: per row the `2 * layers` tensors `[1, kv_heads, len, head_dim]` the graph returned.
+    Plain { rows: Vec<Vec<DynValue>> },
+}
+
+impl KvCache {
+    pub fn rows(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn len(&self, row: usize) -> usize {
+        self.lens[row]
+    }
+
+    pub fn is_empty(&self, row: usize) -> bool {
+        self.lens[row] == 0
+    }
+
+    /// Positions every row can hold without growing (plain attention: grows every step).
+    pub fn capacity(&self) -> usize {
+        match &self.store {
+            Store::Shared { capacity, .. } => *capacity,
+            Store::Plain { .. } => usize::MAX,
+        }
+    }
+
+    /// Bytes held by the cache's buffers.
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            Store::Shared { buffers, .. } => buffers.iter().map(|b| b.len() * 4).sum(),
+            Store::Plain { rows } => {
+                rows.iter().flatten().map(|t| t.shape().iter().product::<i64>().max(0) as usize * 4).sum()
+            }
+        }
+    }
+}
+
+/// One row's part of a call: the embeddings of its new positions.
+pub struct RowInput<'a> {
+    pub row: usize,
+    pub embeds: &'a [f32],
 }
 
 impl Decoder {
@@ -80,182 +132,283 @@ impl Decoder {
             path.display(),
             spec.layers
         );
-        Ok(Self { session, spec, file, past_names, present_names })
+        Ok(Self { session: Mutex::new(session), spec, file, past_names, present_names })
     }
 
-    pub fn empty_cache(&self) -> Result<KvCache> {
-        let mut tensors = Vec::with_capacity(2 * self.spec.layers);
-        for _ in 0..2 * self.spec.layers {
-            let t = Tensor::from_array(([1usize, self.spec.kv_heads, 0, self.spec.head_dim], Vec::<f32>::new()))
-                .map_err(ort_err)?;
-            tensors.push(t.into_dyn());
-        }
-        Ok(KvCache { tensors, len: 0, capacity: 0, binding: None })
-    }
-
-    /// A cache that claims `len` filled positions (zeros) with room for `room` more: what a decode step
-    /// costs at a given context does not depend on the cached values, so benchmarks skip the prefill.
-    pub fn synthetic_cache(&mut self, len: usize, room: usize) -> Result<KvCache> {
-        let ctx = self.spec.max_context;
-        ensure!(len + room <= ctx, "a cache of {len} + {room} positions exceeds the model's context of {ctx}");
-        let mut cache = self.empty_cache()?;
-        if self.shared() {
-            self.reserve(&mut cache, len + room)?;
-            for t in &mut cache.tensors {
-                t.try_extract_tensor_mut::<f32>().map_err(ort_err)?.1.fill(0.0);
-            }
-        } else {
-            let shape = [1usize, self.spec.kv_heads, len, self.spec.head_dim];
-            for t in &mut cache.tensors {
-                *t = Tensor::from_array((shape, vec![0f32; shape.iter().product()])).map_err(ort_err)?.into_dyn();
-            }
-            cache.capacity = len;
-        }
-        cache.len = len;
-        Ok(cache)
-    }
-
-    /// Forgets the positions from `len` on (a conversation re-run from there). Shared buffers only move
-    /// their length (the next call overwrites those positions); handed-off tensors are cut.
-    pub fn truncate(&mut self, cache: &mut KvCache, len: usize) -> Result<()> {
-        if len >= cache.len {
-            return Ok(());
-        }
-        if self.shared() {
-            cache.len = len;
-            return Ok(());
-        }
-        let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
-        for t in &mut cache.tensors {
-            let (_, src) = t.try_extract_tensor::<f32>().map_err(ort_err)?;
-            let data: Vec<f32> = (0..kv).flat_map(|h| &src[h * cache.capacity * d..][..len * d]).copied().collect();
-            *t = Tensor::from_array(([1usize, kv, len, d], data)).map_err(ort_err)?.into_dyn();
-        }
-        cache.len = len;
-        cache.capacity = len;
-        Ok(())
-    }
-
-    fn shared(&self) -> bool {
+    /// Whether several rows can run in one call (fused attention keeps per-row lengths).
+    pub fn batches(&self) -> bool {
         self.spec.attention == Attention::GroupQueryAttention
     }
 
-    /// Makes room for `positions` in total (prompt + answer), so that a request does not grow the cache
-    /// step by step; a cache that already holds positions (a chat) at least doubles, so that a long
-    /// conversation copies its cache O(log n) times. Capped at the model's context; a no-op for
-    /// plain-attention graphs.
-    pub fn reserve(&mut self, cache: &mut KvCache, positions: usize) -> Result<()> {
+    fn session(&self) -> MutexGuard<'_, Session> {
+        // A panic while running cannot leave the session half-changed: ONNX Runtime's state is its own.
+        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An empty cache for `rows` sequences.
+    pub fn new_cache(&self, rows: usize) -> Result<KvCache> {
+        ensure!(rows >= 1, "a KV cache needs at least one row");
+        let store = if self.batches() {
+            Store::Shared { buffers: vec![Vec::new(); 2 * self.spec.layers], capacity: 0 }
+        } else {
+            let mut all = Vec::with_capacity(rows);
+            for _ in 0..rows {
+                all.push(self.empty_row()?);
+            }
+            Store::Plain { rows: all }
+        };
+        Ok(KvCache { lens: vec![0; rows], store })
+    }
+
+    fn empty_row(&self) -> Result<Vec<DynValue>> {
+        let shape = [1usize, self.spec.kv_heads, 0, self.spec.head_dim];
+        (0..2 * self.spec.layers)
+            .map(|_| Ok(Tensor::from_array((shape, Vec::<f32>::new())).map_err(ort_err)?.into_dyn()))
+            .collect()
+    }
+
+    /// A one-row cache that claims `len` filled positions (zeros) with room for `room` more: what a decode
+    /// step costs at a given context does not depend on the cached values, so benchmarks skip the prefill.
+    pub fn synthetic_cache(&self, len: usize, room: usize) -> Result<KvCache> {
         let ctx = self.spec.max_context;
-        ensure!(positions <= ctx, "{positions} positions exceed the model's context of {ctx}");
-        if !self.shared() || positions <= cache.capacity {
-            return Ok(());
-        }
-        let grown = if cache.len > 0 { positions.max(2 * cache.capacity) } else { positions };
-        let capacity = grown.min(ctx);
-        let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let mut tensors = Vec::with_capacity(cache.tensors.len());
-        for old in &cache.tensors {
-            let mut t = Tensor::<f32>::new(&Allocator::default(), [1usize, kv, capacity, d])
-                .map_err(ort_err)
-                .with_context(|| format!("allocating a KV cache of {capacity} positions"))?;
-            if cache.len > 0 {
-                let (_, src) = old.try_extract_tensor::<f32>().map_err(ort_err)?;
-                let (_, dst) = t.extract_tensor_mut();
-                for h in 0..kv {
-                    let n = cache.len * d;
-                    dst[h * capacity * d..][..n].copy_from_slice(&src[h * cache.capacity * d..][..n]);
+        ensure!(len + room <= ctx, "a cache of {len} + {room} positions exceeds the model's context of {ctx}");
+        let mut cache = self.new_cache(1)?;
+        match &mut cache.store {
+            Store::Shared { .. } => self.reserve(&mut cache, len + room)?,
+            Store::Plain { rows } => {
+                let shape = [1usize, self.spec.kv_heads, len, self.spec.head_dim];
+                for t in &mut rows[0] {
+                    *t = Tensor::from_array((shape, vec![0f32; shape.iter().product()])).map_err(ort_err)?.into_dyn();
                 }
             }
-            tensors.push(t.into_dyn());
         }
-        cache.binding = None; // holds the old buffers
-        let mut binding = self.session.create_binding().map_err(ort_err)?;
-        for (i, t) in tensors.iter_mut().enumerate() {
-            binding.bind_input(self.past_names[i].as_str(), t).map_err(ort_err)?;
-            binding.bind_output(self.present_names[i].as_str(), &mut *t).map_err(ort_err)?;
+        cache.lens[0] = len;
+        Ok(cache)
+    }
+
+    /// Forgets row `row`'s positions from `len` on (a conversation re-run from there, or a row handed to
+    /// another sequence). Shared buffers only move the length (the next call overwrites those positions);
+    /// handed-off tensors are cut.
+    pub fn truncate(&self, cache: &mut KvCache, row: usize, len: usize) -> Result<()> {
+        if len >= cache.lens[row] {
+            return Ok(());
         }
-        let cpu = MemoryInfo::default();
-        binding.bind_output_to_device(self.spec.outputs.logits.as_str(), &cpu).map_err(ort_err)?;
-        cache.tensors = tensors;
-        cache.capacity = capacity;
-        cache.binding = Some(binding);
+        if let Store::Plain { rows } = &mut cache.store {
+            let (kv, d, old) = (self.spec.kv_heads, self.spec.head_dim, cache.lens[row]);
+            for t in &mut rows[row] {
+                let (_, src) = t.try_extract_tensor::<f32>().map_err(ort_err)?;
+                let data: Vec<f32> = (0..kv).flat_map(|h| &src[h * old * d..][..len * d]).copied().collect();
+                *t = Tensor::from_array(([1usize, kv, len, d], data)).map_err(ort_err)?.into_dyn();
+            }
+        }
+        cache.lens[row] = len;
         Ok(())
     }
 
-    /// Runs `embeds` (`seq` x hidden) after what `cache` holds, in chunks of at most `chunk` positions,
-    /// and returns the logits of the last position.
-    pub fn forward(
-        &mut self,
-        embeds: &[f32],
-        cache: &mut KvCache,
-        chunk: usize,
-        mut on_chunk: impl FnMut(usize),
-    ) -> Result<Vec<f32>> {
-        let hidden = self.spec.hidden;
-        ensure!(
-            !embeds.is_empty() && embeds.len().is_multiple_of(hidden),
-            "embedding buffer of {} floats is not a multiple of {hidden}",
-            embeds.len()
-        );
-        let end = cache.len + embeds.len() / hidden;
-        if self.shared() && end > cache.capacity {
-            self.reserve(cache, end.max(MIN_CAPACITY.min(self.spec.max_context)))?;
+    /// Makes room for `positions` in every row (prompt + answer), so that a request does not grow the cache
+    /// step by step; a cache that already holds positions at least doubles, so that a long conversation
+    /// copies its cache O(log n) times. Capped at the model's context; a no-op for plain-attention graphs.
+    pub fn reserve(&self, cache: &mut KvCache, positions: usize) -> Result<()> {
+        let ctx = self.spec.max_context;
+        ensure!(positions <= ctx, "{positions} positions exceed the model's context of {ctx}");
+        let rows = cache.rows();
+        let filled = cache.lens.iter().any(|&l| l > 0);
+        let Store::Shared { buffers, capacity } = &mut cache.store else { return Ok(()) };
+        if positions <= *capacity {
+            return Ok(());
         }
-        // transformers picks LongRoPE's factor set once per forward call, from its last position: every
-        // chunk of this call uses the choice the whole call would get.
-        let long_rope = self.spec.long_rope_after.is_some_and(|after| end > after);
-        let mut logits = Vec::new();
-        for piece in embeds.chunks(chunk.max(1).saturating_mul(hidden)) {
-            logits = self.step(piece, cache, long_rope)?;
-            on_chunk(piece.len() / hidden);
+        let grown = if filled { positions.max(2 * *capacity) } else { positions };
+        let new_cap = grown.min(ctx);
+        let (kv, d, old_cap) = (self.spec.kv_heads, self.spec.head_dim, *capacity);
+        let elems = rows
+            .checked_mul(kv * new_cap * d)
+            .filter(|n| n.checked_mul(4 * buffers.len()).is_some())
+            .ok_or_else(|| anyhow!("a KV cache of {rows} x {new_cap} positions does not fit in memory"))?;
+        for buf in buffers.iter_mut() {
+            let mut grown = Vec::new();
+            grown.try_reserve_exact(elems).with_context(|| {
+                format!(
+                    "allocating a KV cache of {rows} x {new_cap} positions ({} MB)",
+                    (elems * 4 * 2 * self.spec.layers) >> 20
+                )
+            })?;
+            grown.resize(elems, 0.0);
+            for (r, &len) in cache.lens.iter().enumerate() {
+                for h in 0..kv {
+                    let (from, to) = ((r * kv + h) * old_cap * d, (r * kv + h) * new_cap * d);
+                    grown[to..][..len * d].copy_from_slice(&buf[from..][..len * d]);
+                }
+            }
+            *buf = grown;
         }
-        Ok(logits)
+        *capacity = new_cap;
+        Ok(())
     }
 
-    fn step(&mut self, embeds: &[f32], cache: &mut KvCache, long_rope: bool) -> Result<Vec<f32>> {
-        let seq = embeds.len() / self.spec.hidden;
-        let total = cache.len + seq;
-        let embeds = Tensor::from_array(([1usize, seq, self.spec.hidden], embeds.to_vec())).map_err(ort_err)?;
-        // The mask's width tells the kernel the sequence length; the buffer may be longer.
-        let mask = Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(ort_err)?;
-        let mut inputs: Vec<(&str, DynValue)> = vec![
+    /// Runs the new positions of each row in `inputs` after what the cache holds for it, and returns each
+    /// row's logits of its last position, in the order given. Several rows: one position each, rows of
+    /// the cache only (fused attention). `long_rope`: LongRoPE's long factors for every row of this call.
+    pub fn step(&self, cache: &mut KvCache, inputs: &[RowInput], long_rope: bool) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.spec.hidden;
+        ensure!(!inputs.is_empty(), "a decoder call needs at least one row");
+        for input in inputs {
+            ensure!(input.row < cache.rows(), "row {} of a {}-row KV cache", input.row, cache.rows());
+            ensure!(
+                !input.embeds.is_empty() && input.embeds.len().is_multiple_of(hidden),
+                "embedding buffer of {} floats is not a multiple of {hidden}",
+                input.embeds.len()
+            );
+        }
+        if inputs.len() == 1 || !self.batches() {
+            let mut out = Vec::with_capacity(inputs.len());
+            for input in inputs {
+                out.push(self.step_rows(cache, std::slice::from_ref(input), long_rope)?.remove(0));
+            }
+            return Ok(out);
+        }
+        ensure!(inputs.iter().all(|i| i.embeds.len() == hidden), "rows stepped together take one position each");
+        self.step_rows(cache, inputs, long_rope)
+    }
+
+    /// One call of the graph over a contiguous range of rows: those in `inputs` with their positions, the
+    /// others in between with a placeholder position (written past their length, so overwritten by their
+    /// next call, and its logits dropped).
+    fn step_rows(&self, cache: &mut KvCache, inputs: &[RowInput], long_rope: bool) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.spec.hidden;
+        let seq = inputs[0].embeds.len() / hidden;
+        let lo = inputs.iter().map(|i| i.row).min().unwrap_or(0);
+        let hi = inputs.iter().map(|i| i.row).max().unwrap_or(0);
+        let batch = hi - lo + 1;
+        let mut feeds: Vec<Option<&[f32]>> = vec![None; batch];
+        for input in inputs {
+            ensure!(feeds[input.row - lo].is_none(), "row {} given twice in one decoder call", input.row);
+            feeds[input.row - lo] = Some(input.embeds);
+        }
+        let lens: Vec<usize> = cache.lens[lo..=hi].to_vec();
+        let ends: Vec<usize> = lens.iter().map(|&l| l + seq).collect();
+        let total = ends.iter().copied().max().unwrap_or(seq);
+        if matches!(cache.store, Store::Shared { .. }) && total > cache.capacity() {
+            self.reserve(cache, total.max(MIN_CAPACITY.min(self.spec.max_context)))?;
+        }
+        ensure!(
+            total <= self.spec.max_context,
+            "{total} positions exceed the model's context of {}",
+            self.spec.max_context
+        );
+
+        let mut embeds = Vec::with_capacity(batch * seq * hidden);
+        let mut mask = Vec::with_capacity(batch * total);
+        let mut positions = Vec::with_capacity(batch * seq);
+        for (r, feed) in feeds.iter().enumerate() {
+            match feed {
+                Some(e) => embeds.extend_from_slice(e),
+                None => embeds.resize(embeds.len() + seq * hidden, 0.0),
+            }
+            // The mask's row sum tells the kernel the row's length; its width, the longest row's.
+            mask.extend((0..total).map(|p| i64::from(p < ends[r])));
+            positions.extend((lens[r]..ends[r]).map(|p| p as i64));
+        }
+        let embeds = Tensor::from_array(([batch, seq, hidden], embeds)).map_err(ort_err)?;
+        let mask = Tensor::from_array(([batch, total], mask)).map_err(ort_err)?;
+        let mut named: Vec<(&str, DynValue)> = vec![
             (self.spec.inputs.inputs_embeds.as_str(), embeds.into_dyn()),
             (self.spec.inputs.attention_mask.as_str(), mask.into_dyn()),
         ];
         if let Some(name) = &self.spec.inputs.position_ids {
-            let positions: Vec<i64> = (cache.len as i64..total as i64).collect();
-            inputs.push((name, Tensor::from_array(([1usize, seq], positions)).map_err(ort_err)?.into_dyn()));
+            named.push((name, Tensor::from_array(([batch, seq], positions)).map_err(ort_err)?.into_dyn()));
         }
         if let Some(name) = &self.spec.inputs.long_rope {
-            inputs
-                .push((name, Tensor::from_array(([1usize], vec![i64::from(long_rope)])).map_err(ort_err)?.into_dyn()));
+            named.push((name, Tensor::from_array(([1usize], vec![i64::from(long_rope)])).map_err(ort_err)?.into_dyn()));
         }
-        let at = || format!("decoder step at position {} ({seq} tokens)", cache.len);
-        let logits = if let Some(binding) = cache.binding.as_mut() {
-            ensure!(total <= cache.capacity, "KV cache of {} positions cannot take {total}", cache.capacity);
-            for (name, value) in &inputs {
-                binding.bind_input(*name, value).map_err(ort_err)?;
-            }
-            let outputs = self.session.run_binding(binding).map_err(ort_err).with_context(at)?;
-            let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
-            logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec()
-        } else {
-            let mut feed: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
-                inputs.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
-            for (name, t) in self.past_names.iter().zip(cache.tensors.drain(..)) {
-                feed.push((name.as_str().into(), t.into()));
-            }
-            let mut outputs = self.session.run(feed).map_err(ort_err).with_context(at)?;
-            let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
-            let logits = logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec();
-            for name in &self.present_names {
-                let t = outputs.remove(name.as_str()).with_context(|| format!("decoder returned no {name}"))?;
-                cache.tensors.push(t);
-            }
-            cache.capacity = total;
-            logits
+        let at = || {
+            let rows: Vec<String> = inputs.iter().map(|i| format!("{}@{}", i.row, lens[i.row - lo])).collect();
+            format!("decoder call, rows {} ({seq} positions each)", rows.join(", "))
         };
-        cache.len = total;
-        Ok(logits)
+
+        let logits = match &mut cache.store {
+            Store::Shared { buffers, capacity } => {
+                self.run_shared(buffers, *capacity, lo, batch, &named).with_context(at)?
+            }
+            Store::Plain { rows } => {
+                ensure!(batch == 1, "plain-attention graphs run one row per call");
+                let mut session = self.session();
+                let mut feed: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
+                    named.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
+                for (name, t) in self.past_names.iter().zip(rows[lo].drain(..)) {
+                    feed.push((name.as_str().into(), t.into()));
+                }
+                let run = session.run(feed).map_err(ort_err).with_context(at);
+                let mut outputs = match run {
+                    Ok(o) => o,
+                    Err(e) => {
+                        rows[lo] = self.empty_row()?; // the past went into the failed call
+                        cache.lens[lo] = 0;
+                        return Err(e);
+                    }
+                };
+                let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
+                let logits = logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec();
+                for name in &self.present_names {
+                    let t = outputs.remove(name.as_str()).with_context(|| format!("decoder returned no {name}"))?;
+                    rows[lo].push(t);
+                }
+                logits
+            }
+        };
+        let vocab = self.spec.vocab;
+        ensure!(logits.len() == batch * vocab, "decoder returned {} logits for {batch} rows of {vocab}", logits.len());
+        for input in inputs {
+            cache.lens[input.row] += seq;
+        }
+        Ok(inputs.iter().map(|i| logits[(i.row - lo) * vocab..][..vocab].to_vec()).collect())
     }
+
+    /// A call with the shared buffers' rows `lo..lo + batch` bound as both past and present.
+    fn run_shared(
+        &self,
+        buffers: &mut [Vec<f32>],
+        capacity: usize,
+        lo: usize,
+        batch: usize,
+        named: &[(&str, DynValue)],
+    ) -> Result<Vec<f32>> {
+        let (kv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let row_elems = kv * capacity * d;
+        let mut session = self.session();
+        let mut binding = session.create_binding().map_err(ort_err)?;
+        for (name, value) in named {
+            binding.bind_input(*name, value).map_err(ort_err)?;
+        }
+        for (i, buf) in buffers.iter_mut().enumerate() {
+            let rows = &mut buf[lo * row_elems..(lo + batch) * row_elems];
+            // SAFETY: `rows` is `batch * kv * capacity * d` floats of CPU memory that outlives the binding
+            // (dropped at the end of this function, before the buffers can move).
+            let view = unsafe {
+                TensorRefMut::<f32>::from_raw(
+                    MemoryInfo::default(),
+                    rows.as_mut_ptr().cast(),
+                    vec![batch as i64, kv as i64, capacity as i64, d as i64].into(),
+                )
+            }
+            .map_err(ort_err)?;
+            bind_aliased(&mut binding, &self.past_names[i], &view)?;
+            binding.bind_output(self.present_names[i].as_str(), view).map_err(ort_err)?;
+        }
+        binding.bind_output_to_device(self.spec.outputs.logits.as_str(), &MemoryInfo::default()).map_err(ort_err)?;
+        let outputs = session.run_binding(&binding).map_err(ort_err)?;
+        let logits = outputs.get(self.spec.outputs.logits.as_str()).context("decoder returned no logits")?;
+        Ok(logits.try_extract_tensor::<f32>().map_err(ort_err)?.1.to_vec())
+    }
+}
+
+/// Binds `value` as input `name` as it is. `IoBinding::bind_input` copies a tensor that views borrowed
+/// memory (it cannot know the memory outlives the call); the KV views must not be copied: the past and
+/// the present are the same buffer on purpose, which is what lets the kernel append in place.
+fn bind_aliased(binding: &mut IoBinding, name: &str, value: &TensorRefMut<'_, f32>) -> Result<()> {
+    let c_name = CString::new(name).with_context(|| format!("input name {name:?}"))?;
+    // SAFETY: both pointers are live ONNX Runtime objects; the binding keeps no reference to the name, and
+    // the value is kept alive by the binding's output map (bound as the present output right after).
+    unsafe { ort::Error::result_from_status((ort::api().BindInput)(binding.ptr_mut(), c_name.as_ptr(), value.ptr())) }
+        .map_err(ort_err)
+        .with_context(|| format!("binding the KV cache as {name}"))
 }

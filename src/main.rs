@@ -16,7 +16,8 @@ use internvl::image::{image_dimensions, load_image, preprocess, tile_count, tile
 use internvl::manifest::Manifest;
 use internvl::runtime::{AttentionKernels, Device, RuntimeOptions, MAX_THREADS};
 use internvl::sampling::{self, SamplingOptions};
-use internvl::{npy, vision, InternVL, Request};
+use internvl::{npy, vision, Content, Conversation, Engine, EngineConfig, Media, Model, Params};
+use std::sync::Arc;
 
 /// Flag bounds, checked by the parser so a bad value is a usage error naming the flag.
 fn positive(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
@@ -350,7 +351,7 @@ impl GenArgs {
     /// Checks the flags and the images against the model's context from their headers (a request that
     /// cannot fit costs no decoding), decodes the images (a bad one fails before the model spends seconds
     /// loading), then loads the model.
-    fn load(&self, progress: bool) -> Result<(InternVL, Vec<image::RgbImage>, Request)> {
+    fn load(&self, progress: bool) -> Result<(Arc<Model>, Vec<Media>, Params, EngineConfig)> {
         let t0 = Instant::now();
         internvl::runtime::show_runtime_logs(self.verbose);
         let sampling = SamplingOptions {
@@ -363,27 +364,18 @@ impl GenArgs {
         sampling.validate().kind(ErrorKind::Usage)?;
         let manifest = Manifest::load(&self.model)?;
         let images = self.load_images(&manifest)?;
-        let model = InternVL::open(manifest, &self.rt.options(), progress, t0)?;
-        let req = Request {
-            images: Vec::new(),
-            prompt: String::new(),
-            history: Vec::new(),
-            system: self.system.clone(),
-            max_tiles: self.max_tiles,
-            max_new_tokens: self.max_new_tokens.unwrap_or(model.manifest.generation.max_new_tokens),
-            sampling,
-            vision_batch: self.vision_batch,
-            prefill_chunk: self.prefill_chunk,
-            ignore_stop: false,
-            forced: None,
-            keep_logits: false,
-        };
-        Ok((model, images, req))
+        let bar = spinner(progress, "loading model");
+        let model = Model::open(manifest, &self.rt.options(), t0)?;
+        bar.finish_and_clear();
+        let max_new_tokens = self.max_new_tokens.unwrap_or(model.manifest.generation.max_new_tokens);
+        let params = Params { sampling, max_tiles: self.max_tiles, ..Params::new(max_new_tokens) };
+        let engine = EngineConfig { rows: 1, vision_batch: self.vision_batch, prefill_chunk: self.prefill_chunk };
+        Ok((Arc::new(model), images, params, engine))
     }
 
-    fn load_images(&self, m: &Manifest) -> Result<Vec<image::RgbImage>> {
+    fn load_images(&self, m: &Manifest) -> Result<Vec<Media>> {
         check_images(&self.image, m, self.max_tiles)?;
-        self.image.iter().map(|p| load_image(p, self.exif)).collect()
+        self.image.iter().map(|p| Media::load(p, self.exif)).collect()
     }
 }
 
@@ -423,7 +415,7 @@ fn print_timings(out: &internvl::Output) {
         t.preprocess_ms,
         t.vision_ms,
         if out.tiles > 0 { t.vision_ms / out.tiles as f64 } else { 0.0 },
-        out.prompt_tokens,
+        out.prompt_tokens - out.cached_tokens,
         t.prefill_ms,
         t.prefill_tokens_per_s,
         t.first_token_ms,
@@ -460,7 +452,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
     let progress = std::io::stderr().is_terminal() && !a.json;
-    let (mut model, images, mut req) = a.gen.load(progress)?;
+    let (model, images, mut params, engine) = a.gen.load(progress)?;
     if let Some(ids) = &forced {
         let (vocab, ctx) = (model.manifest.decoder.vocab, model.manifest.decoder.max_context);
         let bad = ids.iter().find(|&&id| id as usize >= vocab);
@@ -478,14 +470,13 @@ fn run(a: RunArgs) -> Result<()> {
             return Err(anyhow::anyhow!("--force-tokens: {why}")).kind(ErrorKind::Input);
         }
     }
-    req.images = images;
-    req.prompt = a.prompt;
-    req.history = history;
-    req.forced = forced;
-    req.keep_logits = a.logits_out.is_some();
+    params.forced = forced;
+    params.keep_logits = a.logits_out.is_some();
+    let content = Content { system: a.gen.system.clone(), history, question: a.prompt, images };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let out = model.generate(&req, &mut |piece| {
+    let mut engine = Engine::new(Arc::clone(&model), engine)?;
+    let out = engine.generate(content, params, &mut |piece| {
         if !json {
             stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
             stdout.flush().context("writing to stdout")?;
@@ -557,9 +548,9 @@ fn read_line(input: &mut impl BufRead, limit: usize) -> std::io::Result<Line> {
 /// (an image that does not load, a question too long, invalid UTF-8) is reported and the session goes on.
 fn chat(a: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
-    let (mut model, mut images, req) = a.gen.load(std::io::stderr().is_terminal())?;
+    let (model, mut images, params, engine) = a.gen.load(std::io::stderr().is_terminal())?;
     let mut image_paths = a.gen.image.clone();
-    let mut conv = model.new_conversation()?;
+    let mut conv = Conversation::new(Engine::new(Arc::clone(&model), engine)?, a.gen.system.clone());
     let mut stdout = std::io::stdout().lock();
     let mut stdin = std::io::stdin().lock();
     let limit = model.max_prompt_bytes();
@@ -593,7 +584,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             }
             image_paths.push(path.clone());
             let loaded = check_images(&image_paths, &model.manifest, a.gen.max_tiles)
-                .and_then(|()| load_image(&path, a.gen.exif));
+                .and_then(|()| Media::load(&path, a.gen.exif));
             match loaded {
                 Ok(img) => images.push(img),
                 Err(e) => {
@@ -604,29 +595,31 @@ fn chat(a: ChatArgs) -> Result<()> {
             continue;
         }
         if q.trim() == "/reset" {
-            conv = model.new_conversation()?;
+            conv.reset();
             continue;
         }
-        let out = model.chat(&mut conv, q, &images, &req, &mut |piece| {
+        let out = conv.turn(q, std::mem::take(&mut images), &params, &mut |piece| {
             stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
             stdout.flush().context("writing to stdout")
         });
-        images.clear();
         image_paths.clear();
         writeln!(stdout).context("writing to stdout")?;
         match out {
             Ok(out) if a.gen.verbose => print_timings(&out),
             Ok(_) => {}
-            // Bad input for this turn: say so and keep the conversation (or start over if it was hit).
-            Err(e) => {
-                eprintln!("error: {}", one_line(&e));
-                if conv.is_broken() {
-                    eprintln!("starting a new conversation");
-                    conv = model.new_conversation()?;
-                }
-            }
+            // Bad input for this turn: say so and keep the conversation (a failed turn leaves it as it was).
+            Err(e) => eprintln!("error: {}", one_line(&e)),
         }
     }
+}
+
+fn spinner(enabled: bool, msg: &'static str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(msg);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
 
 /// anyhow's chain on one line: "context: cause: cause".
@@ -681,7 +674,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<()> {
     let img = load_image(&a.image, a.exif)?;
     let cfg = ImageConfig { max_tiles: a.max_tiles.unwrap_or(m.image.max_tiles), ..m.image.clone() };
     let tiles = preprocess(&img, &cfg)?;
-    let mut encoder = vision::VisionEncoder::load(&m, &a.rt.options()).kind(ErrorKind::Model)?;
+    let encoder = vision::VisionEncoder::load(&m, &a.rt.options()).kind(ErrorKind::Model)?;
     let t0 = std::time::Instant::now();
     let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch, &indicatif::ProgressBar::hidden())?;
     if a.verbose {

@@ -3,6 +3,8 @@
 //! Batching bounds peak memory (activations grow with the batch) while keeping the GEMMs large; the
 //! graph treats every tile independently, so results do not depend on the batch size.
 
+use std::sync::Mutex;
+
 use anyhow::{ensure, Context, Result};
 use indicatif::ProgressBar;
 use ort::session::Session;
@@ -18,7 +20,8 @@ use crate::runtime::{check_shape, open_graph, ort_err, RuntimeOptions};
 pub const DEFAULT_BATCH: usize = 1;
 
 pub struct VisionEncoder {
-    session: Session,
+    /// ONNX Runtime's `Run` needs `&mut`; the lock lives here so the model is shared by reference.
+    session: Mutex<Session>,
     spec: VisionSpec,
     /// The graph opened: the portable one or its AMX variant.
     pub file: String,
@@ -32,11 +35,11 @@ impl VisionEncoder {
         let size = Some(spec.image_size as usize);
         check_shape(&path, session.inputs(), &spec.input, &[None, Some(3), size, size])?;
         check_shape(&path, session.outputs(), &spec.output, &[None, Some(spec.tokens_per_tile), Some(spec.embed_dim)])?;
-        Ok(Self { session, spec, file })
+        Ok(Self { session: Mutex::new(session), spec, file })
     }
 
     /// `pixels` is `[tiles, 3, size, size]`; returns `[tiles, tokens_per_tile, embed_dim]` row-major.
-    pub fn encode(&mut self, pixels: &[f32], tiles: usize, batch: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
+    pub fn encode(&self, pixels: &[f32], tiles: usize, batch: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
         let size = self.spec.image_size as usize;
         let per_tile = 3 * size * size;
         ensure!(pixels.len() == tiles * per_tile, "pixel buffer holds {} floats, expected {tiles} tiles", pixels.len());
@@ -46,8 +49,8 @@ impl VisionEncoder {
         for (i, chunk) in pixels.chunks(batch * per_tile).enumerate() {
             let n = chunk.len() / per_tile;
             let input = TensorRef::from_array_view(([n, 3, size, size], chunk)).map_err(ort_err)?;
-            let outputs = self
-                .session
+            let mut session = self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let outputs = session
                 .run(ort::inputs![self.spec.input.as_str() => input])
                 .map_err(ort_err)
                 .with_context(|| format!("vision graph on tiles {}..{}", i * batch, i * batch + n))?;

@@ -9,7 +9,7 @@ use ort::value::TensorElementType;
 use super::{amx, SCORES, SCRATCH};
 use super::{amx_available, op_err, ort_parallel, AMX_HEAD_DIMS, OP_GQA};
 
-/// One call of grouped-query attention with a KV cache, batch 1: `queries` new positions after `past`
+/// One row of a call of grouped-query attention with a KV cache: `queries` new positions after `past`
 /// cached ones; `heads` query heads share each of `kv_heads` key/value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GqaShape {
@@ -130,7 +130,7 @@ pub fn amx_group_query_attention(
 }
 
 /// `ai.internvl::AmxGroupQueryAttention`: a drop-in for `com.microsoft::GroupQueryAttention` as our
-/// decoder graphs use it (batch 1, `do_rotary = 1`, non-interleaved, cos/sin caches given), inputs
+/// decoder graphs use it (any batch, each row at its own length, `do_rotary = 1`, non-interleaved, cos/sin caches given), inputs
 /// `q, k, v, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache`, outputs
 /// `out, present_key, present_value`. When the runtime binds the same buffer as past and present (see
 /// `decoder.rs`), the new positions are written in place; otherwise the past is copied over first.
@@ -195,29 +195,22 @@ impl Kernel for AmxGroupQueryAttentionKernel {
         let (_, v) = v.try_extract_tensor::<f32>()?;
         let (cos_dims, cos) = cos.try_extract_tensor::<f32>()?;
         let (_, sin) = sin.try_extract_tensor::<f32>()?;
-        let first = |t: &[i32], what: &str| t.first().copied().ok_or_else(|| op_err(format!("{OP_GQA}: empty {what}")));
-        let total = first(total.try_extract_tensor::<i32>()?.1, "total_sequence_length")?;
-        let last_key = first(seqlens.try_extract_tensor::<i32>()?.1, "seqlens_k")?;
+        let total = total
+            .try_extract_tensor::<i32>()?
+            .1
+            .first()
+            .copied()
+            .ok_or_else(|| op_err(format!("{OP_GQA}: empty total_sequence_length")))?;
+        let (_, last_keys) = seqlens.try_extract_tensor::<i32>()?;
         let (past_dims, past_k) = past_k.try_extract_tensor::<f32>()?;
         let (past_v_dims, past_v) = past_v.try_extract_tensor::<f32>()?;
-        if q_dims.len() != 3 || q_dims[0] != 1 || past_dims.len() != 4 || past_dims[0] != 1 {
-            return Err(op_err(format!("{OP_GQA}: q {q_dims:?}, past {past_dims:?}: batch 1 only")));
+        if q_dims.len() != 3 || past_dims.len() != 4 || past_dims[0] != q_dims[0] {
+            return Err(op_err(format!("{OP_GQA}: q {q_dims:?}, past {past_dims:?}: batch sizes differ")));
         }
-        let (queries, hidden) = (q_dims[1] as usize, q_dims[2] as usize);
+        let (batch, queries, hidden) = (q_dims[0] as usize, q_dims[1] as usize, q_dims[2] as usize);
         let (buffer, d) = (past_dims[2] as usize, past_dims[3] as usize);
-        let past =
-            usize::try_from(total).ok().and_then(|t| t.checked_sub(queries)).filter(|&p| p <= buffer).ok_or_else(
-                || {
-                    op_err(format!(
-                        "{OP_GQA}: total_sequence_length {total} with {queries} new positions and a past of {buffer}"
-                    ))
-                },
-            )?;
-        // The runtime's mask is all ones: the last key of the sequence is the last position.
-        if i64::from(last_key) != total as i64 - 1 {
-            return Err(op_err(format!(
-                "{OP_GQA}: seqlens_k {last_key} != total_sequence_length - 1 (padding is not implemented)"
-            )));
+        if last_keys.len() != batch {
+            return Err(op_err(format!("{OP_GQA}: {} seqlens_k for a batch of {batch}", last_keys.len())));
         }
         if past_dims[1] as usize != self.kv_heads || past_v_dims != past_dims || hidden != self.heads * d {
             return Err(op_err(format!(
@@ -228,32 +221,67 @@ impl Kernel for AmxGroupQueryAttentionKernel {
         if cos_dims.last().copied() != Some(d as i64 / 2) {
             return Err(op_err(format!("{OP_GQA}: rotary tables {cos_dims:?} do not rotate all {d} dims")));
         }
-        let capacity = buffer.max(past + queries);
-        let shape = GqaShape { queries, past, heads: self.heads, kv_heads: self.kv_heads, head_dim: d, capacity };
+        // Each row's past: its last key's index (from its mask) + 1 - the new positions (right padding, as
+        // ONNX Runtime's kernel reads it); the rotary tables cover the widest row.
+        let mut pasts = Vec::with_capacity(batch);
+        for &last in last_keys {
+            let past = usize::try_from(i64::from(last) + 1 - queries as i64)
+                .ok()
+                .filter(|&p| p <= buffer && p + queries <= total.max(0) as usize)
+                .ok_or_else(|| {
+                    op_err(format!(
+                        "{OP_GQA}: seqlens_k {last} with {queries} new positions, total_sequence_length {total} and a past of {buffer}"
+                    ))
+                })?;
+            pasts.push(past);
+        }
+        let widest = pasts.iter().map(|p| p + queries).max().unwrap_or(queries);
+        let capacity = buffer.max(widest);
         let scale = self.scale.unwrap_or(1.0 / (d as f32).sqrt());
         // Raw addresses: the present buffers are usually the past ones (bound twice).
         let (past_k, past_v) = (past_k.as_ptr(), past_v.as_ptr());
-        let present_dims = vec![1, self.kv_heads as i64, capacity as i64, d as i64];
+        let present_dims = vec![batch as i64, self.kv_heads as i64, capacity as i64, d as i64];
         let mut present_k =
             ctx.output(1, present_dims.clone())?.ok_or_else(|| op_err(format!("{OP_GQA}: no present_key")))?;
         let mut present_v =
             ctx.output(2, present_dims)?.ok_or_else(|| op_err(format!("{OP_GQA}: no present_value")))?;
         let (_, cache_k) = present_k.try_extract_tensor_mut::<f32>()?;
         let (_, cache_v) = present_v.try_extract_tensor_mut::<f32>()?;
+        let kv = self.kv_heads;
         for (src, dst) in [(past_k, &mut *cache_k), (past_v, &mut *cache_v)] {
-            if src != dst.as_ptr() && past > 0 {
-                for g in 0..self.kv_heads {
-                    // SAFETY: past_key / past_value are [1, kv_heads, buffer, d] (checked above) and `past <= buffer`
-                    // rows per head are read; the present buffer is a different one.
-                    let rows = unsafe { std::slice::from_raw_parts(src.add(g * buffer * d), past * d) };
-                    dst[g * capacity * d..][..past * d].copy_from_slice(rows);
+            if src == dst.as_ptr() {
+                continue;
+            }
+            for (b, &past) in pasts.iter().enumerate() {
+                for g in 0..kv {
+                    // SAFETY: past_key / past_value are [batch, kv_heads, buffer, d] (checked above) and
+                    // `past <= buffer` rows per head are read; the present buffer is a different one.
+                    let rows = unsafe { std::slice::from_raw_parts(src.add((b * kv + g) * buffer * d), past * d) };
+                    dst[(b * kv + g) * capacity * d..][..past * d].copy_from_slice(rows);
                 }
             }
         }
         let mut out = ctx.output(0, q_dims.to_vec())?.ok_or_else(|| op_err(format!("{OP_GQA}: no output")))?;
         let (_, out) = out.try_extract_tensor_mut::<f32>()?;
-        amx_group_query_attention(q, k, v, cache_k, cache_v, cos, sin, out, shape, scale, ort_parallel(ctx))
-            .map_err(op_err)
+        let (q_row, kv_row, cache_row) = (queries * hidden, queries * kv * d, kv * capacity * d);
+        for (b, &past) in pasts.iter().enumerate() {
+            let shape = GqaShape { queries, past, heads: self.heads, kv_heads: kv, head_dim: d, capacity };
+            amx_group_query_attention(
+                &q[b * q_row..][..q_row],
+                &k[b * kv_row..][..kv_row],
+                &v[b * kv_row..][..kv_row],
+                &mut cache_k[b * cache_row..][..cache_row],
+                &mut cache_v[b * cache_row..][..cache_row],
+                cos,
+                sin,
+                &mut out[b * q_row..][..q_row],
+                shape,
+                scale,
+                ort_parallel(ctx),
+            )
+            .map_err(op_err)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,170 @@
+//! A loaded model folder, shared by every request: the manifest, the tokenizer, the embedding table,
+//! the vision and decoder stages, and the vision-feature cache. `Send + Sync` with a `&self` API: each
+//! stage locks its own session, so a server's request threads can tokenise, count tiles and preprocess
+//! while the engine thread runs the graphs.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+
+use crate::decoder::Decoder;
+use crate::embed::Embeddings;
+use crate::engine::media::{EncodedImage, MediaCache, MediaKey};
+use crate::error::{ErrorKind, WithKind};
+use crate::image::{ImageConfig, MAX_TILES};
+use crate::manifest::Manifest;
+use crate::prompt;
+use crate::runtime::RuntimeOptions;
+use crate::tokenizer::Tokenizer;
+use crate::vision::VisionEncoder;
+
+/// Vision features kept across requests by default (about 13 x 256 x 896 floats per 13-tile image of a
+/// 1B model: 12 MB; 256 MB keeps the last 20 such images).
+pub const DEFAULT_MEDIA_CACHE_BYTES: usize = 256 << 20;
+
+pub struct Model {
+    pub manifest: Manifest,
+    pub tokenizer: Tokenizer,
+    pub(crate) embeddings: Embeddings,
+    pub(crate) vision: VisionEncoder,
+    pub(crate) decoder: Decoder,
+    pub(crate) media: Mutex<MediaCache>,
+    pub load_ms: f64,
+}
+
+/// Prompts longer than this are counted on prefixes before they are tokenised whole.
+const PREFIX_BYTES: usize = 256 << 10;
+
+impl Model {
+    /// Loads and cross-checks a model folder (manifest, graphs, tokenizer, embedding table).
+    pub fn load(dir: &Path, opts: &RuntimeOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        Self::open(Manifest::load(dir)?, opts, t0)
+    }
+
+    /// [`Model::load`] of a manifest already read (a command that checked a request against it first);
+    /// `t0` is when loading started, for `load_ms`.
+    pub fn open(manifest: Manifest, opts: &RuntimeOptions, t0: Instant) -> Result<Self> {
+        Self::open_unmarked(manifest, opts, t0).kind(ErrorKind::Model)
+    }
+
+    fn open_unmarked(manifest: Manifest, opts: &RuntimeOptions, t0: Instant) -> Result<Self> {
+        let tokenizer =
+            Tokenizer::load(&manifest.path(&manifest.tokenizer.file))?.decoding_as(&manifest.tokenizer.answer);
+        for (name, id) in [
+            (&manifest.tokenizer.img_start, manifest.tokenizer.img_start_id),
+            (&manifest.tokenizer.img_end, manifest.tokenizer.img_end_id),
+            (&manifest.tokenizer.img_context, manifest.tokenizer.img_context_id),
+        ] {
+            ensure!(
+                tokenizer.token_id(name) == Some(id),
+                "{}: token {name} is not id {id} as the manifest says (tokenizer from another model?)",
+                manifest.tokenizer.file
+            );
+        }
+        let embeddings = Embeddings::open(&manifest)?;
+        let vision = VisionEncoder::load(&manifest, opts)?;
+        let decoder = Decoder::load(&manifest, opts)?;
+        let media = Mutex::new(MediaCache::new(DEFAULT_MEDIA_CACHE_BYTES));
+        Ok(Self { manifest, tokenizer, embeddings, vision, decoder, media, load_ms: t0.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Bytes of vision features kept across requests (0: none).
+    pub fn set_media_cache_bytes(&self, bytes: usize) {
+        self.media_cache().set_limit(bytes);
+    }
+
+    pub(crate) fn media_cache(&self) -> std::sync::MutexGuard<'_, MediaCache> {
+        self.media.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The cached vision features of an image, if an earlier request encoded it with the same tiling.
+    pub fn cached_image(&self, key: &MediaKey) -> Option<std::sync::Arc<EncodedImage>> {
+        self.media_cache().get(key)
+    }
+
+    /// The tiling of a request: the manifest's, with its tile limit replaced by `max_tiles`, checked.
+    pub fn image_config(&self, max_tiles: Option<u32>) -> Result<ImageConfig> {
+        if let Some(n) = max_tiles {
+            ensure!((1..=MAX_TILES).contains(&n), "max_tiles {n} must be between 1 and {MAX_TILES}");
+        }
+        Ok(ImageConfig { max_tiles: max_tiles.unwrap_or(self.manifest.image.max_tiles), ..self.manifest.image.clone() })
+    }
+
+    /// Image embeddings `[tiles, tokens_per_tile, hidden]` for normalised tiles `[tiles, 3, size, size]`.
+    pub fn encode_tiles(&self, pixels: &[f32], tiles: usize, batch: usize) -> Result<Vec<f32>> {
+        self.vision.encode(pixels, tiles, batch, &indicatif::ProgressBar::hidden())
+    }
+
+    /// The ids of `text` with `tiles` tiles per image, refused (before the work) when they cannot fit the
+    /// context: text longer than the context could hold in bytes is refused before it is tokenised.
+    pub fn prompt_ids(&self, text: &str, tiles: &[usize]) -> Result<Vec<u32>> {
+        let ctx = self.manifest.decoder.max_context;
+        let image_positions = tiles.iter().sum::<usize>().saturating_mul(self.manifest.vision.tokens_per_tile);
+        ensure!(
+            image_positions < ctx,
+            "the images need {image_positions} positions ({} tiles) but the model's context is {ctx} tokens; use fewer images or tiles (max_tiles)",
+            tiles.iter().sum::<usize>()
+        );
+        ensure!(
+            text.len() <= self.max_prompt_bytes(),
+            "the prompt is {} bytes, more than the model's context of {ctx} tokens can hold ({} bytes at most)",
+            text.len(),
+            self.max_prompt_bytes()
+        );
+        self.check_token_count(text)?;
+        let full = prompt::token_ids(&self.manifest, &self.tokenizer, text, tiles, true)?;
+        ensure!(
+            full.len() < ctx,
+            "the prompt is {} tokens ({} tiles) but the model's context is {ctx} tokens; use fewer tiles (max_tiles) or a shorter prompt",
+            full.len(),
+            tiles.iter().sum::<usize>()
+        );
+        Ok(full)
+    }
+
+    /// Tokenising takes about 200 bytes of memory per token for a moment, so a long text (12 M tokens of
+    /// CJK fit under the byte bound) is counted on growing prefixes first: when a prefix alone has twice
+    /// the context in tokens, the whole text cannot fit (a prefix's tokens are the whole text's, but at the
+    /// cut), and it is refused at the cost of that prefix.
+    fn check_token_count(&self, text: &str) -> Result<()> {
+        let ctx = self.manifest.decoder.max_context;
+        let mut len = PREFIX_BYTES;
+        while len < text.len() {
+            let mut cut = len;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let n = self.tokenizer.encode(&text[..cut], false)?.len();
+            ensure!(
+                n <= 2 * ctx,
+                "the prompt is more than {n} tokens (counted on its first {cut} bytes) but the model's context is {ctx} tokens"
+            );
+            len *= 4;
+        }
+        Ok(())
+    }
+
+    /// Most prompt bytes that could still fit the context: every token covers at most the longest
+    /// vocabulary entry's bytes, and normalisation (NFC, NFKC) at most halves a text.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.manifest.decoder.max_context.saturating_mul(self.tokenizer.max_token_bytes()).saturating_mul(2)
+    }
+
+    /// The vision and decoder graph files opened (portable or AMX variants).
+    pub fn graph_files(&self) -> [&str; 2] {
+        [&self.vision.file, &self.decoder.file]
+    }
+
+    /// The LLM stage on its own (benchmarks time decode steps at a chosen context).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// The model's name as the manifest gives it (the API's model id).
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+}
