@@ -24,6 +24,7 @@ pub mod npy;
 pub mod prompt;
 pub mod runtime;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 pub mod vision;
 

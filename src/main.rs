@@ -77,6 +77,57 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Describe a model folder and check its files (sizes always; checksums with --verify).
     Info(InfoArgs),
+    /// Serve the OpenAI Chat Completions API (streaming, images, many clients) from one loaded model.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model folder written by `python -m export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default: expose it deliberately).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0 = any free one; the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests answered at once (continuous batching; one KV-cache row each).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4, value_parser = positive(256))]
+    parallel: usize,
+    /// Requests that may wait for a free row; more get 429 with Retry-After.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// Read the API key from this file (first line), so it stays out of the process list.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Largest request body in bytes (base64 images included); larger ones get 413.
+    #[arg(long, allow_negative_numbers = true, default_value_t = internvl::server::DEFAULT_BODY_LIMIT, value_parser = positive(1 << 30))]
+    body_limit: usize,
+    /// Allow `file://` image URLs for files under this folder.
+    #[arg(long)]
+    media_root: Option<PathBuf>,
+    /// Bytes of vision features kept for repeated images (0 = no cache).
+    #[arg(long, allow_negative_numbers = true, default_value_t = internvl::model::DEFAULT_MEDIA_CACHE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=(1u64 << 40)))]
+    vision_cache_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM / SIGINT.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    grace_period: u64,
+    /// Seconds between SSE keep-alive comments (while an image encodes, for example).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    keep_alive: u64,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
+    vision_batch: usize,
+    #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
+    prefill_chunk: usize,
+    /// ONNX Runtime's own warnings on stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -307,6 +358,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
         Command::Info(a) => info_cmd(a),
+        Command::Serve(a) => serve_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -620,6 +672,39 @@ fn spinner(enabled: bool, msg: &'static str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner().with_message(msg);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    internvl::runtime::show_runtime_logs(a.verbose);
+    let api_key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(path)) => {
+            let text = files::read_text(path, 64 << 10, "--api-key-file").kind(ErrorKind::Usage)?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if api_key.as_deref() == Some("") {
+        return Err(anyhow::anyhow!("the API key is empty")).kind(ErrorKind::Usage);
+    }
+    // Fails now, not after the listener is up, for a folder that is not a model.
+    Manifest::load(&a.model)?;
+    let cfg = internvl::server::ServeConfig {
+        model: a.model,
+        runtime: a.rt.options(),
+        addr: std::net::SocketAddr::new(a.host, a.port),
+        parallel: a.parallel,
+        queue: a.queue,
+        api_key,
+        body_limit: a.body_limit,
+        media_root: a.media_root,
+        vision_batch: a.vision_batch,
+        prefill_chunk: a.prefill_chunk,
+        media_cache_bytes: a.vision_cache_bytes,
+        grace_period: a.grace_period,
+        keep_alive: a.keep_alive,
+    };
+    internvl::server::serve(cfg, |addr| eprintln!("internvl serve: listening on http://{addr} (loading the model)"))
 }
 
 /// anyhow's chain on one line: "context: cause: cause".

@@ -23,7 +23,7 @@ use super::jpeg;
 use crate::error::{ErrorKind, WithKind};
 use ::image::metadata::Orientation;
 use ::image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -62,13 +62,21 @@ pub fn load_image(path: &Path, apply_exif: bool) -> Result<RgbImage> {
 pub fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
     let shown = path.display();
     let data = crate::files::read_limited(path, crate::files::MAX_IMAGE_FILE, "image file").kind(ErrorKind::Input)?;
+    dimensions_of(&data)
+        .map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}"))))
+        .kind(ErrorKind::Input)
+}
+
+/// Width and height of an in-memory image file from its header, checked against the pixel limit.
+pub fn dimensions_of(data: &[u8]) -> Result<(u32, u32)> {
     let probe = || -> Result<(u32, u32)> {
-        let reader = ImageReader::new(Cursor::new(&data[..]))
+        ensure!(!data.is_empty(), "the image is empty (0 bytes)");
+        let reader = ImageReader::new(Cursor::new(data))
             .with_guessed_format()
             .map_err(|e| anyhow!("cannot read image data: {}", one_line(e)))?;
         let (w, h) = match reader.format() {
             Some(ImageFormat::Jpeg) => {
-                let header = jpeg::Jpeg::open(&data)?.header;
+                let header = jpeg::Jpeg::open(data)?.header;
                 (header.width, header.height)
             }
             Some(format) => reader.into_dimensions().map_err(|e| decode_error(format, e))?,
@@ -77,7 +85,7 @@ pub fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
         check_pixels(w, h)?;
         Ok((w, h))
     };
-    probe().map_err(|e| anyhow!("cannot load image {shown}: {}", one_line(format!("{e:#}")))).kind(ErrorKind::Input)
+    probe().kind(ErrorKind::Input)
 }
 
 /// Decodes an in-memory image file (what [`load_image`] read, or a request body's bytes); errors do not

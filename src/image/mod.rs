@@ -21,7 +21,7 @@ mod tiling;
 use ::image::RgbImage;
 use anyhow::{ensure, Result};
 
-pub use decode::{decode_image, image_dimensions, load_image, MAX_IMAGE_PIXELS};
+pub use decode::{decode_image, dimensions_of, image_dimensions, load_image, MAX_IMAGE_PIXELS};
 pub use normalize::normalize_into;
 pub use resize::resize_bicubic;
 pub use tiling::{closest_grid, find_closest_aspect_ratio, target_ratios, tile_count, tile_images, MAX_TILES_LIMIT};

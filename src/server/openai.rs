@@ -1,0 +1,336 @@
+//! The OpenAI Chat Completions request, read into the engine's [`Content`] and [`Params`], and the
+//! response and stream chunk bodies.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use crate::engine::media::Media;
+use crate::engine::{Content, FinishReason, Output, Params};
+use crate::prompt::{self, Turn};
+use crate::sampling::SamplingOptions;
+
+/// Where images may come from, as the server was started.
+pub struct MediaPolicy<'a> {
+    /// `file://` URLs only under this folder.
+    pub media_root: Option<&'a Path>,
+}
+
+/// A checked request: what to ask, how, and how to answer.
+pub struct ChatRequest {
+    pub content: Content,
+    pub params: Params,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Encoded images to decode (their bytes), in order, before the content is complete.
+    pub image_bytes: Vec<Vec<u8>>,
+}
+
+fn field<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
+    body.get(name).filter(|v| !v.is_null())
+}
+
+fn uint(body: &Value, name: &'static str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    match field(body, name) {
+        None => Ok(None),
+        Some(v) => {
+            match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(ApiError::invalid(format!("{name} must be an integer between {min} and {max}, not {v}"))
+                    .param(name)),
+            }
+        }
+    }
+}
+
+fn float(body: &Value, name: &'static str) -> Result<Option<f32>, ApiError> {
+    match field(body, name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map(|x| Some(x as f32))
+            .ok_or_else(|| ApiError::invalid(format!("{name} must be a number, not {v}")).param(name)),
+    }
+}
+
+/// Reads a request body. Unknown fields are ignored; parameters this server cannot honour are a 400
+/// naming them (never silently dropped).
+pub fn parse(
+    body: &Value,
+    policy: &MediaPolicy,
+    max_new_tokens: usize,
+    max_tokens_limit: usize,
+) -> Result<ChatRequest, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::invalid("the request body must be a JSON object"));
+    }
+    if let Some(n) = uint(body, "n", 0, u64::MAX).unwrap_or(Some(2)) {
+        if n != 1 {
+            return Err(ApiError::unsupported("n", "only n = 1 is supported"));
+        }
+    }
+    for name in ["tools", "functions", "tool_choice", "function_call", "audio", "prediction"] {
+        if field(body, name).is_some() {
+            return Err(ApiError::unsupported(name, "not supported by this server"));
+        }
+    }
+    if field(body, "logprobs").is_some_and(|v| v != &Value::Bool(false)) || field(body, "top_logprobs").is_some() {
+        return Err(ApiError::unsupported("logprobs", "log probabilities are not supported"));
+    }
+    if let Some(format) = field(body, "response_format") {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::unsupported("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+    }
+    for name in ["frequency_penalty", "presence_penalty"] {
+        if float(body, name)?.is_some_and(|x| x != 0.0) {
+            return Err(ApiError::unsupported(name, "not supported (use repetition_penalty)"));
+        }
+    }
+    let limit = max_tokens_limit as u64;
+    let max_tokens = uint(body, "max_completion_tokens", 1, limit)?.or(uint(body, "max_tokens", 1, limit)?);
+    let mut sampling = SamplingOptions::default();
+    // Greedy unless asked: answers equal `internvl run` (and the reference `chat()` defaults).
+    if let Some(t) = float(body, "temperature")? {
+        sampling.temperature = t;
+    }
+    if let Some(p) = float(body, "top_p")? {
+        sampling.top_p = p;
+    }
+    if let Some(r) = float(body, "repetition_penalty")? {
+        sampling.repetition_penalty = r;
+    }
+    if let Some(k) = uint(body, "top_k", 0, 1 << 20)? {
+        sampling.top_k = k as usize;
+    } else if field(body, "top_k").is_some_and(|v| v.as_i64() == Some(-1)) {
+        sampling.top_k = 0;
+    }
+    if let Some(v) = field(body, "seed") {
+        sampling.seed = v
+            .as_u64()
+            .or_else(|| v.as_i64().map(|s| s as u64))
+            .ok_or_else(|| ApiError::invalid(format!("seed must be an integer, not {v}")).param("seed"))?;
+    }
+    sampling.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    let stop = match field(body, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.len() <= 4 => {
+            items.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                ApiError::invalid("stop must be a string or a list of at most 4 strings").param("stop")
+            })?
+        }
+        Some(_) => return Err(ApiError::invalid("stop must be a string or a list of at most 4 strings").param("stop")),
+    };
+    let max_tiles = uint(body, "max_dynamic_patch", 1, u64::from(crate::image::MAX_TILES))?.map(|n| n as u32);
+    let stream = match field(body, "stream") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::invalid("stream must be a boolean").param("stream"))?,
+    };
+    let include_usage =
+        field(body, "stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+
+    let (content, image_bytes) = messages(body, policy)?;
+    let params = Params { sampling, max_tiles, stop, ..Params::new(max_tokens.map_or(max_new_tokens, |n| n as usize)) };
+    Ok(ChatRequest { content, params, stream, include_usage, image_bytes })
+}
+
+/// The conversation: an optional system message, then user / assistant turns ending with a user one.
+/// A user message's images go before its text as `chat()` places them (`<image>\n`, or `Image-1: ...`
+/// lines for several), unless the text has its own `<image>` placeholders.
+fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<Vec<u8>>), ApiError> {
+    let list = field(body, "messages")
+        .and_then(Value::as_array)
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::invalid("messages must be a non-empty list").param("messages"))?;
+    let mut system: Option<String> = None;
+    let mut turns: Vec<Turn> = Vec::new();
+    let mut pending_user: Option<String> = None;
+    let mut images = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        let content = m.get("content").unwrap_or(&Value::Null);
+        match role {
+            "system" | "developer" => {
+                let text = text_only(content, i)?;
+                system = Some(match system {
+                    Some(s) => format!("{s}\n{text}"),
+                    None => text,
+                });
+            }
+            "user" => {
+                let (text, bytes) = user_content(content, i, policy)?;
+                let placed = prompt::place_images(&text, bytes.len());
+                images.extend(bytes);
+                pending_user = Some(match pending_user {
+                    Some(earlier) => format!("{earlier}\n{placed}"),
+                    None => placed,
+                });
+            }
+            "assistant" => {
+                let text = text_only(content, i)?;
+                let user = pending_user.take().ok_or_else(|| {
+                    ApiError::invalid(format!("messages[{i}]: an assistant message must follow a user message"))
+                        .param("messages")
+                })?;
+                turns.push(Turn { user, assistant: text });
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "messages[{i}]: role {other:?} is not supported (system, user, assistant)"
+                ))
+                .param("messages"))
+            }
+        }
+    }
+    let question =
+        pending_user.ok_or_else(|| ApiError::invalid("the last message must be a user message").param("messages"))?;
+    Ok((Content { system, history: turns, question, images: Vec::new() }, images))
+}
+
+fn text_only(content: &Value, i: usize) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = Vec::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push(t),
+                    _ => {
+                        return Err(ApiError::invalid(format!("messages[{i}]: only text parts are allowed here"))
+                            .param("messages"))
+                    }
+                }
+            }
+            Ok(text.join("\n"))
+        }
+        _ => {
+            Err(ApiError::invalid(format!("messages[{i}].content must be a string or a list of parts"))
+                .param("messages"))
+        }
+    }
+}
+
+fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(String, Vec<Vec<u8>>), ApiError> {
+    let Value::Array(parts) = content else { return Ok((text_only(content, i)?, Vec::new())) };
+    let (mut text, mut images) = (Vec::new(), Vec::new());
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("text") => text.push(p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::invalid(format!("messages[{i}]: a text part needs \"text\"")).param("messages")
+            })?),
+            Some("image_url") => {
+                let url =
+                    p.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str).ok_or_else(
+                        || ApiError::invalid(format!("messages[{i}]: image_url needs a url")).param("image_url"),
+                    )?;
+                images.push(fetch(url, policy)?);
+            }
+            other => {
+                return Err(ApiError::invalid(format!("messages[{i}]: content part type {other:?} is not supported"))
+                    .param("messages"))
+            }
+        }
+    }
+    Ok((text.join("\n"), images))
+}
+
+/// An image URL's bytes: `data:` always, `file://` under the media root only; http(s) is not fetched by
+/// this server (send the image as a data: URI).
+fn fetch(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>, ApiError> {
+    let invalid = |m: String| ApiError::invalid(m).param("image_url").code("invalid_image");
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest.split_once(',').ok_or_else(|| invalid("image_url: a data: URI needs a ','".into()))?;
+        if !meta.ends_with(";base64") {
+            return Err(invalid("image_url: only base64 data: URIs are supported".into()));
+        }
+        return base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| invalid(format!("image_url: bad base64 ({e})")));
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        let Some(root) = policy.media_root else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_error",
+                "image_url: file:// URLs are not enabled (start the server with --media-root DIR)",
+            )
+            .param("image_url"));
+        };
+        let forbidden = || {
+            ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_error",
+                "image_url: the file is not under the server's media root",
+            )
+            .param("image_url")
+        };
+        let real = std::fs::canonicalize(path).map_err(|_| forbidden())?;
+        if !real.starts_with(root) {
+            return Err(forbidden());
+        }
+        return crate::files::read_limited(&real, crate::files::MAX_IMAGE_FILE, "image file").map_err(|e| {
+            invalid(format!("image_url: {}", format!("{e:#}").replace(root.to_string_lossy().as_ref(), "<media-root>")))
+        });
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(ApiError::unsupported(
+            "image_url",
+            "http(s) image URLs are not fetched by this server; send the image as a data: URI",
+        ));
+    }
+    Err(invalid("image_url: expected a data: URI".into()))
+}
+
+/// Decoded images in the content, checked against the per-request pixel bound before any is decoded.
+pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), ApiError> {
+    if bytes.len() > crate::engine::MAX_IMAGES {
+        return Err(ApiError::invalid(format!(
+            "{} images given; at most {} per request",
+            bytes.len(),
+            crate::engine::MAX_IMAGES
+        ))
+        .code("too_many_images"));
+    }
+    let mut pixels = 0u64;
+    for (k, b) in bytes.iter().enumerate() {
+        let (w, h) = crate::image::dimensions_of(b).map_err(|e| {
+            ApiError::invalid(format!("image {}: {e:#}", k + 1)).param("image_url").code("invalid_image")
+        })?;
+        pixels += u64::from(w) * u64::from(h);
+    }
+    let limit = 2 * crate::image::MAX_IMAGE_PIXELS;
+    if pixels > limit {
+        return Err(ApiError::invalid(format!(
+            "the images have {pixels} pixels in all, more than the limit of {limit} per request"
+        ))
+        .param("image_url")
+        .code("invalid_image"));
+    }
+    for (k, b) in bytes.into_iter().enumerate() {
+        let media = Media::decode(&b, false).map_err(|e| {
+            ApiError::invalid(format!("image {}: {e:#}", k + 1)).param("image_url").code("invalid_image")
+        })?;
+        content.images.push(media);
+    }
+    Ok(())
+}
+
+pub fn usage(out: &Output, tokens_per_tile: usize) -> Value {
+    json!({
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.generated_tokens,
+        "total_tokens": out.prompt_tokens + out.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens, "image_tokens": out.tiles * tokens_per_tile},
+    })
+}
+
+pub fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
