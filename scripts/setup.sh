@@ -3,7 +3,7 @@
 # PyTorch reference, ONNX Runtime's shared library for the Rust binary) and the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, pytest, ruff, openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, pytest, ruff, openai, httpx" 2>/dev/null; then
   echo "[setup] creating .venv (about 1.5 min, 5.7 GB)" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r export/requirements.txt

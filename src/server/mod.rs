@@ -170,13 +170,24 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
     });
     let shutdown = Arc::clone(&state);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let grace = state.cfg.grace_period;
+    // Draining: new requests get 503 (so does readiness) while the in-flight ones finish, for at most the
+    // grace period; then the listener closes.
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         signal().await;
         shutdown.draining.store(true, Ordering::Relaxed);
-        eprintln!("internvl serve: shutting down, finishing {} request(s)", shutdown.in_flight.load(Ordering::Relaxed));
+        let n = shutdown.in_flight.load(Ordering::Relaxed);
+        eprintln!("internvl serve: shutting down, finishing {n} request(s) (at most {grace} s)");
+        let deadline = Instant::now() + Duration::from_secs(grace);
+        while shutdown.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = shutdown.in_flight.load(Ordering::Relaxed);
+        if left > 0 {
+            eprintln!("internvl serve: grace period of {grace} s over, {left} request(s) cut");
+        }
         let _ = stop_tx.send(true);
     });
-    let grace = state.cfg.grace_period;
     let server = async move {
         let graceful = server.into_future();
         tokio::pin!(graceful);
@@ -184,11 +195,8 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
             r = &mut graceful => r.context("serving"),
             () = async {
                 let _ = stop_rx.wait_for(|&s| s).await;
-                tokio::time::sleep(Duration::from_secs(grace)).await;
-            } => {
-                eprintln!("internvl serve: grace period of {grace} s over, exiting");
-                Ok(())
-            }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } => Ok(()),
         }
     };
     tokio::pin!(server);
