@@ -133,8 +133,14 @@ pub fn parse(
     let include_usage =
         field(body, "stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
 
+    // vLLM's spelling: keep generating past end-of-turn tokens (benchmarks of a fixed length).
+    let ignore_eos = match field(body, "ignore_eos") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::invalid("ignore_eos must be a boolean").param("ignore_eos"))?,
+    };
     let (content, image_bytes) = messages(body, policy)?;
-    let params = Params { sampling, max_tiles, stop, ..Params::new(max_tokens.map_or(max_new_tokens, |n| n as usize)) };
+    let max_new_tokens = max_tokens.map_or(max_new_tokens, |n| n as usize);
+    let params = Params { sampling, max_tiles, stop, ignore_eos, ..Params::new(max_new_tokens) };
     Ok(ChatRequest { content, params, stream, include_usage, image_bytes })
 }
 
