@@ -120,11 +120,7 @@ struct ServeArgs {
     #[arg(long, allow_negative_numbers = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     keep_alive: u64,
     #[command(flatten)]
-    rt: RuntimeArgs,
-    #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
-    vision_batch: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
-    prefill_chunk: usize,
+    engine: EngineArgs,
     /// ONNX Runtime's own warnings on stderr.
     #[arg(long)]
     verbose: bool,
@@ -220,6 +216,16 @@ struct GenArgs {
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
+    engine: EngineArgs,
+    /// Timing figures, and ONNX Runtime's own warnings, on stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// The runtime and the engine's work units (`run`, `chat`, `serve`).
+#[derive(Args)]
+struct EngineArgs {
+    #[command(flatten)]
     rt: RuntimeArgs,
     /// Tiles per vision-graph run.
     #[arg(long, allow_negative_numbers = true, default_value_t = vision::DEFAULT_BATCH, value_parser = positive(MAX_VISION_BATCH))]
@@ -227,9 +233,12 @@ struct GenArgs {
     /// Prompt positions per prefill run (bounds attention memory on long prompts).
     #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = positive(MAX_PREFILL_CHUNK))]
     prefill_chunk: usize,
-    /// Timing figures, and ONNX Runtime's own warnings, on stderr.
-    #[arg(long)]
-    verbose: bool,
+}
+
+impl EngineArgs {
+    fn config(&self, rows: usize) -> EngineConfig {
+        EngineConfig { rows, vision_batch: self.vision_batch, prefill_chunk: self.prefill_chunk }
+    }
 }
 
 #[derive(Args)]
@@ -417,11 +426,11 @@ impl GenArgs {
         let manifest = Manifest::load(&self.model)?;
         let images = self.load_images(&manifest)?;
         let bar = spinner(progress, "loading model");
-        let model = Model::open(manifest, &self.rt.options(), t0)?;
+        let model = Model::open(manifest, &self.engine.rt.options(), t0)?;
         bar.finish_and_clear();
         let max_new_tokens = self.max_new_tokens.unwrap_or(model.manifest.generation.max_new_tokens);
         let params = Params { sampling, max_tiles: self.max_tiles, ..Params::new(max_new_tokens) };
-        let engine = EngineConfig { rows: 1, vision_batch: self.vision_batch, prefill_chunk: self.prefill_chunk };
+        let engine = self.engine.config(1);
         Ok((Arc::new(model), images, params, engine))
     }
 
@@ -691,15 +700,15 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     Manifest::load(&a.model)?;
     let cfg = internvl::server::ServeConfig {
         model: a.model,
-        runtime: a.rt.options(),
+        runtime: a.engine.rt.options(),
         addr: std::net::SocketAddr::new(a.host, a.port),
         parallel: a.parallel,
         queue: a.queue,
         api_key,
         body_limit: a.body_limit,
         media_root: a.media_root,
-        vision_batch: a.vision_batch,
-        prefill_chunk: a.prefill_chunk,
+        vision_batch: a.engine.vision_batch,
+        prefill_chunk: a.engine.prefill_chunk,
         media_cache_bytes: a.vision_cache_bytes,
         grace_period: a.grace_period,
         keep_alive: a.keep_alive,
