@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(binary: Path, model: Path, threads: int, parallel: int):
+def start(binary: Path, model: Path, threads: int, parallel: int, *flags: str):
     proc = subprocess.Popen([str(binary), "serve", "--model", str(model), "--port", "0", "--threads", str(threads),
-                             "--parallel", str(parallel), "--queue", "64", "--vision-cache-bytes", "0"],
+                             "--parallel", str(parallel), "--queue", "64", "--vision-cache-bytes", "0", *flags],
                             stderr=subprocess.PIPE, text=True)
     url = None
     for line in proc.stderr:
@@ -84,11 +84,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--exact", action="store_true", help="serve --exact (quantised models: answers equal solo)")
     args = ap.parse_args()
     import openai
 
     levels = [int(s) for s in args.streams.split(",")]
-    proc, url = start(args.binary, args.model, args.threads, max(levels))
+    proc, url = start(args.binary, args.model, args.threads, max(levels), *(["--exact"] if args.exact else []))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
         client.model_id = client.models.list().data[0].id

@@ -157,7 +157,7 @@ pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMu
 
     let model = std::sync::Arc::new(model);
     model.set_media_cache_bytes(0); // every run encodes its image
-    let cfg = EngineConfig { rows: 1, vision_batch: o.vision_batch, prefill_chunk: o.prefill_chunk };
+    let cfg = EngineConfig { rows: 1, vision_batch: o.vision_batch, prefill_chunk: o.prefill_chunk, exact: false };
     let mut engine = Engine::new(std::sync::Arc::clone(&model), cfg)?;
     let mut ask = |images: Vec<RgbImage>, prompt: &str, max_new_tokens: usize| {
         let images = images.into_iter().map(synthetic_media).collect();

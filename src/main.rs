@@ -121,6 +121,10 @@ struct ServeArgs {
     keep_alive: u64,
     #[command(flatten)]
     engine: EngineArgs,
+    /// Quantised models: every answer equal to its solo `internvl run` (decode steps one request per call
+    /// and no prompt reuse across requests; slower). fp32 answers are equal regardless.
+    #[arg(long)]
+    exact: bool,
     /// ONNX Runtime's own warnings on stderr.
     #[arg(long)]
     verbose: bool,
@@ -237,7 +241,7 @@ struct EngineArgs {
 
 impl EngineArgs {
     fn config(&self, rows: usize) -> EngineConfig {
-        EngineConfig { rows, vision_batch: self.vision_batch, prefill_chunk: self.prefill_chunk }
+        EngineConfig { rows, vision_batch: self.vision_batch, prefill_chunk: self.prefill_chunk, exact: false }
     }
 }
 
@@ -712,6 +716,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         media_cache_bytes: a.vision_cache_bytes,
         grace_period: a.grace_period,
         keep_alive: a.keep_alive,
+        exact: a.exact,
     };
     internvl::server::serve(cfg, |addr| eprintln!("internvl serve: listening on http://{addr} (loading the model)"))
 }

@@ -46,6 +46,10 @@ pub struct EngineConfig {
     pub vision_batch: usize,
     /// Prompt positions per prefill run (see `decoder::DEFAULT_PREFILL_CHUNK`).
     pub prefill_chunk: usize,
+    /// Every answer equal to its solo run even where rows are not computed independently (int8 graphs
+    /// quantise activations per tensor): such models then decode one row per call and reuse no prompt
+    /// prefix across requests. fp32 rows are independent and batch regardless.
+    pub exact: bool,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             rows: 1,
             vision_batch: crate::vision::DEFAULT_BATCH,
             prefill_chunk: crate::decoder::DEFAULT_PREFILL_CHUNK,
+            exact: false,
         }
     }
 }
@@ -235,6 +240,18 @@ impl Engine {
         self.waiting.len()
     }
 
+    /// Whether a row's numbers are the same whatever it is computed with: tested for fp32; not so for
+    /// int8 graphs, whose activations are quantised with one scale per tensor (ONNX Runtime's dynamic
+    /// quantisation); int4 (MatMulNBits with int8 compute) is not measured, so treated as int8.
+    pub fn rows_independent(&self) -> bool {
+        self.model.manifest.dtype == "float32"
+    }
+
+    /// Whether this engine runs rows one at a time to keep answers equal to solo runs.
+    fn solo_rows(&self) -> bool {
+        self.cfg.exact && !self.rows_independent()
+    }
+
     /// Bytes the KV cache holds.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
@@ -334,6 +351,9 @@ impl Engine {
     /// Prompt positions of `seq` that row `r`'s cache already holds: equal ids, and the same images
     /// wherever those ids are image tokens.
     fn shared_prefix(&self, seq: &Sequence, r: usize) -> usize {
+        if self.solo_rows() {
+            return 0; // a partial prefill quantises differently from the whole prompt's
+        }
         let row = &self.rows[r];
         let same = row.ids.iter().zip(&seq.ids[..seq.prompt_len]).take_while(|(a, b)| a == b).count();
         // Image tokens are the same ids for every image: the prefix ends at the first image that differs.
@@ -442,7 +462,14 @@ impl Engine {
                 .copied()
                 .filter(|&i| after.is_some_and(|a| self.cache.len(self.active[i].row) + 1 > a) == long)
                 .collect();
-            if !group.is_empty() {
+            if group.is_empty() {
+                continue;
+            }
+            if self.solo_rows() {
+                for i in group {
+                    self.decode_group(&[i], long);
+                }
+            } else {
                 self.decode_group(&group, long);
             }
         }

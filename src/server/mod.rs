@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub grace_period: u64,
     /// Seconds between SSE keep-alive comments.
     pub keep_alive: u64,
+    /// See [`EngineConfig::exact`].
+    pub exact: bool,
 }
 
 struct AppState {
@@ -236,7 +238,12 @@ fn start_engine(state: &Arc<AppState>) -> Result<()> {
     model.set_media_cache_bytes(cfg.media_cache_bytes);
     let engine = Engine::new(
         Arc::clone(&model),
-        EngineConfig { rows: cfg.parallel, vision_batch: cfg.vision_batch, prefill_chunk: cfg.prefill_chunk },
+        EngineConfig {
+            rows: cfg.parallel,
+            vision_batch: cfg.vision_batch,
+            prefill_chunk: cfg.prefill_chunk,
+            exact: cfg.exact,
+        },
     )?;
     let (tx, rx) = mpsc::channel::<Sequence>();
     *state.submit.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);

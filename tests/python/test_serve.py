@@ -165,6 +165,27 @@ def test_eight_concurrent_streams_each_equal_their_solo_answer(server, binary, m
         assert g == w, f"stream {i} differs from its solo answer"
 
 
+def test_exact_keeps_int8_answers_equal_to_solo_runs(binary, fixtures):
+    # int8 activations are quantised per tensor, so batching moves a row's logits; --exact steps such
+    # models one request per call and reuses no prompt prefix, and every answer is its solo one again.
+    model = fixtures / "models" / "qwen2-amx-int8"
+    jobs = [f"Request {i} asks: what do you see?" for i in range(4)]
+    want = [solo(binary, model, p, [], 24)[0] for p in jobs]
+    s = Server(binary, model, "--parallel", "4", "--exact")
+    try:
+        client = s.client()
+
+        def ask(p):
+            stream = client.chat.completions.create(model="qwen2-amx-int8", messages=user(p), max_tokens=24,
+                                                    stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(ask, jobs)) == want
+    finally:
+        s.stop()
+
+
 def test_errors_are_openai_errors(server, binary, model, fixtures):
     client = server.client()
     cases = [
