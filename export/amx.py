@@ -4,7 +4,7 @@
 `decoder-amx.onnx` each `com.microsoft::GroupQueryAttention` for `ai.internvl::AmxGroupQueryAttention`:
 same inputs, outputs and attributes, nothing else changed, initializers still pointing at the original
 graph's `.data` file so the weights are stored once. ONNX Runtime alone cannot run them (the kernels live
-in the `internvl` binary), so their numbers are checked by the runtime's tests (tests/e2e.rs).
+in the `internvl` binary), so their numbers are checked by the runtime's tests (tests/kernels.rs).
 
 Written for int8 / int4 exports only: those already trade exactness for speed, and the kernels compute
 in bf16 on AMX tiles (a decode step's attention is fp32); fp32 exports stay token-exact with PyTorch.

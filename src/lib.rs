@@ -10,7 +10,6 @@
 //! an [`Engine`] steps sequences together (continuous batching). `src/main.rs` is only the command line
 //! and `internvl serve`.
 
-pub mod bench;
 pub mod decoder;
 pub mod embed;
 pub mod engine;

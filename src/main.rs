@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use internvl::bench::{self, BenchOptions};
+mod cli;
+
+use cli::bench::{self, BenchOptions};
 use internvl::decoder::DEFAULT_PREFILL_CHUNK;
 use internvl::error::{ErrorKind, WithKind};
 use internvl::files::{self, OutputRules};
@@ -775,7 +777,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<()> {
     let tiles = preprocess(&img, &cfg)?;
     let encoder = vision::VisionEncoder::load(&m, &a.rt.options()).kind(ErrorKind::Model)?;
     let t0 = std::time::Instant::now();
-    let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch, &indicatif::ProgressBar::hidden())?;
+    let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch)?;
     if a.verbose {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         eprintln!(

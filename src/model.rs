@@ -95,7 +95,7 @@ impl Model {
 
     /// Image embeddings `[tiles, tokens_per_tile, hidden]` for normalised tiles `[tiles, 3, size, size]`.
     pub fn encode_tiles(&self, pixels: &[f32], tiles: usize, batch: usize) -> Result<Vec<f32>> {
-        self.vision.encode(pixels, tiles, batch, &indicatif::ProgressBar::hidden())
+        self.vision.encode(pixels, tiles, batch)
     }
 
     /// The ids of `text` with `tiles` tiles per image, refused (before the work) when they cannot fit the

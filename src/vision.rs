@@ -6,7 +6,6 @@
 use std::sync::Mutex;
 
 use anyhow::{ensure, Context, Result};
-use indicatif::ProgressBar;
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -39,7 +38,7 @@ impl VisionEncoder {
     }
 
     /// `pixels` is `[tiles, 3, size, size]`; returns `[tiles, tokens_per_tile, embed_dim]` row-major.
-    pub fn encode(&self, pixels: &[f32], tiles: usize, batch: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
+    pub fn encode(&self, pixels: &[f32], tiles: usize, batch: usize) -> Result<Vec<f32>> {
         let size = self.spec.image_size as usize;
         let per_tile = 3 * size * size;
         ensure!(pixels.len() == tiles * per_tile, "pixel buffer holds {} floats, expected {tiles} tiles", pixels.len());
@@ -63,7 +62,6 @@ impl VisionEncoder {
                 self.spec.embed_dim
             );
             out.extend_from_slice(data);
-            progress.inc(n as u64);
         }
         Ok(out)
     }

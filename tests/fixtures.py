@@ -150,7 +150,7 @@ def main(out: Path) -> None:
     (variant / "config.json").write_text(json.dumps(cfg, indent=2))
     convert(str(variant), out / "models" / "qwen2-v1-layer-2")
     # int8 with 64- and 128-wide attention heads: the export writes the AMX attention graphs too
-    # (tests/e2e.rs, amx_*).
+    # (tests/kernels.rs, amx_*).
     for shape, name in (("tiny-amx", "qwen2-amx"), ("tiny-amx128", "qwen2-amx128")):
         save_hf(make_model(shape, "qwen2", "300m", seed=7), out / "checkpoints" / name)
         convert(str(out / "checkpoints" / name), out / "models" / f"{name}-int8", dtype="int8")

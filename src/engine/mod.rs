@@ -550,12 +550,7 @@ impl Engine {
         };
         let n = self.cfg.vision_batch.max(1).min(m.tiles - m.done);
         let t = Instant::now();
-        let rows = model.vision.encode(
-            &m.pixels[m.done * per_tile..][..n * per_tile],
-            n,
-            n,
-            &indicatif::ProgressBar::hidden(),
-        )?;
+        let rows = model.vision.encode(&m.pixels[m.done * per_tile..][..n * per_tile], n, n)?;
         let took = ms(t);
         seq.vision_ms += took;
         metrics::counter!("internvl_vision_tiles_total").increment(n as u64);

@@ -214,7 +214,7 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
 def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtures, folder):
     """vision-amx.onnx / decoder-amx.onnx (int8 exports, 64- and 128-wide heads): every MultiHeadAttention /
     GroupQueryAttention, and nothing else, replaced by the runtime's kernel; weights shared with the portable
-    graph. Their numbers are checked in tests/e2e.rs."""
+    graph. Their numbers are checked in tests/kernels.rs."""
     import onnx
 
     folder = fixtures / "models" / folder

@@ -1,7 +1,7 @@
 """`internvl serve` through the official `openai` client, on loopback, bounded in time.
 
 Answers are compared with `internvl run` on the same fp32 tiny model (token parity with PyTorch is what
-tests/e2e.rs and test_official_chat.py check for `run`): non-streamed text equals `run --json`'s, the
+tests/parity.rs and test_official_chat.py check for `run`): non-streamed text equals `run --json`'s, the
 streamed deltas add up to what `run` streams, and eight concurrent streams (four with images) each equal
 their solo answer. Errors arrive as the SDK's exceptions with the right status.
 """

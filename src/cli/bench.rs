@@ -11,12 +11,12 @@ use anyhow::{ensure, Result};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::decoder::RowInput;
-use crate::engine::media::Media;
-use crate::engine::{Content, Engine, EngineConfig, Params};
-use crate::error::{ErrorKind, WithKind};
-use crate::model::Model;
-use crate::runtime::RuntimeOptions;
+use internvl::decoder::RowInput;
+use internvl::engine::media::Media;
+use internvl::engine::{Content, Engine, EngineConfig, Params};
+use internvl::error::{ErrorKind, WithKind};
+use internvl::model::Model;
+use internvl::runtime::RuntimeOptions;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -71,7 +71,7 @@ pub struct BenchReport {
 /// A deterministic picture with structure at every scale (the content does not change the cost).
 /// A synthetic image as a request brings it (its key from its pixels: no file bytes).
 fn synthetic_media(image: RgbImage) -> Media {
-    let sha256 = crate::engine::media::sha256(image.as_raw());
+    let sha256 = internvl::engine::media::sha256(image.as_raw());
     Media::Pixels { sha256, image: std::sync::Arc::new(image) }
 }
 
@@ -111,12 +111,12 @@ pub fn peak_rss_mb() -> f64 {
 
 pub fn run(dir: &Path, rt: &RuntimeOptions, o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     ensure!(o.runs >= 1, "--runs must be at least 1");
-    let ctx = crate::manifest::Manifest::load(dir)?.decoder.max_context;
+    let ctx = internvl::manifest::Manifest::load(dir)?.decoder.max_context;
     if o.decode_tokens >= ctx {
         let msg = format!("decode_tokens {} must be below the model's context of {ctx} tokens", o.decode_tokens);
         return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
     }
-    let threads = crate::runtime::thread_count(rt.threads);
+    let threads = internvl::runtime::thread_count(rt.threads);
     let mut loads = Vec::new();
     let mut model = None;
     for _ in 0..o.runs {
