@@ -112,6 +112,21 @@ struct ServeArgs {
     /// Allow `file://` image URLs for files under this folder.
     #[arg(long)]
     media_root: Option<PathBuf>,
+    /// Fetch http(s) image URLs (public addresses only, each redirect checked; off by default).
+    #[arg(long)]
+    allow_remote_media: bool,
+    /// With --allow-remote-media: only from this host (repeat for several).
+    #[arg(long, requires = "allow_remote_media")]
+    allow_media_host: Vec<String>,
+    /// With --allow-remote-media: also hosts on loopback, private and link-local networks.
+    #[arg(long, requires = "allow_remote_media")]
+    allow_private_media: bool,
+    /// Seconds a remote image may take to fetch.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    media_timeout: u64,
+    /// Largest remote image in bytes.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 32 << 20, value_parser = positive(internvl::files::MAX_IMAGE_FILE))]
+    media_max_bytes: usize,
     /// Bytes of vision features kept for repeated images (0 = no cache).
     #[arg(long, allow_negative_numbers = true, default_value_t = internvl::model::DEFAULT_MEDIA_CACHE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=(1u64 << 40)))]
     vision_cache_bytes: usize,
@@ -719,6 +734,12 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         grace_period: a.grace_period,
         keep_alive: a.keep_alive,
         exact: a.exact,
+        remote_media: a.allow_remote_media.then(|| internvl::server::fetch::RemoteMedia {
+            hosts: a.allow_media_host,
+            private: a.allow_private_media,
+            timeout: std::time::Duration::from_secs(a.media_timeout),
+            max_bytes: a.media_max_bytes,
+        }),
     };
     internvl::server::serve(cfg, |addr| eprintln!("internvl serve: listening on http://{addr} (loading the model)"))
 }

@@ -7,6 +7,7 @@
 //! next step, whatever stage it is in.
 
 pub mod error;
+pub mod fetch;
 pub mod openai;
 
 use std::future::IntoFuture;
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub keep_alive: u64,
     /// See [`EngineConfig::exact`].
     pub exact: bool,
+    /// http(s) image URLs: fetched under these rules, or refused (None).
+    pub remote_media: Option<fetch::RemoteMedia>,
 }
 
 struct AppState {
@@ -344,7 +347,8 @@ async fn chat(
         }
     }
     let ctx = model.manifest.decoder.max_context;
-    let policy = openai::MediaPolicy { media_root: state.media_root.as_deref() };
+    let policy =
+        openai::MediaPolicy { media_root: state.media_root.as_deref(), remote: state.cfg.remote_media.is_some() };
     let req = openai::parse(&body, &policy, model.manifest.generation.max_new_tokens, ctx)?;
 
     // Admission: running + waiting bounded; the rest are told to come back.
@@ -364,7 +368,18 @@ async fn chat(
     let admission = Admission(Arc::clone(&state));
 
     let (tx, rx) = tmpsc::unbounded_channel();
-    let openai::ChatRequest { mut content, params, stream, include_usage, image_bytes } = req;
+    let openai::ChatRequest { mut content, params, stream, include_usage, images } = req;
+    // Remote images are fetched here, inside the admission slot; a client that goes away cancels this.
+    let mut image_bytes = Vec::with_capacity(images.len());
+    for source in images {
+        image_bytes.push(match (source, &state.cfg.remote_media) {
+            (openai::ImageSource::Bytes(b), _) => b,
+            (openai::ImageSource::Remote(url), Some(remote)) => fetch::get(&url, remote).await?,
+            (openai::ImageSource::Remote(_), None) => {
+                return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
+            }
+        });
+    }
     let worker = Arc::clone(&model);
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
         openai::decode_images(&mut content, image_bytes)?;

@@ -16,6 +16,14 @@ use crate::sampling::SamplingOptions;
 pub struct MediaPolicy<'a> {
     /// `file://` URLs only under this folder.
     pub media_root: Option<&'a Path>,
+    /// http(s) URLs are fetched (see `fetch.rs`) only when the server allows it.
+    pub remote: bool,
+}
+
+/// An image as the request gives it: its bytes, or a URL still to fetch.
+pub enum ImageSource {
+    Bytes(Vec<u8>),
+    Remote(String),
 }
 
 /// A checked request: what to ask, how, and how to answer.
@@ -24,8 +32,8 @@ pub struct ChatRequest {
     pub params: Params,
     pub stream: bool,
     pub include_usage: bool,
-    /// Encoded images to decode (their bytes), in order, before the content is complete.
-    pub image_bytes: Vec<Vec<u8>>,
+    /// Encoded images to fetch and decode, in order, before the content is complete.
+    pub images: Vec<ImageSource>,
 }
 
 fn field<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
@@ -138,16 +146,16 @@ pub fn parse(
         None => false,
         Some(v) => v.as_bool().ok_or_else(|| ApiError::invalid("ignore_eos must be a boolean").param("ignore_eos"))?,
     };
-    let (content, image_bytes) = messages(body, policy)?;
+    let (content, images) = messages(body, policy)?;
     let max_new_tokens = max_tokens.map_or(max_new_tokens, |n| n as usize);
     let params = Params { sampling, max_tiles, stop, ignore_eos, ..Params::new(max_new_tokens) };
-    Ok(ChatRequest { content, params, stream, include_usage, image_bytes })
+    Ok(ChatRequest { content, params, stream, include_usage, images })
 }
 
 /// The conversation: an optional system message, then user / assistant turns ending with a user one.
 /// A user message's images go before its text as `chat()` places them (`<image>\n`, or `Image-1: ...`
 /// lines for several), unless the text has its own `<image>` placeholders.
-fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<Vec<u8>>), ApiError> {
+fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<ImageSource>), ApiError> {
     let list = field(body, "messages")
         .and_then(Value::as_array)
         .filter(|l| !l.is_empty())
@@ -220,7 +228,7 @@ fn text_only(content: &Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(String, Vec<Vec<u8>>), ApiError> {
+fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(String, Vec<ImageSource>), ApiError> {
     let Value::Array(parts) = content else { return Ok((text_only(content, i)?, Vec::new())) };
     let (mut text, mut images) = (Vec::new(), Vec::new());
     for p in parts {
@@ -244,9 +252,9 @@ fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(Stri
     Ok((text.join("\n"), images))
 }
 
-/// An image URL's bytes: `data:` always, `file://` under the media root only; http(s) is not fetched by
-/// this server (send the image as a data: URI).
-fn fetch(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>, ApiError> {
+/// An image URL's bytes: `data:` always, `file://` under the media root only, http(s) (fetched later)
+/// only where the server allows it.
+fn fetch(url: &str, policy: &MediaPolicy) -> Result<ImageSource, ApiError> {
     let invalid = |m: String| ApiError::invalid(m).param("image_url").code("invalid_image");
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest.split_once(',').ok_or_else(|| invalid("image_url: a data: URI needs a ','".into()))?;
@@ -255,6 +263,7 @@ fn fetch(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>, ApiError> {
         }
         return base64::engine::general_purpose::STANDARD
             .decode(data.trim())
+            .map(ImageSource::Bytes)
             .map_err(|e| invalid(format!("image_url: bad base64 ({e})")));
     }
     if let Some(path) = url.strip_prefix("file://") {
@@ -278,15 +287,23 @@ fn fetch(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>, ApiError> {
         if !real.starts_with(root) {
             return Err(forbidden());
         }
-        return crate::files::read_limited(&real, crate::files::MAX_IMAGE_FILE, "image file").map_err(|e| {
-            invalid(format!("image_url: {}", format!("{e:#}").replace(root.to_string_lossy().as_ref(), "<media-root>")))
-        });
+        return crate::files::read_limited(&real, crate::files::MAX_IMAGE_FILE, "image file")
+            .map(ImageSource::Bytes)
+            .map_err(|e| {
+                invalid(format!(
+                    "image_url: {}",
+                    format!("{e:#}").replace(root.to_string_lossy().as_ref(), "<media-root>")
+                ))
+            });
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        return Err(ApiError::unsupported(
-            "image_url",
-            "http(s) image URLs are not fetched by this server; send the image as a data: URI",
-        ));
+        if !policy.remote {
+            return Err(ApiError::unsupported(
+                "image_url",
+                "http(s) image URLs are not fetched by this server (start it with --allow-remote-media); send the image as a data: URI",
+            ));
+        }
+        return Ok(ImageSource::Remote(url.to_string()));
     }
     Err(invalid("image_url: expected a data: URI".into()))
 }

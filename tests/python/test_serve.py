@@ -215,6 +215,70 @@ def test_errors_are_openai_errors(server, binary, model, fixtures):
     assert client.chat.completions.create(model="model", messages=user("x"), max_tokens=2).choices[0].message.content
 
 
+@pytest.fixture(scope="module")
+def image_host(fixtures):
+    """An http server on loopback: /img.png, /hop/N (N redirects, then the image), /big (2 MB of noise)."""
+    import http.server
+
+    png = (fixtures / "images" / "448x448_1.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/hop/"):
+                n = int(self.path.split("/")[-1])
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{n - 1}" if n > 1 else "/img.png")
+                self.end_headers()
+                return
+            body = png if self.path == "/img.png" else b"\0" * (2 << 20) if self.path == "/big" else None
+            if body is None:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+def test_remote_images_only_as_allowed(binary, model, fixtures, image_host, server):
+    def ask(client, url):
+        return client.chat.completions.create(model="model", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]}])
+
+    with pytest.raises(openai.BadRequestError, match="allow-remote-media"):
+        ask(server.client(), image_host + "/img.png")
+    want = ask(server.client(), data_uri(fixtures / "images" / "448x448_1.png")).choices[0].message.content
+    public_only = Server(binary, model, "--allow-remote-media")
+    lan = Server(binary, model, "--allow-remote-media", "--allow-private-media", "--media-max-bytes", "1000000")
+    try:
+        with pytest.raises(openai.PermissionDeniedError, match="private or local network"):
+            ask(public_only.client(), image_host + "/img.png")
+        c = lan.client()
+        assert ask(c, image_host + "/img.png").choices[0].message.content == want
+        assert ask(c, image_host + "/hop/3").choices[0].message.content == want
+        for path, needle in [("/hop/4", "redirects"), ("/big", "bytes"), ("/missing", "404")]:
+            with pytest.raises(openai.BadRequestError, match=needle):
+                ask(c, image_host + path)
+    finally:
+        public_only.stop()
+        lan.stop()
+    listed = Server(binary, model, "--allow-remote-media", "--allow-private-media", "--allow-media-host", "images.example")
+    try:
+        with pytest.raises(openai.PermissionDeniedError, match="allow-media-host"):
+            ask(listed.client(), image_host + "/img.png")
+    finally:
+        listed.stop()
+
+
 def test_auth_body_limit_and_overload(binary, model, fixtures):
     s = Server(binary, model, "--api-key", "s3cret", "--body-limit", "100000", "--parallel", "1", "--queue", "0")
     try:
