@@ -342,6 +342,8 @@ impl Engine {
                 .unwrap_or((free[0], 0));
             if let Err(e) = self.place(&mut seq, row, keep) {
                 self.fail(&mut seq, e);
+                self.reset_row(row);
+                self.rows[row].busy = false; // the sequence never became active
                 continue;
             }
             self.active.push(seq);
