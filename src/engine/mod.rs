@@ -1,10 +1,12 @@
 //! The engine: steps many sequences through one loaded [`Model`], continuously batched.
 //!
 //! Every [`Engine::step`] runs the decode step of every decoding sequence as one call of the decoder
-//! (one row of the shared KV cache each, at its own length), then one unit of prompt work for one
-//! sequence: a batch of vision tiles or a prefill chunk, round robin. So a new request's 13-tile image
-//! delays the other streams by one tile's time per token, never by the whole image, and a text-only
-//! request arriving meanwhile gets its first token after at most one tile.
+//! (one row of the shared KV cache each, at its own length), then one prefill chunk of one sequence,
+//! round robin. Images are encoded on a vision thread of the engine's own, a batch of tiles per job and
+//! one job per image at a time (so several images take turns), while the engine thread goes on
+//! decoding and prefilling: a new request's 13-tile image shares the cores with the other streams but
+//! never stops them, and a text-only request arriving meanwhile gets its first token after its own
+//! prefill.
 //!
 //! A sequence's greedy answer does not depend on what runs beside it in fp32 (each row's attention and
 //! GEMM rows are computed as alone); int8 graphs quantise activations per tensor, so a row's result can
@@ -18,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 
 use crate::decoder::{KvCache, RowInput};
 use crate::error::{ErrorKind, WithKind};
@@ -73,9 +75,29 @@ struct Row {
     busy: bool,
 }
 
+/// A batch of one image's tiles for the vision thread.
+struct VisionJob {
+    seq: u64,
+    image: usize,
+    pixels: Arc<Vec<f32>>,
+    /// First tile and tile count of the batch.
+    start: usize,
+    tiles: usize,
+}
+
+struct VisionDone {
+    seq: u64,
+    image: usize,
+    tiles: usize,
+    rows: Result<Vec<f32>>,
+    ms: f64,
+}
+
 pub struct Engine {
     model: Arc<Model>,
     cfg: EngineConfig,
+    vision_jobs: std::sync::mpsc::Sender<VisionJob>,
+    vision_done: std::sync::mpsc::Receiver<VisionDone>,
     cache: KvCache,
     rows: Vec<Row>,
     active: Vec<Sequence>,
@@ -155,7 +177,8 @@ impl Model {
                     MediaState {
                         key,
                         tiles,
-                        pixels: t.data,
+                        pixels: Arc::new(t.data),
+                    in_flight: false,
                         done: 0,
                         rows: Vec::new(),
                         features: None,
@@ -166,7 +189,8 @@ impl Model {
                 Media::Encoded { key, features } => MediaState {
                     key: *key,
                     tiles,
-                    pixels: Vec::new(),
+                    pixels: Arc::new(Vec::new()),
+                    in_flight: false,
                     done: tiles,
                     rows: Vec::new(),
                     features: Some(Arc::clone(features)),
@@ -215,7 +239,36 @@ impl Engine {
         ensure!(cfg.rows >= 1, "the engine needs at least one row");
         let cache = model.decoder.new_cache(cfg.rows)?;
         let rows = (0..cfg.rows).map(|_| Row::default()).collect();
-        Ok(Self { model, cfg, cache, rows, active: Vec::new(), waiting: VecDeque::new(), steps: 0 })
+        let (vision_jobs, jobs) = std::sync::mpsc::channel::<VisionJob>();
+        let (done, vision_done) = std::sync::mpsc::channel();
+        let worker = Arc::clone(&model);
+        // Ends when the engine (the jobs' sender) is dropped.
+        std::thread::Builder::new()
+            .name("internvl-vision".into())
+            .spawn(move || {
+                let per_tile = 3 * (worker.manifest.vision.image_size as usize).pow(2);
+                for job in jobs {
+                    let t = Instant::now();
+                    let pixels = &job.pixels[job.start * per_tile..][..job.tiles * per_tile];
+                    let rows = worker.vision.encode(pixels, job.tiles, job.tiles);
+                    let done_job = VisionDone { seq: job.seq, image: job.image, tiles: job.tiles, rows, ms: ms(t) };
+                    if done.send(done_job).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the vision thread")?;
+        Ok(Self {
+            model,
+            cfg,
+            vision_jobs,
+            vision_done,
+            cache,
+            rows,
+            active: Vec::new(),
+            waiting: VecDeque::new(),
+            steps: 0,
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -263,10 +316,91 @@ impl Engine {
         self.steps += 1;
         self.cancel_closed();
         self.admit();
+        self.vision_results(None);
+        self.dispatch_vision();
+        let runnable = self.active.iter().any(|s| matches!(s.stage, Stage::Decode { .. } | Stage::Prefill { .. }));
+        let encoding = self.active.iter().any(|s| s.media.iter().any(|m| m.in_flight));
         self.decode();
         self.prompt_work();
+        if !runnable && encoding {
+            // Only images being encoded: wait for the vision thread (briefly, so new requests and
+            // cancellations are still seen) instead of spinning.
+            self.vision_results(Some(std::time::Duration::from_millis(10)));
+        }
         self.retire();
         self.gauges();
+    }
+
+    /// Takes what the vision thread finished (waiting up to `wait` for the first result).
+    fn vision_results(&mut self, wait: Option<std::time::Duration>) {
+        let mut first = match wait {
+            Some(w) => self.vision_done.recv_timeout(w).ok(),
+            None => None,
+        };
+        loop {
+            let Some(done) = first.take().or_else(|| self.vision_done.try_recv().ok()) else { return };
+            let Some(i) = self.active.iter().position(|s| s.id == done.seq && matches!(s.stage, Stage::Vision)) else {
+                continue; // cancelled or failed meanwhile
+            };
+            let mut seq = self.active.swap_remove(i);
+            if let Err(e) = self.vision_finished(&mut seq, done) {
+                self.fail(&mut seq, e);
+            }
+            self.active.push(seq);
+        }
+    }
+
+    fn vision_finished(&mut self, seq: &mut Sequence, done: VisionDone) -> Result<()> {
+        let model = Arc::clone(&self.model);
+        let m = &mut seq.media[done.image];
+        m.in_flight = false;
+        let rows = done.rows?;
+        seq.vision_ms += done.ms;
+        metrics::counter!("internvl_vision_tiles_total").increment(done.tiles as u64);
+        metrics::counter!("internvl_vision_milliseconds_total").increment(done.ms.round() as u64);
+        if m.rows.is_empty() {
+            m.rows = rows;
+        } else {
+            m.rows.extend_from_slice(&rows);
+        }
+        m.done += done.tiles;
+        if m.done == m.tiles {
+            let features = Arc::new(EncodedImage { tiles: m.tiles, rows: std::mem::take(&mut m.rows) });
+            m.pixels = Arc::new(Vec::new());
+            model.media_cache().insert(m.key, Arc::clone(&features));
+            m.features = Some(features);
+        }
+        self.advance(seq)
+    }
+
+    /// Gives the vision thread the next batch of tiles of every sequence that has none there.
+    fn dispatch_vision(&mut self) {
+        let batch = self.cfg.vision_batch.max(1);
+        let mut lost = None;
+        for seq in &mut self.active {
+            if !matches!(seq.stage, Stage::Vision) || seq.media.iter().any(|m| m.in_flight) {
+                continue;
+            }
+            let Some((image, m)) =
+                seq.media.iter_mut().enumerate().find(|(_, m)| m.features.is_none() && m.done < m.tiles)
+            else {
+                continue;
+            };
+            let tiles = batch.min(m.tiles - m.done);
+            let job = VisionJob { seq: seq.id, image, pixels: Arc::clone(&m.pixels), start: m.done, tiles };
+            if self.vision_jobs.send(job).is_err() {
+                lost = Some(seq.id);
+                break;
+            }
+            m.in_flight = true;
+        }
+        if let Some(id) = lost {
+            if let Some(i) = self.active.iter().position(|s| s.id == id) {
+                let mut seq = self.active.swap_remove(i);
+                self.fail(&mut seq, anyhow!("internal error: the vision thread stopped"));
+                self.active.push(seq);
+            }
+        }
     }
 
     /// Runs one request alone to its end, passing its text to `on_text` as it comes: what `run`, `chat`
@@ -395,7 +529,7 @@ impl Engine {
         let per_tile = self.model.manifest.vision.tokens_per_tile;
         for m in &mut seq.media {
             if m.features.is_none() && m.first + m.tiles * per_tile <= keep {
-                m.pixels = Vec::new();
+                m.pixels = Arc::new(Vec::new());
                 m.done = m.tiles;
             }
         }
@@ -523,53 +657,21 @@ impl Engine {
         }
     }
 
-    /// One batch of vision tiles or one prefill chunk, for the sequence that waited longest for one.
+    /// One prefill chunk, for the sequence that waited longest for one.
     fn prompt_work(&mut self) {
         let Some(i) = (0..self.active.len())
-            .filter(|&i| matches!(self.active[i].stage, Stage::Vision | Stage::Prefill { .. }))
+            .filter(|&i| matches!(self.active[i].stage, Stage::Prefill { .. }))
             .min_by_key(|&i| (self.active[i].served, self.active[i].id))
         else {
             return;
         };
         let mut seq = self.active.swap_remove(i);
         seq.served = self.steps;
-        let result = match seq.stage {
-            Stage::Vision => self.vision_work(&mut seq),
-            _ => self.prefill_work(&mut seq),
-        };
+        let result = self.prefill_work(&mut seq);
         if let Err(e) = result {
             self.fail(&mut seq, e);
         }
         self.active.push(seq);
-    }
-
-    fn vision_work(&mut self, seq: &mut Sequence) -> Result<()> {
-        let model = Arc::clone(&self.model);
-        let size = model.manifest.vision.image_size as usize;
-        let per_tile = 3 * size * size;
-        let Some(m) = seq.media.iter_mut().find(|m| m.features.is_none() && m.done < m.tiles) else {
-            return self.advance(seq);
-        };
-        let n = self.cfg.vision_batch.max(1).min(m.tiles - m.done);
-        let t = Instant::now();
-        let rows = model.vision.encode(&m.pixels[m.done * per_tile..][..n * per_tile], n, n)?;
-        let took = ms(t);
-        seq.vision_ms += took;
-        metrics::counter!("internvl_vision_tiles_total").increment(n as u64);
-        metrics::counter!("internvl_vision_milliseconds_total").increment(took.round() as u64);
-        if m.rows.is_empty() {
-            m.rows = rows;
-        } else {
-            m.rows.extend_from_slice(&rows);
-        }
-        m.done += n;
-        if m.done == m.tiles {
-            let features = Arc::new(EncodedImage { tiles: m.tiles, rows: std::mem::take(&mut m.rows) });
-            m.pixels = Vec::new();
-            model.media_cache().insert(m.key, Arc::clone(&features));
-            m.features = Some(features);
-        }
-        self.advance(seq)
     }
 
     fn prefill_work(&mut self, seq: &mut Sequence) -> Result<()> {

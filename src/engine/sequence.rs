@@ -145,8 +145,11 @@ impl Sink for std::sync::mpsc::Sender<Event> {
 pub(crate) struct MediaState {
     pub key: MediaKey,
     pub tiles: usize,
-    /// Normalised tiles still to encode (`[tiles, 3, size, size]`), while `features` is None.
-    pub pixels: Vec<f32>,
+    /// Normalised tiles still to encode (`[tiles, 3, size, size]`), while `features` is None; shared
+    /// with the vision thread.
+    pub pixels: Arc<Vec<f32>>,
+    /// A batch of its tiles is with the vision thread.
+    pub in_flight: bool,
     /// Tiles encoded so far, and their rows.
     pub done: usize,
     pub rows: Vec<f32>,

@@ -446,6 +446,7 @@ async fn complete(
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                                  "logprobs": null, "finish_reason": openai::finish_reason(out.finish_reason)}],
                     "usage": openai::usage(&out, reply.tokens_per_tile),
+                    "timings": openai::timings(&out),
                 });
                 return Ok(Json(body).into_response());
             }
@@ -488,6 +489,7 @@ fn stream_response(
                             "id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
                             "model": reply.model, "system_fingerprint": fingerprint(), "choices": [],
                             "usage": openai::usage(&out, reply.tokens_per_tile),
+                            "timings": openai::timings(&out),
                         })));
                     }
                     v.push(SseEvent::default().data("[DONE]"));

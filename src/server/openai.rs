@@ -351,6 +351,22 @@ pub fn usage(out: &Output, tokens_per_tile: usize) -> Value {
     })
 }
 
+/// Where the request's time went (llama-server's `timings` block; not part of OpenAI's schema, which
+/// clients ignore): milliseconds from the request's start, and rates.
+pub fn timings(out: &Output) -> Value {
+    let t = &out.timings;
+    json!({
+        "preprocess_ms": t.preprocess_ms, "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms,
+        "first_token_ms": t.first_token_ms, "decode_ms": t.decode_ms,
+        "prefill_tokens_per_s": finite(t.prefill_tokens_per_s), "decode_tokens_per_s": finite(t.decode_tokens_per_s),
+        "tiles": out.tiles,
+    })
+}
+
+fn finite(x: f64) -> f64 {
+    if x.is_finite() { x } else { 0.0 }
+}
+
 pub fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Stop => "stop",
