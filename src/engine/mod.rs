@@ -178,7 +178,7 @@ impl Model {
                         key,
                         tiles,
                         pixels: Arc::new(t.data),
-                    in_flight: false,
+                        in_flight: false,
                         done: 0,
                         rows: Vec::new(),
                         features: None,

@@ -387,7 +387,6 @@ async fn chat(
     })
     .await
     .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "request preparation failed"))??;
-    let prompt_tokens = seq.prompt_tokens();
     {
         let submit = state.submit.lock().unwrap_or_else(|p| p.into_inner());
         let sent = submit.as_ref().map(|s| s.send(seq).is_ok()).unwrap_or(false);
@@ -399,7 +398,6 @@ async fn chat(
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let reply =
         Reply { id, created, model: model.name().to_string(), tokens_per_tile: model.manifest.vision.tokens_per_tile };
-    let _ = prompt_tokens;
     if stream {
         Ok(stream_response(reply, rx, include_usage, admission, state.cfg.keep_alive))
     } else {

@@ -364,7 +364,11 @@ pub fn timings(out: &Output) -> Value {
 }
 
 fn finite(x: f64) -> f64 {
-    if x.is_finite() { x } else { 0.0 }
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
 }
 
 pub fn finish_reason(r: FinishReason) -> &'static str {
