@@ -536,12 +536,10 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
 
 /// Readiness: loaded, not draining, room in the queue, and the engine thread alive.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    // Not an error response (probes must not count as failed requests), but the same envelope.
     let unavailable = |why: &str| {
-        let mut r = ApiError::unavailable(why).into_response();
-        *r.body_mut() = axum::body::Body::from(
-            json!({"status": why, "error": {"code": 503, "message": why, "type": "unavailable_error"}}).to_string(),
-        );
-        r
+        let body = json!({"status": why, "error": {"code": 503, "message": why, "type": "unavailable_error"}});
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
     };
     if state.model.get().is_none() {
         return unavailable("loading model");
