@@ -310,8 +310,8 @@ impl Engine {
         self.cache.bytes()
     }
 
-    /// One round: cancellations, admissions, one decode step of every decoding sequence together, and
-    /// one unit of prompt work (vision tiles or a prefill chunk) for one sequence.
+    /// One round: cancellations, admissions, finished and new vision jobs, one decode step of every
+    /// decoding sequence together, and one prefill chunk for one sequence.
     pub fn step(&mut self) {
         self.steps += 1;
         self.cancel_closed();
