@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Seconds a remote image may take to fetch.
     #[arg(long, allow_negative_numbers = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     media_timeout: u64,
+    /// Decoded image pixels all admitted requests may hold at once (3 bytes each; default: four images
+    /// at Pillow's decompression-bomb limit, 2.1 GB); past it: 429.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4 * internvl::image::MAX_IMAGE_PIXELS, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 40)))]
+    max_pixels_in_flight: u64,
     /// Largest remote image in bytes.
     #[arg(long, allow_negative_numbers = true, default_value_t = 32 << 20, value_parser = positive(internvl::files::MAX_IMAGE_FILE))]
     media_max_bytes: usize,
@@ -734,6 +738,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         grace_period: a.grace_period,
         keep_alive: a.keep_alive,
         exact: a.exact,
+        max_pixels_in_flight: a.max_pixels_in_flight,
         remote_media: a.allow_remote_media.then(|| internvl::server::fetch::RemoteMedia {
             hosts: a.allow_media_host,
             private: a.allow_private_media,

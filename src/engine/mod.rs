@@ -24,12 +24,13 @@ use anyhow::{anyhow, ensure, Context, Result};
 
 use crate::decoder::{KvCache, RowInput};
 use crate::error::{ErrorKind, WithKind};
-use crate::image::{preprocess, tile_count};
+use crate::image::{preprocess, tile_count, ImageConfig};
 use crate::model::Model;
 use crate::prompt;
 use crate::sampling::Sampler;
 use crate::tokenizer::{answer_text, AnswerStream};
 pub use conversation::Conversation;
+use image::RgbImage;
 use media::{EncodedImage, Media, MediaKey};
 pub use sequence::{Content, Event, FinishReason, Output, Params, Sequence, Sink, Timings};
 use sequence::{MediaState, Stage, StopFilter};
@@ -79,18 +80,46 @@ struct Row {
 struct VisionJob {
     seq: u64,
     image: usize,
-    pixels: Arc<Vec<f32>>,
+    source: TileSource,
     /// First tile and tile count of the batch.
     start: usize,
     tiles: usize,
 }
 
+/// The first batch of an image brings the decoded image (the vision thread tiles it, off the engine
+/// thread); the next ones the tiles it made.
+enum TileSource {
+    Image { image: Arc<RgbImage>, cfg: ImageConfig, count: usize },
+    Tiles(Arc<Vec<f32>>),
+}
+
+/// A batch's features, and the image's tiles when this batch made them.
+type Encoded = (Vec<f32>, Option<Arc<Vec<f32>>>);
+
 struct VisionDone {
     seq: u64,
     image: usize,
     tiles: usize,
-    rows: Result<Vec<f32>>,
+    rows: Result<Encoded>,
     ms: f64,
+}
+
+/// Tiles (if the job brings an image) and encodes one batch.
+fn vision_job(model: &Model, job: &VisionJob) -> Result<Encoded> {
+    let per_tile = 3 * (model.manifest.vision.image_size as usize).pow(2);
+    let (tiles, made) = match &job.source {
+        TileSource::Tiles(t) => (Arc::clone(t), None),
+        TileSource::Image { image, cfg, count } => {
+            let t = preprocess(image, cfg)?;
+            ensure!(t.count == *count, "internal error: {} tiles made, {count} counted", t.count);
+            let t = Arc::new(t.data);
+            (Arc::clone(&t), Some(t))
+        }
+    };
+    let pixels = tiles
+        .get(job.start * per_tile..(job.start + job.tiles) * per_tile)
+        .ok_or_else(|| anyhow!("internal error: tiles {}..{} of an image", job.start, job.start + job.tiles))?;
+    Ok((model.vision.encode(pixels, job.tiles, job.tiles)?, made))
 }
 
 pub struct Engine {
@@ -111,8 +140,9 @@ fn ms(t: Instant) -> f64 {
 
 impl Model {
     /// Prepares a request: checks it, counts its tiles from the images' sizes and tokenises the prompt (a
-    /// request too long for the context costs no pixel work), takes cached features for images seen
-    /// before, and tiles the rest. Runs no graph: the [`Engine`] does that.
+    /// request too long for the context costs no pixel work), and takes cached features for images seen
+    /// before. Tiling and the graphs run in the [`Engine`] (tiling on its vision thread, when the image's
+    /// turn comes, so a waiting request holds only its decoded pixels).
     pub fn start(&self, content: Content, params: Params, sink: Box<dyn Sink>) -> Result<Sequence> {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let started = Instant::now();
@@ -170,32 +200,29 @@ impl Model {
         let mut media = Vec::with_capacity(images.len());
         for ((m, tiles), first) in images.into_iter().zip(counts).zip(firsts) {
             let state = match &m {
-                Media::Pixels { sha256, image } => {
-                    let t = preprocess(image, &cfg)?;
-                    ensure!(t.count == tiles, "internal error: {} tiles made, {tiles} counted", t.count);
-                    let key = MediaKey { sha256: *sha256, max_tiles: cfg.max_tiles };
-                    MediaState {
-                        key,
-                        tiles,
-                        pixels: Arc::new(t.data),
-                        in_flight: false,
-                        done: 0,
-                        rows: Vec::new(),
-                        features: None,
-                        first,
-                        original: m,
-                    }
-                }
+                Media::Pixels { sha256, image } => MediaState {
+                    key: MediaKey { sha256: *sha256, max_tiles: cfg.max_tiles },
+                    tiles,
+                    image: Some(Arc::clone(image)),
+                    pixels: Arc::new(Vec::new()),
+                    in_flight: false,
+                    done: 0,
+                    rows: Vec::new(),
+                    features: None,
+                    first,
+                    original: None,
+                },
                 Media::Encoded { key, features } => MediaState {
                     key: *key,
                     tiles,
+                    image: None,
                     pixels: Arc::new(Vec::new()),
                     in_flight: false,
                     done: tiles,
                     rows: Vec::new(),
                     features: Some(Arc::clone(features)),
                     first,
-                    original: m.clone(),
+                    original: Some(m.clone()),
                 },
             };
             media.push(state);
@@ -208,6 +235,7 @@ impl Model {
             ids,
             budget,
             media,
+            image_cfg: cfg,
             stage: Stage::Queued,
             row: 0,
             keep: 0,
@@ -246,11 +274,9 @@ impl Engine {
         std::thread::Builder::new()
             .name("internvl-vision".into())
             .spawn(move || {
-                let per_tile = 3 * (worker.manifest.vision.image_size as usize).pow(2);
                 for job in jobs {
                     let t = Instant::now();
-                    let pixels = &job.pixels[job.start * per_tile..][..job.tiles * per_tile];
-                    let rows = worker.vision.encode(pixels, job.tiles, job.tiles);
+                    let rows = vision_job(&worker, &job);
                     let done_job = VisionDone { seq: job.seq, image: job.image, tiles: job.tiles, rows, ms: ms(t) };
                     if done.send(done_job).is_err() {
                         return;
@@ -354,7 +380,11 @@ impl Engine {
         let model = Arc::clone(&self.model);
         let m = &mut seq.media[done.image];
         m.in_flight = false;
-        let rows = done.rows?;
+        let (rows, tiled) = done.rows?;
+        if let Some(tiles) = tiled {
+            m.pixels = tiles;
+            m.image = None;
+        }
         seq.vision_ms += done.ms;
         metrics::counter!("internvl_vision_tiles_total").increment(done.tiles as u64);
         metrics::counter!("internvl_vision_milliseconds_total").increment(done.ms.round() as u64);
@@ -387,7 +417,13 @@ impl Engine {
                 continue;
             };
             let tiles = batch.min(m.tiles - m.done);
-            let job = VisionJob { seq: seq.id, image, pixels: Arc::clone(&m.pixels), start: m.done, tiles };
+            let source = match &m.image {
+                Some(picture) => {
+                    TileSource::Image { image: Arc::clone(picture), cfg: seq.image_cfg.clone(), count: m.tiles }
+                }
+                None => TileSource::Tiles(Arc::clone(&m.pixels)),
+            };
+            let job = VisionJob { seq: seq.id, image, source, start: m.done, tiles };
             if self.vision_jobs.send(job).is_err() {
                 lost = Some(seq.id);
                 break;
@@ -530,6 +566,7 @@ impl Engine {
         for m in &mut seq.media {
             if m.features.is_none() && m.first + m.tiles * per_tile <= keep {
                 m.pixels = Arc::new(Vec::new());
+                m.image = None;
                 m.done = m.tiles;
             }
         }
@@ -837,11 +874,13 @@ fn finish(model: &Model, seq: &mut Sequence) -> Result<Output> {
         tiles: seq.tiles(),
         finish_reason,
         logits: std::mem::take(&mut seq.forced_logits),
+        // (An image wholly inside a reused prefix has no features here and is left out: only a request
+        // that is not a conversation's next turn has one.)
         media: seq
             .media
             .iter()
-            .map(|m| match &m.features {
-                Some(features) => Media::Encoded { key: m.key, features: Arc::clone(features) },
+            .filter_map(|m| match &m.features {
+                Some(features) => Some(Media::Encoded { key: m.key, features: Arc::clone(features) }),
                 None => m.original.clone(),
             })
             .collect(),

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use image::RgbImage;
+
 use super::media::{EncodedImage, Media, MediaKey};
+use crate::image::ImageConfig;
 use crate::prompt::Turn;
 use crate::sampling::{Sampler, SamplingOptions};
 use crate::tokenizer::AnswerStream;
@@ -145,8 +148,11 @@ impl Sink for std::sync::mpsc::Sender<Event> {
 pub(crate) struct MediaState {
     pub key: MediaKey,
     pub tiles: usize,
-    /// Normalised tiles still to encode (`[tiles, 3, size, size]`), while `features` is None; shared
-    /// with the vision thread.
+    /// The decoded image, until the vision thread has tiled it (a queued request holds only this: 3 bytes
+    /// a pixel, not the tiles' 48 floats).
+    pub image: Option<Arc<RgbImage>>,
+    /// Normalised tiles (`[tiles, 3, size, size]`) while they are being encoded; shared with the vision
+    /// thread.
     pub pixels: Arc<Vec<f32>>,
     /// A batch of its tiles is with the vision thread.
     pub in_flight: bool,
@@ -156,7 +162,8 @@ pub(crate) struct MediaState {
     pub features: Option<Arc<EncodedImage>>,
     /// Index in the prompt ids of this image's first `<IMG_CONTEXT>`.
     pub first: usize,
-    pub original: Media,
+    /// The request's media as given, where it came encoded (an earlier turn's).
+    pub original: Option<Media>,
 }
 
 pub(crate) enum Stage {
@@ -186,6 +193,8 @@ pub struct Sequence {
     /// Most ids to generate (the context bounds it too).
     pub(crate) budget: usize,
     pub(crate) media: Vec<MediaState>,
+    /// How its images are tiled.
+    pub(crate) image_cfg: ImageConfig,
     pub(crate) stage: Stage,
     pub(crate) row: usize,
     /// Prompt positions already in the row's cache when it was admitted.

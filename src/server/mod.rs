@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub exact: bool,
     /// http(s) image URLs: fetched under these rules, or refused (None).
     pub remote_media: Option<fetch::RemoteMedia>,
+    /// Decoded image pixels all admitted requests may hold at once (3 bytes each); a request that would
+    /// pass it gets 429. Bounds what queued requests' images cost, whatever their files compress to.
+    pub max_pixels_in_flight: u64,
 }
 
 struct AppState {
@@ -70,6 +73,8 @@ struct AppState {
     submit: std::sync::Mutex<Option<mpsc::Sender<Sequence>>>,
     /// Admitted requests (running or waiting).
     in_flight: AtomicUsize,
+    /// Their images' decoded pixels.
+    pixels_in_flight: AtomicU64,
     draining: AtomicBool,
     /// When the engine thread last went round its loop (ms since start): liveness.
     heartbeat: AtomicU64,
@@ -103,12 +108,39 @@ impl Sink for ChannelSink {
     }
 }
 
-/// Releases the request's admission slot when the response (or its stream) ends, however it ends.
-struct Admission(Arc<AppState>);
+/// Releases the request's admission slot and pixel budget when the response (or its stream) ends,
+/// however it ends.
+struct Admission {
+    state: Arc<AppState>,
+    pixels: u64,
+}
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.pixels_in_flight.fetch_sub(self.pixels, Ordering::Relaxed);
+    }
+}
+
+impl Admission {
+    /// Takes `pixels` of the server's budget, or says to come back later.
+    fn reserve_pixels(&mut self, pixels: u64) -> Result<(), ApiError> {
+        let budget = self.state.cfg.max_pixels_in_flight;
+        let before = self.state.pixels_in_flight.fetch_add(pixels, Ordering::Relaxed);
+        self.pixels += pixels;
+        if before + pixels > budget && before > 0 {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_overloaded",
+                format!(
+                    "the images of the requests in progress are at the server's limit of {budget} pixels; retry later"
+                ),
+            )
+            .code("server_overloaded");
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +179,7 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         media_root,
         submit: std::sync::Mutex::new(None),
         in_flight: AtomicUsize::new(0),
+        pixels_in_flight: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         heartbeat: AtomicU64::new(0),
         started: Instant::now(),
@@ -365,7 +398,7 @@ async fn chat(
         e.retry_after = Some(1);
         return Err(e);
     }
-    let admission = Admission(Arc::clone(&state));
+    let mut admission = Admission { state: Arc::clone(&state), pixels: 0 };
 
     let (tx, rx) = tmpsc::unbounded_channel();
     let openai::ChatRequest { mut content, params, stream, include_usage, images } = req;
@@ -380,6 +413,7 @@ async fn chat(
             }
         });
     }
+    admission.reserve_pixels(openai::image_pixels(&image_bytes)?)?;
     let worker = Arc::clone(&model);
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
         openai::decode_images(&mut content, image_bytes)?;

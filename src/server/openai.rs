@@ -309,7 +309,9 @@ fn fetch(url: &str, policy: &MediaPolicy) -> Result<ImageSource, ApiError> {
 }
 
 /// Decoded images in the content, checked against the per-request pixel bound before any is decoded.
-pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), ApiError> {
+/// The pixels the images will take decoded, from their headers, checked against the per-request limits
+/// (count, pixels) before anything is decoded.
+pub fn image_pixels(bytes: &[Vec<u8>]) -> Result<u64, ApiError> {
     if bytes.len() > crate::engine::MAX_IMAGES {
         return Err(ApiError::invalid(format!(
             "{} images given; at most {} per request",
@@ -325,7 +327,7 @@ pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), A
         })?;
         pixels += u64::from(w) * u64::from(h);
     }
-    let limit = 2 * crate::image::MAX_IMAGE_PIXELS;
+    let limit = MAX_REQUEST_PIXELS;
     if pixels > limit {
         return Err(ApiError::invalid(format!(
             "the images have {pixels} pixels in all, more than the limit of {limit} per request"
@@ -333,6 +335,14 @@ pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), A
         .param("image_url")
         .code("invalid_image"));
     }
+    Ok(pixels)
+}
+
+/// Decoded pixels one request may bring: two images at Pillow's decompression-bomb limit.
+pub const MAX_REQUEST_PIXELS: u64 = 2 * crate::image::MAX_IMAGE_PIXELS;
+
+/// Decodes the images (checked by [`image_pixels`]) into the content.
+pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), ApiError> {
     for (k, b) in bytes.into_iter().enumerate() {
         let media = Media::decode(&b, false).map_err(|e| {
             ApiError::invalid(format!("image {}: {e:#}", k + 1)).param("image_url").code("invalid_image")

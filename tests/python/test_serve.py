@@ -298,6 +298,31 @@ def test_auth_body_limit_and_overload(binary, model, fixtures):
         s.stop()
 
 
+def test_image_pixels_in_flight_are_bounded(binary, model, fixtures):
+    # One 448x448 image (200704 pixels) fits a budget of 300000; a second while the first is in flight
+    # does not (429), a text request still does, and the budget comes back when the first ends.
+    s = Server(binary, model, "--max-pixels-in-flight", "300000")
+    try:
+        c = s.client()
+        img = fixtures / "images" / "448x448_1.png"
+        stream = c.chat.completions.create(model="model", messages=user("long", img), max_tokens=20000, stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError, match="pixels"):
+            c.chat.completions.create(model="model", messages=user("second", img), max_tokens=2)
+        assert c.chat.completions.create(model="model", messages=user("text"), max_tokens=2).choices
+        stream.close()
+        deadline = time.time() + 5
+        while True:
+            try:
+                c.chat.completions.create(model="model", messages=user("again", img), max_tokens=2)
+                break
+            except openai.RateLimitError:
+                assert time.time() < deadline, "the pixel budget was not given back"
+                time.sleep(0.1)
+    finally:
+        s.stop()
+
+
 def test_closed_stream_is_cancelled_and_a_repeated_image_is_a_cache_hit(server, tmp_path):
     client = server.client()
     before = server.metric("internvl_requests_cancelled_total")
