@@ -15,30 +15,20 @@ import argparse
 import base64
 import io
 import json
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import serving
 
 
 def start(binary: Path, model: Path, threads: int, parallel: int, *flags: str):
-    proc = subprocess.Popen([str(binary), "serve", "--model", str(model), "--port", "0", "--threads", str(threads),
-                             "--parallel", str(parallel), "--queue", "64", "--vision-cache-bytes", "0", *flags],
-                            stderr=subprocess.PIPE, text=True)
-    url = None
-    for line in proc.stderr:
-        m = re.search(r"listening on (http://\S+) \(loading", line)
-        url = m.group(1) if m else url
-        if "model loaded" in line:
-            break
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    return proc, url
+    return serving.start(binary, model, "--threads", str(threads), "--parallel", str(parallel), "--queue", "64",
+                         "--vision-cache-bytes", "0", *flags)
 
 
 def image_uri(width: int, height: int) -> str:

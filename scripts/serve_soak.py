@@ -13,12 +13,12 @@ import argparse
 import base64
 import io
 import json
-import re
-import subprocess
-import threading
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import serving
 
 
 def main() -> None:
@@ -36,15 +36,7 @@ def main() -> None:
     ap.add_argument("--cache-bytes", type=int, default=32 << 20)
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
-    proc = subprocess.Popen([str(args.binary), "serve", "--model", str(args.model), "--port", "0",
-                             "--vision-cache-bytes", str(args.cache_bytes)], stderr=subprocess.PIPE, text=True)
-    url = None
-    for line in proc.stderr:
-        m = re.search(r"listening on (http://\S+) \(loading", line)
-        url = m.group(1) if m else url
-        if "model loaded" in line:
-            break
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    proc, url = serving.start(args.binary, args.model, "--vision-cache-bytes", str(args.cache_bytes))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         model_id = client.models.list().data[0].id
