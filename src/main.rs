@@ -723,6 +723,9 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     // Fails now, not after the listener is up, for a folder that is not a model.
     Manifest::load(&a.model)?;
+    if let Some(dir) = a.media_root.as_deref().filter(|d| !d.is_dir()) {
+        return Err(anyhow::anyhow!("--media-root {}: not a folder", dir.display())).kind(ErrorKind::Usage);
+    }
     let cfg = internvl::server::ServeConfig {
         model: a.model,
         runtime: a.engine.rt.options(),

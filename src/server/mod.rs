@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::engine::{Engine, EngineConfig, Event, Sequence, Sink};
+use crate::error::{ErrorKind, WithKind};
 use crate::model::Model;
 use crate::runtime::RuntimeOptions;
 use error::ApiError;
@@ -168,7 +169,10 @@ pub fn serve(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
 }
 
 async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .with_context(|| format!("--host / --port: cannot listen on {}", cfg.addr))
+        .kind(ErrorKind::Usage)?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let media_root = match &cfg.media_root {
         Some(dir) => Some(std::fs::canonicalize(dir).with_context(|| format!("--media-root {}", dir.display()))?),
