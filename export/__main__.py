@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument("--template", help="conversation template name (default: from the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "int8", "int4"],
-                   help="weights: float32; int8 (vision + decoder); int4 (decoder, vision int8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8", "int4"],
+                   help="graphs: float32; float16 / bfloat16 (for GPUs: weights, activations and KV cache; norms "
+                        "fp32); int8 (vision + decoder, for CPUs); int4 (decoder, vision int8)")
     p.add_argument("--int4-block", type=int, default=32, choices=[32, 128],
                    help="int4: weights per quantisation block (32: closer to fp32; 128: smaller)")
 

@@ -10,6 +10,9 @@ import numpy as np
 import onnx
 import torch
 
+# The graph types an export can be written in (`--dtype`); int8 / int4 are quantised from float32.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class ExportCheckError(RuntimeError):
     """An exported graph disagrees with PyTorch beyond its stated tolerance."""

@@ -10,12 +10,14 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import amx, checkpoint, manifest, quantize, templates
+from . import amx, checkpoint, manifest, precision, quantize, templates, tensorrt
 from .common import ExportCheckError
-from .decoder import export_decoder
+from .decoder import empty_past, export_decoder, graph_module, step_feed
 from .embed import export_embedding
 from .tokenizer import write_tokenizer
-from .vision import export_vision, layers_run
+from .vision import VisionEncoder, export_vision, layers_run
+
+DTYPES = ("float32", *precision.DTYPES, *quantize.DTYPES[1:])
 
 
 def log(msg: str) -> None:
@@ -24,8 +26,8 @@ def log(msg: str) -> None:
 
 def convert(source: str, out: Path, template: str | None = None, force: bool = False, dtype: str = "float32",
             int4_block: int = 32) -> Path:
-    if dtype not in quantize.DTYPES:
-        raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(quantize.DTYPES)}")
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
     tpl = templates.template(ckpt.template)
     out = check_output_folder(Path(out), ckpt.path, force)
@@ -55,9 +57,11 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         log("decoder.onnx")
         decoder = export_decoder(lspec, model, work / "decoder.onnx")
         log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
-        if dtype != "float32":
-            quantize_graphs(work, dtype, vision, decoder, weights["model.language_model.embed_tokens.weight"], lspec,
-                            int4_block)
+        table = weights["model.language_model.embed_tokens.weight"]
+        if dtype in precision.DTYPES:
+            vision, decoder = half_graphs(work, dtype, vspec, lspec, weights, model, vision, decoder, table)
+        elif dtype != "float32":
+            quantize_graphs(work, dtype, vision, decoder, table, lspec, int4_block)
             for entry, graph, head_dim, layers in (
                     (vision, "vision.onnx", vspec.hidden // vspec.heads, layers_run(vspec)),
                     (decoder, "decoder.onnx", lspec.head_dim, lspec.layers)):
@@ -65,6 +69,12 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
                 if variant:
                     entry["amx"] = variant
                     log(f"{variant['file']}: {layers} attention layers on the runtime's AMX kernel")
+        if dtype in ("float32", *precision.DTYPES):
+            trt = tensorrt.write_variant(work / "vision.onnx", dtype, vspec.hidden, vspec.heads)
+            trt["max_abs_diff_vs_vision"] = tensorrt.self_check(work / "vision.onnx", work / trt["file"], dtype,
+                                                                vision["image_size"], 1e-2 if dtype != "float32" else 1e-4)
+            vision["tensorrt"] = trt
+            log(f"{trt['file']}: attention in plain operators for TensorRT")
         pin_shapes(work, vision, decoder)
         tokenizer = {"file": "tokenizer.json", "img_start": "<img>", "img_end": "</img>",
                      "img_context": "<IMG_CONTEXT>", "img_start_id": ids["img_start"], "img_end_id": ids["img_end"],
@@ -100,7 +110,8 @@ def pin_shapes(work: Path, vision: dict, decoder: dict) -> None:
                for i in range(decoder["layers"]) for x in ("key", "value")}
     for entry, shapes in ((vision, {vision["output"]: ["tiles", vision["tokens_per_tile"], vision["embed_dim"]]}),
                           (decoder, {decoder["outputs"]["logits"]: ["batch", decoder["vocab"]], **present})):
-        for f in [entry["file"]] + ([entry["amx"]["file"]] if "amx" in entry else []):
+        variants = [entry[k]["file"] for k in ("amx", "tensorrt") if k in entry]
+        for f in [entry["file"], *variants]:
             manifest.pin_output_shapes(work / f, shapes)
 
 
@@ -125,23 +136,56 @@ def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:
     return out
 
 
-def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec, int4_block: int = 32) -> None:
-    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
-    import numpy as np
+def drift_feeds(work: Path, vision: dict, decoder: dict, embed_table, lspec) -> tuple[list[dict], list[dict]]:
+    """Random input for comparing a graph with the fp32 one it replaces: two tiles; a 24-token prompt, and a
+    decode step after it on the fp32 graph's cache (both LongRoPE factor sets where the model has them)."""
     import torch
+
+    from .common import ort_session
 
     gen = torch.Generator().manual_seed(5)
     tiles = [{"pixel_values": torch.randn(2, 3, vision["image_size"], vision["image_size"], generator=gen).numpy()}]
-    ids = torch.randint(0, embed_table.shape[0], (1, 24), generator=gen)
-    empty = np.zeros((1, lspec.kv_heads, 0, lspec.head_dim), np.float32)
-    prompt = {"inputs_embeds": embed_table[ids].detach().numpy(), "attention_mask": np.ones((1, 24), np.int64)}
-    if decoder["inputs"]["position_ids"]:
-        prompt["position_ids"] = np.arange(24)[None]
-    prompts = [prompt]
-    if decoder["inputs"]["long_rope"]:  # the drift of both LongRoPE factor sets
-        prompt["long_rope"] = np.zeros(1, np.int64)
-        prompts.append({**prompt, "long_rope": np.ones(1, np.int64)})
-    prompt.update({f"past_key_values.{i}.{kv}": empty for i in range(lspec.layers) for kv in ("key", "value")})
+    ids = torch.randint(0, embed_table.shape[0], (1, 25), generator=gen)
+    embeds = embed_table[ids].detach().float().numpy()
+    sess = ort_session(work / "decoder.onnx")
+    have = {i.name for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    prompts = []
+    for flag in (0, 1) if decoder["inputs"]["long_rope"] else (0,):
+        prompt = step_feed(have, embeds[:, :24], empty_past(lspec.layers, lspec.kv_heads, lspec.head_dim), 0, flag)
+        past = dict(zip(outputs[1:], sess.run(outputs, prompt)[1:], strict=True))
+        past = {n.replace("present.", "past_key_values."): v for n, v in past.items()}
+        prompts += [prompt, step_feed(have, embeds[:, 24:], past, 24, flag)]
+    return tiles, prompts
+
+
+def half_graphs(work: Path, dtype: str, vspec, lspec, weights, model, vision: dict, decoder: dict, embed_table):
+    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
+    tiles, prompts = drift_feeds(work, vision, decoder, embed_table, lspec)
+    t = precision.TORCH_DTYPES[dtype]
+    out = []
+    for name, entry, export, module, feeds in (
+            ("vision.onnx", vision, lambda p: export_vision(vspec, weights, p, dtype=dtype),
+             lambda: VisionEncoder(vspec, weights, t).eval(), tiles),
+            ("decoder.onnx", decoder, lambda p: export_decoder(lspec, model, p, dtype=dtype),
+             lambda: graph_module(lspec, model, t), prompts)):
+        log(f"{name}: {dtype}")
+        half = work / f"{dtype}-{name}"
+        new = export(half)
+        new["precision"] = precision.drift(work / name, half, module() if dtype == "bfloat16" else None, feeds,
+                                           dtype, strict=name == "vision.onnx")
+        new["fp32_max_abs_diff_to_pytorch"] = entry["max_abs_diff"]
+        log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in new["precision"].items()))
+        quantize.replace(half, work / name)
+        new["file"] = name
+        out.append(new)
+    return out[0], out[1]
+
+
+def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec, int4_block: int = 32) -> None:
+    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
+    tiles, prompts = drift_feeds(work, vision, decoder, embed_table, lspec)
     jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
             ("decoder.onnx", decoder, partial(quantize.int4_weights, block=int4_block) if dtype == "int4"
              else quantize.int8_dynamic, prompts)]

@@ -1,10 +1,22 @@
 """decoder.onnx: one LLM step with the KV cache as explicit tensors.
 
-inputs:  inputs_embeds [batch, seq, hidden] f32, attention_mask [batch, past+seq] i64 (1 = attend),
-         position_ids [batch, seq] i64, past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+inputs:  inputs_embeds [batch, seq, hidden] f32,
+         fused attention (GroupQueryAttention): seqlens_k [batch] i32 (each row's last key index after this
+           call), total_sequence_length [] i32 (the longest row's length after this call);
+         plain attention: attention_mask [batch, past+seq] i64 (1 = attend), position_ids [batch, seq] i64;
+         past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] in the graph's type
          long_rope [1] i64 (LongRoPE models only: 1 = use the long factors for this call)
-outputs: logits [batch, vocab] (last position only: prefill never ships seq x vocab floats),
-         present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+outputs: logits [batch, vocab] f32 (last position only: prefill never ships seq x vocab floats),
+         present.{i}.key / .value [batch, kv_heads, past+seq, head_dim] in the graph's type
+
+Fused graphs take GroupQueryAttention's lengths as inputs rather than computing them from a mask: the
+kernel reads `total_sequence_length` on the host, so computing it on a GPU would cost a device-to-host
+copy and a sync every step.
+
+`dtype` float16 / bfloat16: weights, matmuls, attention, KV cache and rotary tables in that type; the
+residual stream and every norm in fp32 (InternVL checkpoints are trained in bf16, whose range fp16
+lacks: RMS of large activations overflows in fp16), `inputs_embeds` in and logits out in fp32 so the
+host side stays f32.
 
 The same graph serves prefill (past = 0) and decode (seq = 1). The forward pass is written here, over
 the checkpoint's weights in canonical (transformers) names, rather than traced through transformers'
@@ -24,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import check_close, export_onnx, ort_session
+from .common import TORCH_DTYPES, check_close, export_onnx, ort_session
 
 # Logits: absolute 1e-3 plus 1e-5 of the largest logit (float32 rounding grows with the magnitude).
 TOLERANCE = 1e-3
@@ -89,11 +101,13 @@ class Decoder(nn.Module):
     otherwise plain ONNX operators. Positions then come from the cache length inside the kernel, so the
     graph has no position_ids input (the runtime feeds it only to graphs that have it)."""
 
-    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], rope: Rope, fused: bool = False):
+    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], rope: Rope, fused: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
         self.fused = fused
         self.rope = rope
+        self.t = dtype
         if fused:
             # The tables in float64, rounded once: torch 2.15's float32 cos over this many elements was
             # measured to come out with ~3e-5 errors in some processes (sin never), enough to fail the check.
@@ -101,9 +115,9 @@ class Decoder(nn.Module):
             for name, inv in (("", rope.inv_freq), ("long_", rope.long_inv_freq)):
                 if inv is not None:
                     freqs = pos * inv.float().double()[None]
-                    self.register_buffer(name + "cos_cache", (freqs.cos() * rope.scale).float(), persistent=False)
-                    self.register_buffer(name + "sin_cache", (freqs.sin() * rope.scale).float(), persistent=False)
-        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+                    self.register_buffer(name + "cos_cache", (freqs.cos() * rope.scale).to(dtype), persistent=False)
+                    self.register_buffer(name + "sin_cache", (freqs.sin() * rope.scale).to(dtype), persistent=False)
+        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(weight_in(k, v, dtype), requires_grad=False)
                                    for k, v in weights.items()
                                    if k.startswith("model.language_model.") or k == "lm_head.weight"})
         if "lm_head__weight" not in self.w:  # tied embeddings
@@ -119,13 +133,10 @@ class Decoder(nn.Module):
     def opt(self, name: str):
         return self.w.get(name.replace(".", "__"))
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, long_rope, *past):
-        s = self.spec
-        h = inputs_embeds
+    def forward(self, inputs_embeds, attention_mask, position_ids, seqlens_k, total, long_rope, *past):
+        s, t = self.spec, self.t
+        h = inputs_embeds  # the residual stream stays fp32 whatever the graph's type
         if self.fused:
-            # GroupQueryAttention's view of the mask: index of each sequence's last key, and the width.
-            seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
-            total = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
             cos_cache, sin_cache = self.cos_cache, self.sin_cache
             if long_rope is not None:
                 # Only the rows in use are selected, so a step costs O(context), not O(max_context).
@@ -139,17 +150,18 @@ class Decoder(nn.Module):
             key_pos = torch.cumsum(attention_mask, dim=-1) - 1  # [b, kv]
             visible = (key_pos[:, None, :] <= position_ids[:, :, None]) & (attention_mask[:, None, :] > 0)
             # Additive bias [b, 1, 1, q, kv], built once and broadcast over kv heads and group in every layer.
-            bias = (~visible[:, None, None]).to(torch.float32) * torch.finfo(torch.float32).min
+            bias = ((~visible[:, None, None]).to(torch.float32) * torch.finfo(t).min).to(t)
             inv_freq = self.inv_freq
             if long_rope is not None:
                 inv_freq = torch.where(long_rope.reshape(()) > 0, self.long_inv_freq, self.inv_freq)
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos()[:, None] * self.rope_scale, emb.sin()[:, None] * self.rope_scale  # [b, 1, q, d]
+            cos = (emb.cos()[:, None] * self.rope_scale).to(t)  # [b, 1, q, d]
+            sin = (emb.sin()[:, None] * self.rope_scale).to(t)
         presents = []
         for i in range(s.layers):
             pre = f"model.language_model.layers.{i}."
-            x = _rms_norm(h, self.p(pre + "input_layernorm.weight"), s.eps)
+            x = _rms_norm(h, self.p(pre + "input_layernorm.weight"), s.eps).to(t)
             b, q_len = x.shape[0], x.shape[1]
 
             def proj(name, heads, x=x, pre=pre, b=b, q_len=q_len):
@@ -157,7 +169,7 @@ class Decoder(nn.Module):
                 y = y.view(b, q_len, heads, s.head_dim)
                 norm = self.opt(f"{pre}self_attn.{name[0]}_norm.weight")  # Qwen3: per-head RMSNorm before RoPE
                 if norm is not None:
-                    y = _rms_norm(y, norm, s.eps)
+                    y = _rms_norm(y.float(), norm, s.eps).to(t)
                 return y
 
             q, k, v = proj("q_proj", s.heads), proj("k_proj", s.kv_heads), proj("v_proj", s.kv_heads)
@@ -180,28 +192,34 @@ class Decoder(nn.Module):
                 probs = torch.softmax(scores, dim=-1)
                 ctx = torch.matmul(probs, v[:, :, None])  # [b, kvh, g, q, d]
                 ctx = ctx.reshape(b, s.heads, q_len, s.head_dim).transpose(1, 2).reshape(b, q_len, -1)
-            h = h + nn.functional.linear(ctx, self.p(pre + "self_attn.o_proj.weight"), self.opt(pre + "self_attn.o_proj.bias"))
-            x = _rms_norm(h, self.p(pre + "post_attention_layernorm.weight"), s.eps)
+            attn = nn.functional.linear(ctx, self.p(pre + "self_attn.o_proj.weight"), self.opt(pre + "self_attn.o_proj.bias"))
+            h = h + attn.float()
+            x = _rms_norm(h, self.p(pre + "post_attention_layernorm.weight"), s.eps).to(t)
             gate = nn.functional.linear(x, self.p(pre + "mlp.gate_proj.weight"))
             up = nn.functional.linear(x, self.p(pre + "mlp.up_proj.weight"))
-            h = h + nn.functional.linear(nn.functional.silu(gate) * up, self.p(pre + "mlp.down_proj.weight"))
-        last = _rms_norm(h[:, -1, :], self.p("model.language_model.norm.weight"), s.eps)
-        return (nn.functional.linear(last, self.p("lm_head.weight")), *presents)
+            h = h + nn.functional.linear(nn.functional.silu(gate) * up, self.p(pre + "mlp.down_proj.weight")).float()
+        last = _rms_norm(h[:, -1, :], self.p("model.language_model.norm.weight"), s.eps).to(t)
+        return (nn.functional.linear(last, self.p("lm_head.weight")).float(), *presents)
+
+
+def weight_in(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in the graph's type; norm weights stay fp32 (the norms run in fp32). fp32 is not copied."""
+    return w if dtype == torch.float32 or "norm" in name.rsplit(".", 2)[-2] else w.to(dtype)
 
 
 class _Graph(nn.Module):
-    """The decoder with exactly the graph's inputs: position_ids only without fused attention (the kernel
-    counts positions itself), long_rope only for LongRoPE models."""
+    """The decoder with exactly the graph's inputs: fused attention takes the lengths (`seqlens_k`,
+    `total_sequence_length`) and counts positions itself, plain attention the mask and position_ids;
+    long_rope only for LongRoPE models."""
 
-    def __init__(self, dec: Decoder, positions: bool, long_rope: bool):
+    def __init__(self, dec: Decoder, long_rope: bool):
         super().__init__()
-        self.dec, self.positions, self.long_rope = dec, positions, long_rope
+        self.dec, self.long_rope = dec, long_rope
 
-    def forward(self, inputs_embeds, attention_mask, *rest):
-        pos = rest[0] if self.positions else None
-        rest = rest[1:] if self.positions else rest
+    def forward(self, inputs_embeds, a, b, *rest):
+        mask, pos, seqlens, total = (None, None, a, b) if self.dec.fused else (a, b, None, None)
         flag = rest[0] if self.long_rope else None
-        return self.dec(inputs_embeds, attention_mask, pos, flag, *(rest[1:] if self.long_rope else rest))
+        return self.dec(inputs_embeds, mask, pos, seqlens, total, flag, *(rest[1:] if self.long_rope else rest))
 
 
 def _rotate_half(x):
@@ -240,7 +258,26 @@ def rope_of(model) -> Rope:
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", "long_rope", *past], ["logits", *present]
+    return ["inputs_embeds", "attention_mask", "position_ids", "seqlens_k", "total_sequence_length", "long_rope",
+            *past], ["logits", *present]
+
+
+def step_feed(have: set[str], embeds: np.ndarray, past: dict[str, np.ndarray], past_len: int,
+              long_rope: int = 0) -> dict[str, np.ndarray]:
+    """One call's inputs, for whichever of them the graph has: rows of equal length `past_len` (their
+    cache in `past`) each given the positions in `embeds` [batch, seq, hidden]."""
+    b, seq = embeds.shape[:2]
+    total = past_len + seq
+    feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((b, total), np.int64),
+            "position_ids": np.arange(past_len, total, dtype=np.int64)[None].repeat(b, 0),
+            "seqlens_k": np.full(b, total - 1, np.int32), "total_sequence_length": np.array(total, np.int32),
+            "long_rope": np.array([long_rope], np.int64), **past}
+    return {k: v for k, v in feed.items() if k in have}
+
+
+def empty_past(layers: int, kv_heads: int, head_dim: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
+    return {n: empty for n in io_names(layers)[0][6:]}
 
 
 def canonical_weights(model) -> dict[str, torch.Tensor]:
@@ -263,9 +300,15 @@ def canonical_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(spec: LlmSpec, model, fused: bool = False) -> Decoder:
+def build(spec: LlmSpec, model, fused: bool = False, dtype: torch.dtype = torch.float32) -> Decoder:
     """Our decoder over the reference model's tensors."""
-    return Decoder(spec, canonical_weights(model), rope_of(model), fused).eval()
+    return Decoder(spec, canonical_weights(model), rope_of(model), fused, dtype).eval()
+
+
+def graph_module(spec: LlmSpec, model, dtype: torch.dtype) -> nn.Module:
+    """The module the graph is traced from, taking the graph's inputs in order."""
+    dec = build(spec, model, can_fuse(spec), dtype)
+    return _Graph(dec, dec.rope.long_inv_freq is not None)
 
 
 def can_fuse(spec: LlmSpec) -> bool:
@@ -273,38 +316,46 @@ def can_fuse(spec: LlmSpec) -> bool:
     return spec.head_dim % 16 == 0
 
 
-def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0) -> dict:
+def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0, dtype: str = "float32") -> dict:
+    """The graph in `dtype`; an fp32 graph is checked against transformers here, the others against the fp32
+    graph by the caller (`precision.drift`)."""
     fused = can_fuse(spec)
-    dec = build(spec, model, fused)
-    long_rope = dec.rope.long_inv_freq is not None
+    t = TORCH_DTYPES[dtype]
+    graph = graph_module(spec, model, t)
+    dec, long_rope = graph.dec, graph.long_rope
     inputs, outputs = io_names(spec.layers)
     gen = torch.Generator().manual_seed(seed)
     batch, seq, past = 2, 3, 4
     embeds = torch.randn(batch, seq, spec.hidden, generator=gen)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq, dtype=torch.int64)[None].repeat(batch, 1)
-    pkv = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=gen) for _ in range(2 * spec.layers)]
+    seqlens = torch.full((batch,), past + seq - 1, dtype=torch.int32)
+    total = torch.tensor(past + seq, dtype=torch.int32)
+    pkv = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=gen).to(t) for _ in range(2 * spec.layers)]
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-            "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    axes.update({name: {0: "batch", 2: "past"} for name in inputs[4:]})
+            "position_ids": {0: "batch", 1: "seq"}, "seqlens_k": {0: "batch"}, "logits": {0: "batch"}}
+    axes.update({name: {0: "batch", 2: "past"} for name in inputs[6:]})
     axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
-    args = [embeds, mask, pos, torch.ones(1, dtype=torch.int64), *pkv]
-    keep = [True, True, not fused, long_rope] + [True] * len(pkv)
+    args = [embeds, mask, pos, seqlens, total, torch.ones(1, dtype=torch.int64), *pkv]
+    keep = [True, not fused, not fused, fused, fused, long_rope] + [True] * len(pkv)
     inputs = [n for n, k in zip(inputs, keep, strict=True) if k]
     args = tuple(a for a, k in zip(args, keep, strict=True) if k)
-    if fused:
-        axes.pop("position_ids")
-    export_onnx(_Graph(dec, not fused, long_rope), args, out, inputs, outputs, axes)
-    diff = self_check(spec, model, out, seed)
+    axes = {k: v for k, v in axes.items() if k in inputs or k in outputs}
+    export_onnx(graph, args, out, inputs, outputs, axes)
+    diff = self_check(spec, model, out, seed) if dtype == "float32" else None
     return {
         "file": out.name, "arch": spec.family, "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
         "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "max_context": spec.max_context,
         "attention": "GroupQueryAttention" if fused else "onnx", "long_rope_after": dec.rope.long_after,
-        "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                   "position_ids": None if fused else "position_ids", "long_rope": "long_rope" if long_rope else None,
+        "dtype": dtype, "kv_dtype": dtype,
+        "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": None if fused else "attention_mask",
+                   "position_ids": None if fused else "position_ids",
+                   "seqlens_k": "seqlens_k" if fused else None,
+                   "total_sequence_length": "total_sequence_length" if fused else None,
+                   "long_rope": "long_rope" if long_rope else None,
                    "past_key": "past_key_values.{}.key", "past_value": "past_key_values.{}.value"},
         "outputs": {"logits": "logits", "present_key": "present.{}.key", "present_value": "present.{}.value"},
-        "max_abs_diff": diff, "tolerance": TOLERANCE, "rtol": RTOL,
+        **({"max_abs_diff": diff, "tolerance": TOLERANCE, "rtol": RTOL} if diff is not None else {}),
     }
 
 
@@ -342,17 +393,10 @@ def _check_pair(spec: LlmSpec, model, sess, seed: int, long: bool) -> float:
         want_prefill = model.lm_head(h[:, -1]).numpy()
         h = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
         want_step = model.lm_head(h[:, -1]).numpy()
-    flag = np.array([int(long)], np.int64)
-    empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
-    feed = {inputs[0]: prompt.numpy(), inputs[1]: np.ones((1, 9), np.int64),
-            inputs[2]: np.arange(9, dtype=np.int64)[None], inputs[3]: flag}
-    feed.update({n: empty for n in inputs[4:]})
-    res = sess.run(outputs, {k: v for k, v in feed.items() if k in have})
+    res = sess.run(outputs, step_feed(have, prompt.numpy(), empty_past(spec.layers, spec.kv_heads, spec.head_dim),
+                                      0, int(long)))
     what = "long-factor " if long else ""
     d1 = check_close(f"decoder.onnx {what}prefill logits", res[0], want_prefill, TOLERANCE, RTOL)
-    feed = {inputs[0]: step.numpy(), inputs[1]: np.ones((1, 10), np.int64), inputs[2]: np.array([[9]], np.int64),
-            inputs[3]: flag}
-    feed.update(dict(zip(inputs[4:], res[1:], strict=True)))
-    res = sess.run(outputs, {k: v for k, v in feed.items() if k in have})
+    res = sess.run(outputs, step_feed(have, step.numpy(), dict(zip(inputs[6:], res[1:], strict=True)), 9, int(long)))
     d2 = check_close(f"decoder.onnx {what}decode-step logits", res[0], want_step, TOLERANCE, RTOL)
     return max(d1, d2)

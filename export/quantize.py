@@ -15,17 +15,14 @@ which says nothing about real checkpoints; `scripts/quality.py` measures the dec
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from .common import ExportCheckError, ort_session, save_onnx
+from .common import ort_session, save_onnx
+from .precision import check, stats
 
 DTYPES = ("float32", "int8", "int4")
-# Lowest cosine similarity to fp32 accepted (measured on random-weight models: > 0.999 for int8 vision).
-MIN_COSINE = 0.98
 
 
 def replace(src: Path, dst: Path) -> None:
@@ -57,23 +54,8 @@ def int4_weights(src: Path, out: Path, block: int = 32) -> None:
 
 
 def compare(ref: Path, quant: Path, feeds: list[dict], strict: bool = True) -> dict:
-    """cosine, relative L2 and max abs difference of the first output, and top-1 agreement of its rows."""
+    """The quantised graph against the fp32 one on `feeds` (see `precision.stats`)."""
     a, b = ort_session(ref), ort_session(quant)
     name = a.get_outputs()[0].name
-    cos, rel, mad, agree, rows = 1.0, 0.0, 0.0, 0, 0
-    for feed in feeds:
-        x = a.run([name], feed)[0].astype(np.float64)
-        y = b.run([name], feed)[0].astype(np.float64)
-        cos = min(cos, float((x * y).sum() / (np.linalg.norm(x) * np.linalg.norm(y))))
-        rel = max(rel, float(np.linalg.norm(x - y) / np.linalg.norm(x)))
-        mad = max(mad, float(np.abs(x - y).max()))
-        xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        agree += int((xr.argmax(-1) == yr.argmax(-1)).sum())
-        rows += xr.shape[0]
-    if cos < MIN_COSINE:
-        msg = f"{quant.name}: cosine similarity to fp32 {cos:.4f} below {MIN_COSINE}"
-        if strict:
-            raise ExportCheckError(msg)
-        print(f"[export] warning: {msg}", file=sys.stderr)
-    return {"cosine_vs_fp32": cos, "rel_l2_vs_fp32": rel, "max_abs_diff_vs_fp32": mad,
-            "top1_agreement_vs_fp32": agree / max(rows, 1)}
+    pairs = [(a.run([name], feed)[0], b.run([name], feed)[0]) for feed in feeds]
+    return check(stats(pairs), quant.name, strict)

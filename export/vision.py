@@ -7,6 +7,10 @@ runtime hands tiles in and gets rows to splice into the LLM's input embeddings o
 The forward pass is written here, over the checkpoint's weights in canonical (transformers `-hf`)
 names, so both checkpoint layouts export through the same code; the self-check and the tests compare
 it with transformers' own InternVL implementation.
+
+`dtype` float16 / bfloat16: convolution, matmuls, attention and the MLPs in that type; the residual
+stream, the norms, the layer scales and the position embeddings in fp32 (InternViT-6B is trained in bf16
+and its activations overflow fp16), pixels in and embeddings out in fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import check_close, export_onnx, ort_session
+from .common import TORCH_DTYPES, check_close, export_onnx, ort_session
 
 INPUT = "pixel_values"
 OUTPUT = "image_embeds"
@@ -65,11 +69,12 @@ def _norm(kind: str, dim: int, w, b, eps):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, spec: VisionSpec, weights: dict[str, torch.Tensor]):
+    def __init__(self, spec: VisionSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
+        self.t = dtype
         # Registered as parameters so tracing stores them as initializers (external data).
-        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(_weight_in(k, v, dtype), requires_grad=False)
                                    for k, v in weights.items()
                                    if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))})
 
@@ -80,11 +85,11 @@ class VisionEncoder(nn.Module):
         return name.replace(".", "__") in self.w
 
     def forward(self, pixel_values):
-        s, p = self.spec, self.p
+        s, p, t = self.spec, self.p, self.t
         e = "model.vision_tower.embeddings."
-        x = nn.functional.conv2d(pixel_values, p(e + "patch_embeddings.projection.weight"),
+        x = nn.functional.conv2d(pixel_values.to(t), p(e + "patch_embeddings.projection.weight"),
                                  p(e + "patch_embeddings.projection.bias"), stride=s.patch_size)
-        x = x.flatten(2).transpose(1, 2)  # [tiles, patches, hidden]
+        x = x.flatten(2).transpose(1, 2).float()  # [tiles, patches, hidden]: the residual stream, fp32
         cls = p(e + "cls_token").expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1) + p(e + "position_embeddings")
         for i in range(layers_run(s)):
@@ -93,7 +98,7 @@ class VisionEncoder(nn.Module):
                           p(pre + "layernorm_before.bias") if s.norm == "layer_norm" else None, s.eps)
             norm2 = _norm(s.norm, s.hidden, p(pre + "layernorm_after.weight"),
                           p(pre + "layernorm_after.bias") if s.norm == "layer_norm" else None, s.eps)
-            h = norm1(x)
+            h = norm1(x).to(t)
             a = pre + "attention."
 
             def proj(name, h=h, a=a):
@@ -102,26 +107,33 @@ class VisionEncoder(nn.Module):
 
             q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
             if s.qk_norm:
-                q = _norm("rms_norm", s.hidden, p(a + "q_norm.weight"), None, s.eps)(q)
-                k = _norm("rms_norm", s.hidden, p(a + "k_norm.weight"), None, s.eps)(k)
+                q = _norm("rms_norm", s.hidden, p(a + "q_norm.weight"), None, s.eps)(q.float()).to(t)
+                k = _norm("rms_norm", s.hidden, p(a + "k_norm.weight"), None, s.eps)(k.float()).to(t)
             ctx = FusedMHA.apply(q, k, v, s.heads)
             ctx = nn.functional.linear(ctx, p(a + "projection_layer.weight"), p(a + "projection_layer.bias"))
-            x = x + p(pre + "lambda_1") * ctx
-            h = norm2(x)
+            x = x + p(pre + "lambda_1") * ctx.float()
+            h = norm2(x).to(t)
             h = nn.functional.linear(h, p(pre + "mlp.fc1.weight"), p(pre + "mlp.fc1.bias"))
             h = nn.functional.gelu(h)
             h = nn.functional.linear(h, p(pre + "mlp.fc2.weight"), p(pre + "mlp.fc2.bias"))
-            x = x + p(pre + "lambda_2") * h
+            x = x + p(pre + "lambda_2") * h.float()
         x = x[:, 1:, :]
         side = s.image_size // s.patch_size
         x = pixel_shuffle(x.reshape(x.shape[0], side, side, s.hidden), s.downsample_ratio, s.ps_version)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         m = "model.multi_modal_projector."
         dim = s.hidden * int(1 / s.downsample_ratio) ** 2
-        x = nn.functional.layer_norm(x, (dim,), p(m + "layer_norm.weight"), p(m + "layer_norm.bias"), 1e-5)
+        x = nn.functional.layer_norm(x, (dim,), p(m + "layer_norm.weight"), p(m + "layer_norm.bias"), 1e-5).to(t)
         x = nn.functional.linear(x, p(m + "linear_1.weight"), p(m + "linear_1.bias"))
         x = nn.functional.gelu(x)
-        return nn.functional.linear(x, p(m + "linear_2.weight"), p(m + "linear_2.bias"))
+        return nn.functional.linear(x, p(m + "linear_2.weight"), p(m + "linear_2.bias")).float()
+
+
+def _weight_in(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in the graph's type, except what the fp32 residual stream uses directly: norms, layer scales,
+    the class token and position embeddings. fp32 is not copied."""
+    fp32 = ("norm", "layernorm", "lambda_", "cls_token", "position_embeddings")
+    return w if dtype == torch.float32 or any(f in name for f in fp32) else w.to(dtype)
 
 
 def layers_run(spec: VisionSpec) -> int:
@@ -138,24 +150,30 @@ def pixel_shuffle(x, scale: float, version: str):
     return x.permute(0, 2, 1, 3) if version == "v2" else x
 
 
-def export_vision(spec: VisionSpec, weights: dict, out: Path, reference=None, seed: int = 0) -> dict:
+def export_vision(spec: VisionSpec, weights: dict, out: Path, reference=None, seed: int = 0,
+                  dtype: str = "float32") -> dict:
     """`reference(pixel_values) -> embeddings`, when given, is checked against ONNX Runtime; otherwise the
-    module itself is (the tests then compare it with transformers)."""
-    enc = VisionEncoder(spec, weights).eval()
+    module itself is (the tests then compare it with transformers). Graphs in another `dtype` are checked
+    against the fp32 graph by the caller (`precision.drift`)."""
+    enc = VisionEncoder(spec, weights, TORCH_DTYPES[dtype]).eval()
     size = spec.image_size
     # Two tiles: a batch-1 example can pin the tile dimension (shared/notes).
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     export_onnx(enc, (example,), out, [INPUT], [OUTPUT], {INPUT: {0: "tiles"}, OUTPUT: {0: "tiles"}})
 
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    with torch.no_grad():
-        want = (reference or enc)(check).numpy()
-    got = ort_session(out).run([OUTPUT], {INPUT: check.numpy()})[0]
-    diff = check_close("vision.onnx", got, want, TOLERANCE, RTOL)
+    tokens = int(size // spec.patch_size * spec.downsample_ratio) ** 2
+    embed_dim = int(weights["model.multi_modal_projector.linear_2.weight"].shape[0])
+    checked = {}
+    if dtype == "float32":
+        got = ort_session(out).run([OUTPUT], {INPUT: check.numpy()})[0]
+        with torch.no_grad():
+            want = (reference or enc)(check).numpy()
+        checked = {"max_abs_diff": check_close("vision.onnx", got, want, TOLERANCE, RTOL), "tolerance": TOLERANCE}
     return {
         "file": out.name, "input": INPUT, "output": OUTPUT, "image_size": size, "patch_size": spec.patch_size,
-        "tokens_per_tile": int(want.shape[1]), "embed_dim": int(want.shape[2]), "max_abs_diff": diff,
-        "tolerance": TOLERANCE, "arch": "internvit-6b" if spec.qk_norm or spec.norm == "rms_norm" else "internvit-300m",
+        "tokens_per_tile": tokens, "embed_dim": embed_dim, "dtype": dtype, **checked,
+        "arch": "internvit-6b" if spec.qk_norm or spec.norm == "rms_norm" else "internvit-300m",
         "ps_version": spec.ps_version, "select_layer": spec.select_layer,
     }
 

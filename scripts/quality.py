@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from export.common import ort_session
+from export.decoder import empty_past, step_feed
 from export.golden import reference_query
+from export.precision import typed
 from export.reference import load_image
 
 PROMPTS = ["Describe the image in detail.", "What objects are in this picture?", "Write a short story about it."]
@@ -54,19 +56,15 @@ class Model:
         if image_embeds is not None:
             emb[np.array(ids) == self.m["tokenizer"]["img_context_id"]] = image_embeds.reshape(-1, emb.shape[-1])
         d = self.m["decoder"]
-        empty = np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32)
-        feed = {"inputs_embeds": emb[None], "attention_mask": np.ones((1, len(ids)), np.int64),
-                "position_ids": np.arange(len(ids))[None], "long_rope": self._long(len(ids))}
-        feed.update({n: empty for n in self.past})
-        res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
+        empty = empty_past(d["layers"], d["kv_heads"], d["head_dim"])
+        feed = step_feed(set(self.inputs), emb[None], empty, 0, int(self._long(len(ids))[0]))
+        res = self.decoder.run(self.outputs, typed(feed, self.decoder))
         return res[0][0], res[1:], len(ids)
 
     def step(self, token: int, past, n: int):
-        feed = {"inputs_embeds": np.array(self.table[[token]], np.float32)[None],
-                "attention_mask": np.ones((1, n + 1), np.int64), "position_ids": np.array([[n]]),
-                "long_rope": self._long(n + 1)}
-        feed.update(dict(zip(self.past, past, strict=True)))
-        res = self.decoder.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
+        emb = np.array(self.table[[token]], np.float32)[None]
+        feed = step_feed(set(self.inputs), emb, dict(zip(self.past, past, strict=True)), n, int(self._long(n + 1)[0]))
+        res = self.decoder.run(self.outputs, typed(feed, self.decoder))
         return res[0][0], res[1:], n + 1
 
 

@@ -16,7 +16,7 @@ use internvl::error::{ErrorKind, WithKind};
 use internvl::files::{self, OutputRules};
 use internvl::image::{image_dimensions, load_image, preprocess, tile_count, tile_images, ImageConfig, MAX_TILES};
 use internvl::manifest::Manifest;
-use internvl::runtime::{AttentionKernels, Device, RuntimeOptions, MAX_THREADS};
+use internvl::runtime::{AttentionKernels, Device, GpuOptions, RuntimeOptions, MAX_THREADS};
 use internvl::sampling::{self, SamplingOptions};
 use internvl::{npy, vision, Content, Conversation, Engine, EngineConfig, Media, Model, Params};
 use std::sync::Arc;
@@ -81,6 +81,16 @@ enum Command {
     Info(InfoArgs),
     /// Serve the OpenAI Chat Completions API (streaming, images, many clients) from one loaded model.
     Serve(ServeArgs),
+    /// Say which execution providers this binary's ONNX Runtime has and whether their libraries are beside it.
+    Devices(DevicesArgs),
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// Exit non-zero unless ONNX Runtime is a GPU build with every provider library beside it (the GPU
+    /// bundle's layout check; needs no GPU).
+    #[arg(long)]
+    bundle_check: bool,
 }
 
 #[derive(Args)]
@@ -297,8 +307,22 @@ struct ChatArgs {
 
 #[derive(Args)]
 struct RuntimeArgs {
+    /// Where the graphs run: `auto` = TensorRT, else CUDA, else the CPU, as available (said on stderr).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// CUDA / TensorRT: the GPU's index.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=1023))]
+    gpu_id: i32,
+    /// CUDA: most MiB the provider's memory arena may hold (default: no limit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    gpu_mem_limit: Option<u64>,
+    /// CUDA: TF32 matmuls (faster on Ampere and later; `off` for results that match the CPU's).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    tf32: Switch,
+    /// TensorRT: folder for its engines and timing cache, built once per GPU (default: the model
+    /// folder's `trt-cache`).
+    #[arg(long)]
+    trt_cache: Option<PathBuf>,
     /// Intra-op threads (0 = one per core).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0, value_parser = threads())]
     threads: usize,
@@ -309,8 +333,20 @@ struct RuntimeArgs {
 
 impl RuntimeArgs {
     fn options(&self) -> RuntimeOptions {
-        RuntimeOptions { device: self.device, threads: self.threads, attention: self.attention }
+        let gpu = GpuOptions {
+            device_id: self.gpu_id,
+            memory_limit: self.gpu_mem_limit.map(|mib| (mib as usize) << 20),
+            tf32: self.tf32 == Switch::On,
+            trt_cache: self.trt_cache.clone(),
+        };
+        RuntimeOptions { device: self.device, threads: self.threads, attention: self.attention, gpu }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -393,6 +429,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => tokenize_cmd(a),
         Command::Info(a) => info_cmd(a),
         Command::Serve(a) => serve_cmd(a),
+        Command::Devices(a) => devices_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -804,7 +841,8 @@ fn embed_cmd(a: EmbedArgs) -> Result<()> {
     let img = load_image(&a.image, a.exif)?;
     let cfg = ImageConfig { max_tiles: a.max_tiles.unwrap_or(m.image.max_tiles), ..m.image.clone() };
     let tiles = preprocess(&img, &cfg)?;
-    let encoder = vision::VisionEncoder::load(&m, &a.rt.options()).kind(ErrorKind::Model)?;
+    let rt = internvl::runtime::resolve(&m, &a.rt.options())?;
+    let encoder = vision::VisionEncoder::load(&m, &rt).kind(ErrorKind::Model)?;
     let t0 = std::time::Instant::now();
     let rows = encoder.encode(&tiles.data, tiles.count, a.vision_batch)?;
     if a.verbose {
@@ -860,6 +898,26 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         r.weight_mb,
         r.peak_rss_mb / r.weight_mb.max(1.0)
     );
+    Ok(())
+}
+
+fn devices_cmd(a: DevicesArgs) -> Result<()> {
+    let lib = internvl::runtime::library()?;
+    println!("onnxruntime: {}", lib.display());
+    let mut bad = Vec::new();
+    for device in [Device::Cpu, Device::Cuda, Device::Tensorrt] {
+        match internvl::runtime::device_status(device) {
+            Ok(()) => println!("{}: available", device.name()),
+            Err(why) => {
+                println!("{}: not available: {why}", device.name());
+                bad.push(device.name());
+            }
+        }
+    }
+    if a.bundle_check && !bad.is_empty() {
+        return Err(anyhow::anyhow!("--bundle-check: {} cannot start from {}", bad.join(", "), lib.display()))
+            .kind(ErrorKind::Usage);
+    }
     Ok(())
 }
 
@@ -933,10 +991,11 @@ fn info_cmd(a: InfoArgs) -> Result<()> {
     let graphs: Vec<&str> = [Some(&m.vision.file), Some(&m.decoder.file)]
         .into_iter()
         .chain([m.vision.amx.as_ref().map(|v| &v.file), m.decoder.amx.as_ref().map(|v| &v.file)])
+        .chain([m.vision.tensorrt.as_ref().map(|v| &v.file)])
         .flatten()
         .map(String::as_str)
         .collect();
-    let devices = if m.dtype == "float32" { "cpu, cuda, tensorrt" } else { "cpu" };
+    let devices = internvl::runtime::providers::devices_for(&m.dtype).join(", ");
     let mut stdout = std::io::stdout().lock();
     if a.json {
         let v = serde_json::json!({
@@ -965,7 +1024,7 @@ fn info_cmd(a: InfoArgs) -> Result<()> {
             Some(n) => format!("checksums: all {} files match ({n} bytes read)", m.files.len()),
             None => "checksums: not checked (--verify)".into(),
         },
-        format!("devices: {devices}"),
+        format!("devices: {devices} (best first); KV cache {:?}", m.decoder.kv_dtype),
     ];
     for line in lines {
         writeln!(stdout, "{line}").context("writing to stdout")?;

@@ -18,6 +18,9 @@ use crate::image::{ImageConfig, MAX_TILES};
 pub const FORMAT: &str = "internvl-onnx";
 pub const FORMAT_VERSION: u32 = 1;
 
+/// What `--dtype` an export was written with.
+pub const DTYPES: [&str; 5] = ["float32", "float16", "bfloat16", "int8", "int4"];
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -51,6 +54,9 @@ pub struct FileEntry {
 #[derive(Debug, Clone, Deserialize)]
 pub struct VisionSpec {
     pub file: String,
+    /// The graph's type (`int8` in the int8 / int4 exports); absent in older exports: the folder's.
+    #[serde(default)]
+    pub dtype: Option<String>,
     pub input: String,
     pub output: String,
     pub image_size: u32,
@@ -59,6 +65,35 @@ pub struct VisionSpec {
     /// The same graph with its attention on this crate's AMX kernel (`src/kernels`).
     #[serde(default)]
     pub amx: Option<AmxVariant>,
+    /// The same graph with its attention in plain ONNX operators, which TensorRT can build engines of
+    /// (`export/tensorrt.py`); opened under `--device tensorrt`.
+    #[serde(default)]
+    pub tensorrt: Option<GraphVariant>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphVariant {
+    pub file: String,
+}
+
+/// The element type of a graph's KV cache (`decoder.kv_dtype`): fp32 for float32 and the CPU-quantised
+/// exports, the graph's own type for float16 / bfloat16 exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvType {
+    #[default]
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::Float32 => 4,
+            KvType::Float16 | KvType::Bfloat16 => 2,
+        }
+    }
 }
 
 /// A graph's variant that calls this crate's AMX attention kernel (`export/amx.py`); written for int8 /
@@ -91,6 +126,8 @@ pub struct DecoderSpec {
     /// How the graph attends; decides how the runtime keeps the KV cache.
     #[serde(default)]
     pub attention: Attention,
+    #[serde(default)]
+    pub kv_dtype: KvType,
     /// LongRoPE (Phi-3 128k): a forward call whose last position reaches past this many tokens uses the
     /// long rotary factors throughout, as transformers does; absent for plain RoPE.
     #[serde(default)]
@@ -115,7 +152,15 @@ pub enum Attention {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DecoderInputs {
     pub inputs_embeds: String,
-    pub attention_mask: String,
+    /// Plain-attention graphs (and fused graphs of older exports, which computed the lengths from it).
+    #[serde(default)]
+    pub attention_mask: Option<String>,
+    /// Fused graphs: each row's last key index (`[batch]` i32) and the longest row's length (`[]` i32),
+    /// fed as inputs so that nothing the kernel reads on the host is computed on a device.
+    #[serde(default)]
+    pub seqlens_k: Option<String>,
+    #[serde(default)]
+    pub total_sequence_length: Option<String>,
     /// Absent in graphs whose fused attention takes positions from the cache length.
     pub position_ids: Option<String>,
     /// The LongRoPE switch (`[1]` i64, 1 = long factors); only in LongRoPE graphs.
@@ -214,6 +259,11 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The vision graph's type.
+    pub fn vision_dtype(&self) -> &str {
+        self.vision.dtype.as_deref().unwrap_or(&self.dtype)
+    }
+
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }
@@ -226,7 +276,7 @@ impl Manifest {
             self.format_version
         );
         ensure!(self.template.style == "mpt", "template style {:?} is not supported", self.template.style);
-        ensure!(["float32", "int8", "int4"].contains(&self.dtype.as_str()), "dtype {:?} is not supported", self.dtype);
+        ensure!(DTYPES.contains(&self.dtype.as_str()), "dtype {:?} is not supported", self.dtype);
         ensure!(self.embed.dtype == "float32", "embedding dtype {:?} is not supported", self.embed.dtype);
         let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
         // Bounds far above any InternVL release, low enough that no buffer sized from them overflows or
@@ -256,6 +306,13 @@ impl Manifest {
             d.inputs.long_rope.is_some() == d.long_rope_after.is_some(),
             "decoder names a LongRoPE input without its threshold, or the reverse"
         );
+        let i = &d.inputs;
+        let lengths = i.seqlens_k.is_some() && i.total_sequence_length.is_some();
+        ensure!(
+            i.seqlens_k.is_some() == i.total_sequence_length.is_some(),
+            "decoder names one of seqlens_k / total_sequence_length without the other"
+        );
+        ensure!(lengths || i.attention_mask.is_some(), "decoder takes neither the lengths nor an attention mask");
         ensure!(t.vocab_size <= d.vocab, "tokenizer has {} ids but the model only {}", t.vocab_size, d.vocab);
         ensure!(
             (1..=MAX_TILES).contains(&self.image.max_tiles),
@@ -308,6 +365,7 @@ impl Manifest {
     fn named_files(&self) -> impl Iterator<Item = &String> {
         let (v, e, d, t) = (&self.vision, &self.embed, &self.decoder, &self.tokenizer);
         let variants = [&v.amx, &d.amx].into_iter().flatten().map(|a| &a.file);
+        let variants = variants.chain(v.tensorrt.iter().map(|t| &t.file));
         [&v.file, &e.file, &d.file, &t.file].into_iter().chain(variants)
     }
 

@@ -16,7 +16,7 @@ use crate::error::{ErrorKind, WithKind};
 use crate::image::{ImageConfig, MAX_TILES};
 use crate::manifest::Manifest;
 use crate::prompt;
-use crate::runtime::RuntimeOptions;
+use crate::runtime::{self, Device, RuntimeOptions};
 use crate::tokenizer::Tokenizer;
 use crate::vision::VisionEncoder;
 
@@ -32,6 +32,8 @@ pub struct Model {
     pub(crate) decoder: Decoder,
     pub(crate) media: Mutex<MediaCache>,
     pub load_ms: f64,
+    /// Where the graphs run (`auto` resolved).
+    pub device: Device,
 }
 
 /// Prompts longer than this are counted on prefixes before they are tokenised whole.
@@ -65,10 +67,43 @@ impl Model {
             );
         }
         let embeddings = Embeddings::open(&manifest)?;
-        let vision = VisionEncoder::load(&manifest, opts)?;
-        let decoder = Decoder::load(&manifest, opts)?;
+        let mut resolved = runtime::resolve(&manifest, opts)?;
+        let (vision, decoder) = loop {
+            let stages =
+                VisionEncoder::load(&manifest, &resolved).and_then(|v| Ok((v, Decoder::load(&manifest, &resolved)?)));
+            // `auto` is the one case where a GPU that does not start falls back (TensorRT, CUDA, then the
+            // CPU), said on stderr.
+            let next = match resolved.device {
+                Device::Tensorrt => Device::Cuda,
+                _ => Device::Cpu,
+            };
+            match stages {
+                Err(e) if opts.device == Device::Auto && resolved.device != Device::Cpu => {
+                    eprintln!(
+                        "--device auto: {} did not start ({e:#}); trying {}",
+                        resolved.device.name(),
+                        next.name()
+                    );
+                    resolved = runtime::resolve(&manifest, &RuntimeOptions { device: next, ..resolved.clone() })?;
+                }
+                stages => break stages?,
+            }
+        };
+        let device = resolved.device;
+        if let runtime::providers::Fit::Slow(why) = runtime::providers::fit(&manifest, device) {
+            eprintln!("warning: {why}");
+        }
         let media = Mutex::new(MediaCache::new(DEFAULT_MEDIA_CACHE_BYTES));
-        Ok(Self { manifest, tokenizer, embeddings, vision, decoder, media, load_ms: t0.elapsed().as_secs_f64() * 1e3 })
+        Ok(Self {
+            manifest,
+            tokenizer,
+            embeddings,
+            vision,
+            decoder,
+            media,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            device,
+        })
     }
 
     /// Bytes of vision features kept across requests (0: none).

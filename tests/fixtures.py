@@ -122,6 +122,9 @@ def main(out: Path) -> None:
 
     save_hf(make_model("tiny", "qwen2", "300m", seed=0), out / "checkpoint")
     convert(str(out / "checkpoint"), out / "model")
+    # The same checkpoint for GPUs: float16 runs on the CPU provider too, bfloat16 only on GPUs.
+    for dtype in ("float16", "bfloat16"):
+        convert(str(out / "checkpoint"), out / f"model-{dtype}", dtype=dtype)
     cases = [{"name": name, "prompt": prompt, "images": [images[i] for i in imgs], "max_new_tokens": 40,
               "checkpoint": "checkpoint", "model": "model", **extra}
              for name, imgs, prompt, extra in CASES]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from export.checkpoint import inspect, load, map_original
 from export.common import ort_session
+from export.decoder import empty_past, step_feed
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +56,20 @@ def test_decoder_graph_matches_pytorch_over_steps(fixtures, torch_model):
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randn(1, 20, m["hidden"], generator=gen)
     cache = DynamicCache(config=torch_model.config.text_config)
-    empty = np.zeros((1, m["kv_heads"], 0, m["head_dim"]), np.float32)
-    feed = {"inputs_embeds": prompt.numpy(), "attention_mask": np.ones((1, 20), np.int64),
-            "position_ids": np.arange(20)[None]}
     past_names = [n for n in names_in if n.startswith("past_key_values.")]
-    feed.update({n: empty for n in past_names})
+    feed = step_feed(set(names_in), prompt.numpy(), empty_past(m["layers"], m["kv_heads"], m["head_dim"]), 0)
     worst = 0.0
     x = prompt
     for step in range(9):
         with torch.no_grad():
             h = lm(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
             want = head(h[:, -1]).numpy()
-        res = sess.run(names_out, {k: v for k, v in feed.items() if k in names_in})
+        res = sess.run(names_out, feed)
         diff = float(np.abs(res[0] - want).max())
         worst = max(worst, diff)
         assert res[0].argmax() == want.argmax()
-        total = 20 + step + 1
         x = torch.randn(1, 1, m["hidden"], generator=gen)
-        feed = {"inputs_embeds": x.numpy(), "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.array([[total - 1]])}
-        feed.update(dict(zip(past_names, res[1:], strict=True)))
+        feed = step_feed(set(names_in), x.numpy(), dict(zip(past_names, res[1:], strict=True)), 20 + step)
     print(f"decoder logits: max abs diff {worst:.2e} over prefill + 8 steps")
     assert worst < 1e-3
 

@@ -1,14 +1,17 @@
 //! The only place that knows ONNX Runtime: loading the shared library, execution providers, and
 //! session options. Every graph is opened through [`open_graph`], which also picks between a portable
-//! graph and its variant on this crate's own kernels.
+//! graph and its variants (this crate's own kernels on the CPU, plain attention for TensorRT).
+
+pub mod providers;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
-use ort::ep::{self, ExecutionProvider};
+use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
 use ort::logging::LogLevel;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{Outlet, ValueType};
@@ -16,26 +19,11 @@ use ort::value::{Outlet, ValueType};
 use crate::error::{ErrorKind, WithKind};
 use crate::kernels;
 use crate::manifest::{AmxVariant, Manifest};
+pub use providers::{Device, GpuOptions, Stage};
+use providers::{Fit, ProviderPlan};
 
 /// The ONNX Runtime release the graphs and this binary are built for.
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
-
-impl Device {
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-            Device::Tensorrt => "tensorrt",
-        }
-    }
-}
 
 /// Whose attention kernels the graphs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,11 +43,93 @@ pub struct RuntimeOptions {
     /// Intra-op threads; 0 = one per available core.
     pub threads: usize,
     pub attention: AttentionKernels,
+    pub gpu: GpuOptions,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: 0, attention: AttentionKernels::Auto }
+        Self { device: Device::Cpu, threads: 0, attention: AttentionKernels::Auto, gpu: GpuOptions::default() }
+    }
+}
+
+/// `opts` with `auto` replaced by the device this model runs on here, after checking that the model
+/// can run on it at all; `auto` says on stderr what it chose and why. (A model that runs badly there is
+/// said once it has started: [`providers::fit`].)
+pub fn resolve(m: &Manifest, opts: &RuntimeOptions) -> Result<RuntimeOptions> {
+    let mut out = opts.clone();
+    if opts.device == Device::Auto {
+        let mut why = Vec::new();
+        out.device = Device::Cpu;
+        for device in [Device::Tensorrt, Device::Cuda] {
+            let fits = usable(device).and_then(|()| match providers::fit(m, device) {
+                Fit::No(why) => Err(why),
+                _ => Ok(()),
+            });
+            match fits {
+                Ok(()) => {
+                    out.device = device;
+                    break;
+                }
+                Err(e) => why.push(format!("{}: {e}", device.name())),
+            }
+        }
+        let reason = if out.device == Device::Cpu { format!(" ({})", why.join("; ")) } else { String::new() };
+        eprintln!("--device auto: using {}{reason}", out.device.name());
+    }
+    match providers::fit(m, out.device) {
+        Fit::No(why) => Err(anyhow!("{why}")).kind(ErrorKind::Usage),
+        Fit::Slow(_) | Fit::Yes => Ok(out),
+    }
+}
+
+/// The ONNX Runtime library this process loads (loading it).
+pub fn library() -> Result<PathBuf> {
+    Ok(init(0)?.0.to_path_buf())
+}
+
+/// Whether `device`'s provider is in this ONNX Runtime build and its libraries are beside it (not
+/// whether CUDA itself loads: that shows when a session starts, and is then named by the error).
+pub fn device_status(device: Device) -> std::result::Result<(), String> {
+    usable(device)
+}
+
+fn usable(device: Device) -> std::result::Result<(), String> {
+    let (lib, _) = init_unmarked(0).map_err(|e| e.to_string())?;
+    let available = match device {
+        Device::Cuda => ep::CUDA::is_available(),
+        Device::Tensorrt => ep::TensorRT::is_available(),
+        Device::Cpu | Device::Auto => Ok(true),
+    }
+    .unwrap_or(false);
+    if !available {
+        return Err(format!(
+            "the {} execution provider is not in the ONNX Runtime at {} (a GPU build is needed: scripts/gpu_bundle.sh \
+             assembles one)",
+            device.name(),
+            lib.display()
+        ));
+    }
+    let dir = lib.parent().unwrap_or(Path::new("."));
+    let missing = providers::missing_libraries(dir, device);
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} missing beside {} (scripts/gpu_bundle.sh assembles the GPU bundle)",
+            missing.join(", "),
+            lib.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The memory the decoder's KV cache lives in: where the decoder runs (CUDA also under TensorRT,
+/// which does not take the decoder).
+pub fn kv_memory(opts: &RuntimeOptions) -> Result<MemoryInfo<'static>> {
+    match opts.device {
+        Device::Cpu | Device::Auto => Ok(MemoryInfo::default()),
+        Device::Cuda | Device::Tensorrt => {
+            MemoryInfo::new(AllocationDevice::CUDA, opts.gpu.device_id, AllocatorType::Device, MemoryType::Default)
+                .map_err(ort_err)
+        }
     }
 }
 
@@ -155,13 +225,15 @@ fn find_library() -> Result<PathBuf> {
     )
 }
 
-/// Opens a stage's graph, `file`, or its AMX variant when `opts.attention` asks for it (or leaves it
-/// to us) and it can run here. Returns the session and the file it opened.
+/// Opens a stage's graph, `file`, or a variant: the AMX one when `opts.attention` asks for it (or leaves
+/// it to us) and it can run here, the TensorRT one under TensorRT. Returns the session and the file it
+/// opened. `opts.device` must be resolved ([`resolve`]).
 pub fn open_graph(
     m: &Manifest,
     file: &str,
     amx: Option<&AmxVariant>,
     opts: &RuntimeOptions,
+    stage: Stage,
 ) -> Result<(Session, String)> {
     let why_not = if opts.device != Device::Cpu {
         Some(format!("the AMX kernels run on the CPU and --device is {}", opts.device.name()))
@@ -175,18 +247,30 @@ pub fn open_graph(
     } else {
         None
     };
+    let plan = providers::plan(m, opts.device, stage, &opts.gpu);
     match (opts.attention, why_not, amx) {
         (AttentionKernels::Amx, Some(why), _) => Err(anyhow!("attention amx: {why}")).kind(ErrorKind::Usage),
         (AttentionKernels::Amx | AttentionKernels::Auto, None, Some(amx)) => {
-            Ok((open(&m.path(&amx.file), opts, true)?, amx.file.clone()))
+            Ok((open(&m.path(&amx.file), opts, &plan, true)?, amx.file.clone()))
         }
-        _ => Ok((open(&m.path(file), opts, false)?, file.to_string())),
+        _ => {
+            let variant = providers::graph_file(m, opts.device, stage);
+            if variant.is_none() && opts.device == Device::Tensorrt && stage == Stage::Vision {
+                eprintln!(
+                    "warning: {} has no TensorRT variant of {file} (export again): its attention runs on CUDA",
+                    m.dir.display()
+                );
+            }
+            let file = variant.unwrap_or(file);
+            Ok((open(&m.path(file), opts, &plan, false)?, file.to_string()))
+        }
     }
 }
 
-/// One graph on the requested device, with this crate's kernels registered when `kernels`. Asking for a
-/// GPU provider that this ONNX Runtime build does not have is an error, never a silent fallback to CPU.
-fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
+/// One graph with the providers of `plan` (none: the CPU), with this crate's kernels registered when
+/// `kernels`. Asking for a GPU provider that cannot start is an error naming what is missing, never a
+/// silent fallback to CPU.
+fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool) -> Result<Session> {
     let (_, env) = init(opts.threads)?;
     let what = || format!("opening {}", path.display());
     let mut builder = Session::builder(env)
@@ -199,32 +283,74 @@ fn open(path: &Path, opts: &RuntimeOptions, kernels: bool) -> Result<Session> {
         let domain = kernels::domain().map_err(ort_err).with_context(what)?;
         builder = builder.with_operators(domain).map_err(ort_err).with_context(what)?;
     }
-    let provider = match opts.device {
-        Device::Cpu => None,
-        Device::Cuda => require_provider::<ep::CUDA>(opts.device).map(|()| Some(ep::CUDA::default().build()))?,
-        Device::Tensorrt => {
-            require_provider::<ep::TensorRT>(opts.device).map(|()| Some(ep::TensorRT::default().build()))?
+    if plan.is_empty() {
+        return builder.commit_from_file(path).map_err(ort_err).with_context(what);
+    }
+    let device = opts.device;
+    usable(device).map_err(|e| anyhow!("--device {}: {e}", device.name())).kind(ErrorKind::Usage)?;
+    let mut building = None;
+    let mut eps: Vec<ExecutionProviderDispatch> = Vec::new();
+    for p in plan {
+        match p {
+            ProviderPlan::Cuda { device_id, memory_limit, tf32 } => {
+                let mut cuda = ep::CUDA::default()
+                    .with_device_id(*device_id)
+                    .with_tf32(*tf32)
+                    // The tile batch changes from call to call: no exhaustive cuDNN search per new shape.
+                    .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic);
+                if let Some(limit) = memory_limit {
+                    cuda = cuda.with_memory_limit(*limit);
+                }
+                eps.push(cuda.build().error_on_failure());
+            }
+            ProviderPlan::TensorRt { device_id, fp16, bf16, cache_dir, profile } => {
+                std::fs::create_dir_all(cache_dir)
+                    .with_context(|| format!("--trt-cache {}: cannot create the folder", cache_dir.display()))
+                    .kind(ErrorKind::Usage)?;
+                let cached = std::fs::read_dir(cache_dir)
+                    .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".engine")))
+                    .unwrap_or(false);
+                if !cached {
+                    building = Some(cache_dir.clone());
+                }
+                let dir = cache_dir.display().to_string();
+                let trt = ep::TensorRT::default()
+                    .with_device_id(*device_id)
+                    .with_fp16(*fp16)
+                    .with_bf16(*bf16)
+                    .with_layer_norm_fp32_fallback(*fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&dir)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&dir)
+                    .with_profile_min_shapes(&profile[0])
+                    .with_profile_opt_shapes(&profile[1])
+                    .with_profile_max_shapes(&profile[2]);
+                eps.push(trt.build().error_on_failure());
+            }
         }
-    };
-    if let Some(provider) = provider {
-        builder =
-            builder.with_execution_providers([provider.error_on_failure()]).map_err(ort_err).with_context(what)?;
     }
-    builder.commit_from_file(path).map_err(ort_err).with_context(what)
-}
-
-fn require_provider<E: ExecutionProvider>(device: Device) -> Result<()> {
-    let available = E::is_available().map_err(ort_err)?;
-    if !available {
-        let lib =
-            ENVIRONMENT.get().and_then(|r| r.as_ref().ok()).map(|(p, _)| p.display().to_string()).unwrap_or_default();
-        bail!(
-            "--device {}: the {} execution provider is not available in the ONNX Runtime at {lib} (a GPU build of ONNX Runtime is needed)",
-            device.name(),
-            E::NAME
-        );
+    builder = builder
+        .with_execution_providers(eps)
+        .map_err(|e| anyhow!("{}", providers::explain(device, &e.to_string())))
+        .with_context(what)?;
+    let spinner = building.map(|dir| {
+        let name = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+        let bar = indicatif::ProgressBar::new_spinner().with_message(format!(
+            "building TensorRT engines for {name} (first start on this GPU; kept in {})",
+            dir.display()
+        ));
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(250));
+        bar
+    });
+    let session = builder.commit_from_file(path).map_err(|e| anyhow!("{}", providers::explain(device, &e.to_string())));
+    if let Some(bar) = spinner {
+        bar.finish_and_clear();
     }
-    Ok(())
+    session.with_context(what)
 }
 
 /// ort's errors carry the builder they failed on (not `Sync`), so keep only the message.
