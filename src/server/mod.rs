@@ -347,7 +347,15 @@ async fn chat_completions(
     metrics::counter!("internvl_http_requests_total", "route" => "chat_completions").increment(1);
     match chat(state, headers, body).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let mut r = e.into_response();
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                // The unread rest of the body is still on the connection, which the server then drops:
+                // saying so keeps a client from sending its next request on it.
+                r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            }
+            r
+        }
     }
 }
 
