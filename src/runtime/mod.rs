@@ -61,7 +61,7 @@ pub fn resolve(m: &Manifest, opts: &RuntimeOptions) -> Result<RuntimeOptions> {
         let mut why = Vec::new();
         out.device = Device::Cpu;
         for device in [Device::Tensorrt, Device::Cuda] {
-            let fits = usable(device).and_then(|()| match providers::fit(m, device) {
+            let fits = usable(device, opts.threads).and_then(|()| match providers::fit(m, device) {
                 Fit::No(why) => Err(why),
                 _ => Ok(()),
             });
@@ -90,11 +90,12 @@ pub fn library() -> Result<PathBuf> {
 /// Whether `device`'s provider is in this ONNX Runtime build and its libraries are beside it (not
 /// whether CUDA itself loads: that shows when a session starts, and is then named by the error).
 pub fn device_status(device: Device) -> std::result::Result<(), String> {
-    usable(device)
+    usable(device, 0)
 }
 
-fn usable(device: Device) -> std::result::Result<(), String> {
-    let (lib, _) = init_unmarked(0).map_err(|e| e.to_string())?;
+/// `threads`: the process's intra-op threads, in case this call is the one that loads ONNX Runtime.
+fn usable(device: Device, threads: usize) -> std::result::Result<(), String> {
+    let (lib, _) = init_unmarked(threads).map_err(|e| e.to_string())?;
     let available = match device {
         Device::Cuda => ep::CUDA::is_available(),
         Device::Tensorrt => ep::TensorRT::is_available(),
@@ -287,7 +288,7 @@ fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool
         return builder.commit_from_file(path).map_err(ort_err).with_context(what);
     }
     let device = opts.device;
-    usable(device).map_err(|e| anyhow!("--device {}: {e}", device.name())).kind(ErrorKind::Usage)?;
+    usable(device, opts.threads).map_err(|e| anyhow!("--device {}: {e}", device.name())).kind(ErrorKind::Usage)?;
     let mut building = None;
     let mut eps: Vec<ExecutionProviderDispatch> = Vec::new();
     for p in plan {
