@@ -17,7 +17,7 @@ from .embed import export_embedding
 from .tokenizer import write_tokenizer
 from .vision import VisionEncoder, export_vision, layers_run
 
-DTYPES = ("float32", *precision.DTYPES, *quantize.DTYPES[1:])
+DTYPES = ("float32", *precision.DTYPES, *quantize.DTYPES[1:], *quantize.HALF_INT4)
 
 
 def log(msg: str) -> None:
@@ -58,8 +58,10 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         decoder = export_decoder(lspec, model, work / "decoder.onnx")
         log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
         table = weights["model.language_model.embed_tokens.weight"]
-        if dtype in precision.DTYPES:
-            vision, decoder = half_graphs(work, dtype, vspec, lspec, weights, model, vision, decoder, table)
+        if dtype in precision.DTYPES or dtype in quantize.HALF_INT4:
+            half = dtype.removeprefix("int4-")
+            vision, decoder = half_graphs(work, half, vspec, lspec, weights, model, vision, decoder, table,
+                                          int4_block if dtype in quantize.HALF_INT4 else None)
         elif dtype != "float32":
             quantize_graphs(work, dtype, vision, decoder, table, lspec, int4_block)
             for entry, graph, head_dim, layers in (
@@ -69,10 +71,11 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
                 if variant:
                     entry["amx"] = variant
                     log(f"{variant['file']}: {layers} attention layers on the runtime's AMX kernel")
-        if dtype in ("float32", *precision.DTYPES):
-            trt = tensorrt.write_variant(work / "vision.onnx", dtype, vspec.hidden, vspec.heads)
-            trt["max_abs_diff_vs_vision"] = tensorrt.self_check(work / "vision.onnx", work / trt["file"], dtype,
-                                                                vision["image_size"], 1e-2 if dtype != "float32" else 1e-4)
+        if vision["dtype"] in ("float32", *precision.DTYPES):
+            vt = vision["dtype"]
+            trt = tensorrt.write_variant(work / "vision.onnx", vt, vspec.hidden, vspec.heads)
+            trt["max_abs_diff_vs_vision"] = tensorrt.self_check(work / "vision.onnx", work / trt["file"], vt,
+                                                                vision["image_size"], 1e-2 if vt != "float32" else 1e-4)
             vision["tensorrt"] = trt
             log(f"{trt['file']}: attention in plain operators for TensorRT")
         pin_shapes(work, vision, decoder)
@@ -159,8 +162,11 @@ def drift_feeds(work: Path, vision: dict, decoder: dict, embed_table, lspec) -> 
     return tiles, prompts
 
 
-def half_graphs(work: Path, dtype: str, vspec, lspec, weights, model, vision: dict, decoder: dict, embed_table):
-    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
+def half_graphs(work: Path, dtype: str, vspec, lspec, weights, model, vision: dict, decoder: dict, embed_table,
+                int4_block: int | None = None):
+    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32; with
+    `int4_block`, the decoder's matmul weights as int4 blocks too (`quantize.int4_half`), and its drift is
+    then that of the int4 graph wherever it can run here (float16; bfloat16 only on GPUs)."""
     tiles, prompts = drift_feeds(work, vision, decoder, embed_table, lspec)
     t = precision.TORCH_DTYPES[dtype]
     out = []
@@ -172,6 +178,15 @@ def half_graphs(work: Path, dtype: str, vspec, lspec, weights, model, vision: di
         log(f"{name}: {dtype}")
         half = work / f"{dtype}-{name}"
         new = export(half)
+        if int4_block and name == "decoder.onnx":
+            q = work / f"int4-{name}"
+            new["quantization"] = quantize.int4_half(half, q, int4_block)
+            new.update(dtype="int4", activations=dtype, int4_block=int4_block)
+            log(f"  int4: {new['quantization']['matmuls']} matmuls, worst weight rel L2 "
+                f"{new['quantization']['worst_weight_rel_l2']:.3g}")
+            quantize.replace(q, half)
+            if dtype == "bfloat16":  # measured through the module, which has no int4 weights
+                new["quantization"]["drift_measured_without_int4"] = True
         new["precision"] = precision.drift(work / name, half, module() if dtype == "bfloat16" else None, feeds,
                                            dtype, strict=name == "vision.onnx")
         new["fp32_max_abs_diff_to_pytorch"] = entry["max_abs_diff"]

@@ -86,22 +86,32 @@ def machine_limits(threads: int) -> dict:
     return out
 
 
-def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, decode_tokens: int) -> dict:
+def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, decode_tokens: int,
+                device: str = "cpu") -> dict:
+    """The reference's figures on `device` (`cuda` for scripts/gpu_check.sh's PyTorch column): timings read
+    after a device synchronise, so they cover the work and not its launch."""
     from tokenizers import Tokenizer
     from transformers import DynamicCache
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     ckpt = inspect(ckpt_dir)
-    t = time.perf_counter()
+    t = now()
     tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
-    model = load(ckpt, tok.token_to_id("<IMG_CONTEXT>")).to(dtype)
-    load_ms = (time.perf_counter() - t) * 1e3
+    model = load(ckpt, tok.token_to_id("<IMG_CONTEXT>")).to(dev, dtype)
+    load_ms = (now() - t) * 1e3
     tpl = template(ckpt.template)
     lm, head = model.model.language_model, model.lm_head
     r = {"load_ms": med([load_ms])}
 
     def vision(pv):
-        return model.model.get_image_features(pixel_values=pv.to(dtype), vision_feature_layer=-1,
+        return model.model.get_image_features(pixel_values=pv.to(dev, dtype), vision_feature_layer=-1,
                                               vision_feature_select_strategy="default").pooler_output
 
     with torch.no_grad():
@@ -109,28 +119,28 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
         vision(pv4[:1])
         v1, v4 = [], []
         for _ in range(runs):
-            t = time.perf_counter()
+            t = now()
             for i in range(4):
                 vision(pv4[i:i + 1])
-            v1.append((time.perf_counter() - t) * 1e3 / 4)
-            t = time.perf_counter()
+            v1.append((now() - t) * 1e3 / 4)
+            t = now()
             vision(pv4)
-            v4.append((time.perf_counter() - t) * 1e3 / 4)
+            v4.append((now() - t) * 1e3 / 4)
         r["vision_ms_per_tile_batch1"], r["vision_ms_per_tile_batched"] = med(v1), med(v4)
 
         def first_token(img) -> tuple[float, float, int]:
-            t0 = time.perf_counter()
+            t0 = now()
             pv = pixel_values(img)
             text = reference_query(tpl, "Describe the image.", None, [pv.shape[0]], [], 256)
-            ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+            ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids], device=dev)
             feats = vision(pv)
             emb = lm.embed_tokens(ids)
             emb[ids == model.config.image_token_id] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
-            t1 = time.perf_counter()
+            t1 = now()
             h = lm(inputs_embeds=emb, past_key_values=DynamicCache(config=model.config.text_config),
                    use_cache=True).last_hidden_state
             head(h[:, -1]).argmax(-1)
-            t2 = time.perf_counter()
+            t2 = now()
             return (t2 - t0) * 1e3, ids.shape[1] / (t2 - t1), ids.shape[1]
 
         t1s, t7s, pfs = [], [], []
@@ -143,20 +153,22 @@ def bench_torch(ckpt_dir: str, dtype: torch.dtype, runs: int, threads: int, deco
         r["prefill_tokens"] = n
 
         text = reference_query(tpl, "Write a long story about a lighthouse keeper.", None, [], [], 256)
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids], device=dev)
         decs = []
         for _ in range(runs):
             cache = DynamicCache(config=model.config.text_config)
             h = lm(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
             nxt = head(h[:, -1]).argmax(-1, keepdim=True)
-            t = time.perf_counter()
+            t = now()
             for _ in range(decode_tokens):
                 h = lm(input_ids=nxt, past_key_values=cache, use_cache=True).last_hidden_state
                 nxt = head(h[:, -1]).argmax(-1, keepdim=True)
-            decs.append(decode_tokens / (time.perf_counter() - t))
+            decs.append(decode_tokens / (now() - t))
         r["decode_tokens_per_s"] = med(decs)
     import resource
 
+    if dev.type == "cuda":
+        r["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return r
 

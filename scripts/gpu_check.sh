@@ -8,13 +8,14 @@
 # pip packages, which are put on LD_LIBRARY_PATH here) and this repository's Python packages (torch,
 # transformers, onnx, onnxruntime) for the exports.
 #
-# It exports the tiny fixture checkpoint and the InternVL2.5-1B shape (random weights) in float16 and
-# bfloat16, then for each:
+# It exports the tiny fixture checkpoint and the InternVL2.5-1B shape (random weights) in float16,
+# bfloat16 and int4-float16 (MatMulNBits on the GPU), then for each:
 #   - CPU vs CUDA greedy tokens (--tf32 off) over 32+ decode steps, and the CUDA logits of the CPU's
 #     tokens (teacher forcing) against the CPU's: worst difference of the logits' range;
 #   - `internvl bench` on cuda and tensorrt: vision ms per tile at batch 1 and 13, time to first token
 #     with 1 and 7 tiles, prefill and decode tokens/s;
-#   (the PyTorch-on-the-same-GPU column is not written yet: scripts/bench_pytorch.py is CPU-only).
+# and PyTorch (the official modules through transformers, fp16 and bf16) on the same GPU, same figures
+# (scripts/bench_pytorch.py's bench_torch with device cuda).
 # Everything lands in OUT_DIR (default build/gpu-check) as JSON plus summary.md. A step that fails is
 # recorded there and the script goes on: TensorRT is often not installed.
 set -uo pipefail
@@ -49,14 +50,14 @@ for shape in "${shapes[@]}"; do
   ck="$out/checkpoints/$shape"
   [ -d "$ck" ] || "$py" -m export tiny --shape "$shape" --out "$ck" >"$out/export-$shape.log" 2>&1 \
     || { say "export tiny $shape failed (see export-$shape.log)"; continue; }
-  for dtype in float16 bfloat16; do
+  for dtype in float16 bfloat16 int4-float16; do
     m="$out/models/$shape-$dtype"
     [ -d "$m" ] || "$py" -m export --checkpoint "$ck" --out "$m" --dtype "$dtype" >"$out/export-$shape-$dtype.log" 2>&1 \
       || { say "$shape $dtype: export failed"; continue; }
     tag="$shape-$dtype"
     img=$("$py" -c "from PIL import Image; Image.new('RGB', (1344, 1008), (90, 140, 200)).save('$out/photo.png')" && echo "$out/photo.png")
     # Greedy tokens: the CPU has float16 kernels only (bfloat16 runs on CUDA alone), so bfloat16 is
-    # compared CUDA against CUDA with TF32 on / off.
+    # compared CUDA against CUDA with TF32 on / off. int4-float16 runs on the CPU too.
     ref_dev=cpu; [ "$dtype" = bfloat16 ] && ref_dev=cuda
     "$bin" run --model "$m" --image "$img" --max-tiles 6 --prompt "Describe the image." --max-new-tokens 40 \
       --device "$ref_dev" --tf32 off --json >"$out/$tag-ref.json" 2>"$out/$tag-ref.err" || say "$tag: $ref_dev run failed: $(tail -1 "$out/$tag-ref.err")"
@@ -93,6 +94,12 @@ PY
       done
     done
   done
+  # PyTorch on the same GPU, each precision in its own process (its peak memory its own).
+  for pt in float16 bfloat16; do
+    r="$out/$shape-pytorch-cuda-$pt.json"
+    "$py" -c "import sys, json, torch; sys.path.insert(0, '.'); from scripts.bench_pytorch import bench_torch; \
+print(json.dumps(bench_torch('$ck', torch.$pt, 3, 8, 128, device='cuda')))" 2>"$r.err" | tail -1 >"$r" \
+      && say "$shape pytorch cuda $pt: $(cat "$r")" || say "$shape pytorch cuda $pt: failed: $(tail -1 "$r.err")"
+  done
 done
-# Not yet here: the PyTorch column on the same GPU (scripts/bench_pytorch.py measures the CPU only).
 say "wrote $out"

@@ -311,7 +311,8 @@ struct RuntimeArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// CUDA / TensorRT: the GPU's index.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=1023))]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..=1023))]
     gpu_id: i32,
     /// CUDA: most MiB the provider's memory arena may hold (default: no limit).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]

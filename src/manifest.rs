@@ -19,7 +19,7 @@ pub const FORMAT: &str = "internvl-onnx";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// What `--dtype` an export was written with.
-pub const DTYPES: [&str; 5] = ["float32", "float16", "bfloat16", "int8", "int4"];
+pub const DTYPES: [&str; 7] = ["float32", "float16", "bfloat16", "int8", "int4", "int4-float16", "int4-bfloat16"];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {

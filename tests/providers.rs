@@ -67,6 +67,15 @@ fn folders_say_where_they_run() {
     assert_eq!(providers::fit(&manifest("model-float16"), Device::Cuda), Fit::Yes);
     assert!(matches!(providers::fit(&manifest("model-bfloat16"), Device::Cpu), Fit::No(_)));
     assert_eq!(providers::devices_for("bfloat16"), ["tensorrt", "cuda"]);
+    // GPU int4 (float16 / bfloat16 activations): the float16 one runs on the CPU, slowly; bfloat16 not.
+    let mut int4 = manifest("model-float16");
+    int4.dtype = "int4-float16".into();
+    assert_eq!(providers::fit(&int4, Device::Cuda), Fit::Yes);
+    assert!(matches!(providers::fit(&int4, Device::Cpu), Fit::Slow(w) if w.contains("--dtype int4")));
+    int4.dtype = "int4-bfloat16".into();
+    assert!(matches!(providers::fit(&int4, Device::Cpu), Fit::No(w) if w.contains("int4-bfloat16")));
+    assert_eq!(providers::fit(&int4, Device::Tensorrt), Fit::Yes);
+    assert_eq!(providers::devices_for("int4-bfloat16"), ["tensorrt", "cuda"]);
     let info = run(&["info", "--model", fixtures().join("model-bfloat16").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&info.stdout).contains("devices: tensorrt, cuda (best first)"));
 }

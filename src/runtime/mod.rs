@@ -290,6 +290,7 @@ fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool
     let device = opts.device;
     usable(device, opts.threads).map_err(|e| anyhow!("--device {}: {e}", device.name())).kind(ErrorKind::Usage)?;
     let mut building = None;
+    let mut created: Option<PathBuf> = None;
     let mut eps: Vec<ExecutionProviderDispatch> = Vec::new();
     for p in plan {
         match p {
@@ -305,6 +306,9 @@ fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool
                 eps.push(cuda.build().error_on_failure());
             }
             ProviderPlan::TensorRt { device_id, fp16, bf16, cache_dir, profile } => {
+                if !cache_dir.exists() {
+                    created = Some(cache_dir.clone());
+                }
                 std::fs::create_dir_all(cache_dir)
                     .with_context(|| format!("--trt-cache {}: cannot create the folder", cache_dir.display()))
                     .kind(ErrorKind::Usage)?;
@@ -331,10 +335,18 @@ fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool
             }
         }
     }
+    // A folder made for engines that then failed to start holds nothing: not left in the model folder.
+    let forget = |e: anyhow::Error| {
+        if let Some(dir) = &created {
+            let _ = std::fs::remove_dir(dir); // only if still empty
+        }
+        e
+    };
     builder = builder
         .with_execution_providers(eps)
         .map_err(|e| anyhow!("{}", providers::explain(device, &e.to_string())))
-        .with_context(what)?;
+        .with_context(what)
+        .map_err(forget)?;
     let spinner = building.map(|dir| {
         let name = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
         let bar = indicatif::ProgressBar::new_spinner().with_message(format!(
@@ -351,7 +363,7 @@ fn open(path: &Path, opts: &RuntimeOptions, plan: &[ProviderPlan], kernels: bool
     if let Some(bar) = spinner {
         bar.finish_and_clear();
     }
-    session.with_context(what)
+    session.with_context(what).map_err(forget)
 }
 
 /// ort's errors carry the builder they failed on (not `Sync`), so keep only the message.

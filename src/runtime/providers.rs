@@ -144,9 +144,15 @@ pub fn graph_file(m: &Manifest, device: Device, stage: Stage) -> Option<&str> {
 /// Why a model folder cannot run on `device` at all (None: it can), or a warning that it runs badly.
 pub fn fit(m: &Manifest, device: Device) -> Fit {
     match (m.dtype.as_str(), device) {
-        ("bfloat16", Device::Cpu) => Fit::No(format!(
-            "{} is a bfloat16 export and ONNX Runtime's CPU provider has no bfloat16 kernels: use --device cuda or \
-             tensorrt, or export --dtype float16 / float32 for the CPU",
+        ("bfloat16" | "int4-bfloat16", Device::Cpu) => Fit::No(format!(
+            "{} is a {} export and ONNX Runtime's CPU provider has no bfloat16 kernels: use --device cuda or \
+             tensorrt, or export --dtype float16 / float32 / int8 / int4 for the CPU",
+            m.dir.display(),
+            m.dtype
+        )),
+        ("int4-float16", Device::Cpu) => Fit::Slow(format!(
+            "{} is an int4-float16 export made for GPUs: on the CPU its float16 activations run without the int8 \
+             kernels; export --dtype int4 for CPUs",
             m.dir.display()
         )),
         ("int8" | "int4", Device::Cuda | Device::Tensorrt) => Fit::Slow(format!(
@@ -176,8 +182,8 @@ pub enum Fit {
 /// Devices a folder runs on, best first (`internvl info`).
 pub fn devices_for(dtype: &str) -> &'static [&'static str] {
     match dtype {
-        "float16" => &["tensorrt", "cuda", "cpu"],
-        "bfloat16" => &["tensorrt", "cuda"],
+        "float16" | "int4-float16" => &["tensorrt", "cuda", "cpu"],
+        "bfloat16" | "int4-bfloat16" => &["tensorrt", "cuda"],
         "float32" => &["cpu", "tensorrt", "cuda"],
         _ => &["cpu"],
     }

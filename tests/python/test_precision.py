@@ -128,3 +128,92 @@ def test_tensorrt_vision_variant_is_plain_operators_with_the_same_numbers(fixtur
     diff = float(np.abs(got - want).max())
     print(f"{folder}: {variant} vs {m['file']}: max abs diff {diff:.2e}")
     assert diff < (1e-4 if folder == "model" else 2e-2) * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(("k", "n", "block", "seed"), [(64, 40, 32, 1), (72, 24, 32, 2), (256, 16, 128, 3), (96, 8, 32, 4)])
+def test_int4_blocks_are_onnxruntime_quantizer_bytes_and_its_kernel_agrees(k, n, block, seed):
+    """The GPU int4 weights (`quantize.int4_blocks`, written by hand for bfloat16's sake) against ONNX
+    Runtime's own MatMulNBitsQuantizer on float16 (same scales, same nibbles within K; K = 72 and 96 pad
+    the last block), and ONNX Runtime's MatMulNBits kernel computing with them equals the dequantised
+    weight the exporter reports its error from."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from export.quantize import int4_blocks
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float16)
+    w[:, 0] = 0  # an all-zero column: scale 0
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [3, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [3, n])],
+                              [numpy_helper.from_array(w, "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]),
+                             bits=4, block_size=block, is_symmetric=True)
+    q.process()
+    node = q.model.model.graph.node[0]
+    theirs = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer}
+    packed, scales, dequant = int4_blocks(w.astype(np.float32), block, TensorProto.FLOAT16)
+    assert packed.shape == theirs[node.input[1]].shape
+    np.testing.assert_array_equal(scales, theirs[node.input[2]].astype(np.float32).ravel())
+
+    def nibbles(b):
+        return np.stack([b & 15, b >> 4], -1).reshape(n, -1)[:, :k]
+
+    np.testing.assert_array_equal(nibbles(packed), nibbles(theirs[node.input[1]]))
+    # ONNX Runtime's kernel (fp32 activations, no int8 compute) reads the bytes as the dequantised weight.
+    kernel = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                          block_size=block)], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, n])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(helper.make_model(kernel, ir_version=9, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]).SerializeToString(),
+        providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    got = sess.run(None, {"A": a})[0]
+    np.testing.assert_allclose(got, a @ dequant, rtol=1e-5, atol=1e-4)
+    assert np.abs(dequant - w).max() > 0  # it is a quantisation
+
+
+@pytest.mark.parametrize("dtype", ["int4-float16", "int4-bfloat16"])
+def test_gpu_int4_export(fixtures, tmp_path, dtype):
+    """int4 for GPUs: the float16 / bfloat16 export with every decoder matmul weight in 4 bits, run by
+    MatMulNBits in the activation type; int4-float16 runs on the CPU provider, so the binary answers here."""
+    import subprocess
+
+    half = dtype.removeprefix("int4-")
+    out = tmp_path / dtype
+    r = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(fixtures / "checkpoint"), "--out", str(out),
+                        "--dtype", dtype], check=False, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = manifest(out)
+    v, d = m["vision"], m["decoder"]
+    assert (m["dtype"], v["dtype"], d["dtype"], d["activations"], d["kv_dtype"]) == (dtype, half, "int4", half, half)
+    assert "tensorrt" in v and d["int4_block"] == 32
+    graph = onnx.load(str(out / d["file"]), load_external_data=False)
+    weights = {t.name: t for t in graph.graph.initializer}
+    assert not [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == d["quantization"]["matmuls"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    want = onnx.TensorProto.FLOAT16 if half == "float16" else onnx.TensorProto.BFLOAT16
+    assert {weights[n.input[2]].data_type for n in nbits} == {want}
+    assert 0 < d["quantization"]["worst_weight_rel_l2"] < 0.12
+    print(f"{dtype}: worst weight rel L2 {d['quantization']['worst_weight_rel_l2']:.4f}, drift {d['precision']}")
+    fp16 = (fixtures / "model-float16" / "decoder.onnx.data").stat().st_size
+    assert (out / "decoder.onnx.data").stat().st_size < fp16 / 3
+    binary = ROOT / "target" / "release" / "internvl"
+    run = subprocess.run([str(binary), "run", "--model", str(out), "--image", str(fixtures / "images" / "448x448_1.png"),
+                          "--prompt", "Describe the image.", "--max-new-tokens", "8", "--json", "--device", "cpu"],
+                         check=False, capture_output=True, text=True)
+    if half == "float16":
+        assert d["precision"]["measured_on"] == "onnxruntime-cpu"
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["generated_tokens"] == 8
+        assert "made for GPUs" in run.stderr
+    else:
+        assert d["quantization"]["drift_measured_without_int4"] is True
+        assert run.returncode == 2 and "bfloat16" in run.stderr and len(run.stderr.strip().splitlines()) == 1
