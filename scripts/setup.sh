@@ -3,7 +3,7 @@
 # PyTorch reference, ONNX Runtime's shared library for the Rust binary) and the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, pytest, ruff, openai, httpx" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, pytest, ruff, openai, httpx, av, decord" 2>/dev/null; then
   echo "[setup] creating .venv (about 1.5 min, 5.7 GB)" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r export/requirements.txt
@@ -14,4 +14,11 @@ if ! command -v cmake >/dev/null && [ ! -x .venv/bin/cmake ]; then
   .venv/bin/pip install -q --disable-pip-version-check "cmake>=3.16,<5"
 fi
 command -v cmake >/dev/null || export CMAKE="$PWD/.venv/bin/cmake"
+# FFmpeg's programs: `--video` runs ffprobe / ffmpeg (the binary itself starts without them). Debian's
+# package where we may install it; otherwise the video tests say what is missing.
+if ! command -v ffprobe >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's ffmpeg (for --video)" >&2
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ffmpeg) >/dev/null 2>&1 \
+    || echo "[setup] could not install ffmpeg; --video tests will fail saying ffprobe is missing" >&2
+fi
 cargo build --release --quiet

@@ -25,6 +25,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod server;
 pub mod tokenizer;
+pub mod video;
 pub mod vision;
 
 pub use engine::media::Media;

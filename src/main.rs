@@ -18,6 +18,7 @@ use internvl::image::{image_dimensions, load_image, preprocess, tile_count, tile
 use internvl::manifest::Manifest;
 use internvl::runtime::{AttentionKernels, Device, GpuOptions, RuntimeOptions, MAX_THREADS};
 use internvl::sampling::{self, SamplingOptions};
+use internvl::video::{self, Sampling, VideoInfo, DEFAULT_FRAMES, MAX_FRAMES};
 use internvl::{npy, vision, Content, Conversation, Engine, EngineConfig, Media, Model, Params};
 use std::sync::Arc;
 
@@ -224,13 +225,15 @@ struct GenArgs {
     #[arg(long)]
     model: PathBuf,
     /// Image file (PNG, JPEG, WebP, BMP, GIF, TIFF); repeat for several images; omit for text only.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "video")]
     image: Vec<PathBuf>,
+    #[command(flatten)]
+    video: VideoArgs,
     /// Replace the template's system prompt; "" drops the system block.
     #[arg(long)]
     system: Option<String>,
-    /// Most tiles per image (1..=40; default from the model, 12).
-    #[arg(long, allow_negative_numbers = true, value_parser = tiles())]
+    /// Most tiles per image (1..=40; default from the model, 12). Video frames are one tile each.
+    #[arg(long, allow_negative_numbers = true, value_parser = tiles(), conflicts_with = "video")]
     max_tiles: Option<u32>,
     /// Apply the EXIF orientation tag (the reference ignores it).
     #[arg(long)]
@@ -255,6 +258,51 @@ struct GenArgs {
     /// Timing figures, and ONNX Runtime's own warnings, on stderr.
     #[arg(long)]
     verbose: bool,
+}
+
+/// A video's frames as the model card's `load_video` takes them.
+#[derive(Args, Clone)]
+struct VideoArgs {
+    /// Video file: MP4, MOV, MKV, WebM, AVI, ... (H.264, H.265, VP9, AV1 and every codec of the FFmpeg
+    /// installed: its `ffprobe` / `ffmpeg` programs are run), or an animated GIF / WebP (no FFmpeg
+    /// needed). --frames frames, one tile each, asked about as `Frame-N: <image>` lines.
+    #[arg(long)]
+    video: Option<PathBuf>,
+    /// Frames taken from --video, at the middle of equal segments (the model card's `num_segments`).
+    #[arg(long, requires = "video", allow_negative_numbers = true, default_value_t = DEFAULT_FRAMES,
+          value_parser = positive(MAX_FRAMES as u64))]
+    frames: usize,
+    /// Start of the part of --video to sample, in seconds (with --video-end; the card's `bound`).
+    #[arg(long, requires_all = ["video", "video_end"], allow_negative_numbers = true)]
+    video_start: Option<f64>,
+    /// End of the part of --video to sample, in seconds.
+    #[arg(long, requires_all = ["video", "video_start"], allow_negative_numbers = true)]
+    video_end: Option<f64>,
+}
+
+impl VideoArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling { frames: self.frames, bound: self.video_start.zip(self.video_end) }
+    }
+
+    /// The sampled frames, after checking that their tiles fit the model's context (before decoding).
+    fn load(&self, m: &Manifest) -> Result<Option<video::Video>> {
+        let Some(path) = &self.video else { return Ok(None) };
+        let sampling = self.sampling();
+        sampling
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--frames / --video-start / --video-end: {e}"))
+            .kind(ErrorKind::Usage)?;
+        let (ctx, positions) = (m.decoder.max_context, self.frames * m.vision.tokens_per_tile);
+        if positions >= ctx {
+            let msg = format!(
+                "--frames {}: the frames need {positions} positions but the model's context is {ctx} tokens",
+                self.frames
+            );
+            return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Input);
+        }
+        video::load(path, &sampling, m.image.image_size).map(Some)
+    }
 }
 
 /// The runtime and the engine's work units (`run`, `chat`, `serve`).
@@ -352,8 +400,12 @@ enum Switch {
 
 #[derive(Args)]
 struct PreprocessArgs {
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "video", conflicts_with = "video")]
+    image: Option<PathBuf>,
+    /// Instead of --image: a video's sampled frames as tiles, one per frame (the frame indices and what
+    /// was read are printed on stdout as JSON).
+    #[command(flatten)]
+    video: VideoArgs,
     #[arg(long, allow_negative_numbers = true, default_value_t = 12, value_parser = tiles())]
     max_tiles: u32,
     #[arg(long, allow_negative_numbers = true, default_value_t = 1, value_parser = tiles())]
@@ -471,11 +523,21 @@ const MAX_IMAGES: usize = 64;
 /// Decoded pixels one request may hold at once: two images at Pillow's decompression-bomb limit.
 const MAX_REQUEST_PIXELS: u64 = 2 * internvl::image::MAX_IMAGE_PIXELS;
 
+/// What `run` and `chat` start from: the model, the request's images (or video frames) and parameters.
+struct Loaded {
+    model: Arc<Model>,
+    images: Vec<Media>,
+    params: Params,
+    engine: EngineConfig,
+    /// What `--video` read, when given.
+    video: Option<VideoInfo>,
+}
+
 impl GenArgs {
     /// Checks the flags and the images against the model's context from their headers (a request that
     /// cannot fit costs no decoding), decodes the images (a bad one fails before the model spends seconds
     /// loading), then loads the model.
-    fn load(&self, progress: bool) -> Result<(Arc<Model>, Vec<Media>, Params, EngineConfig)> {
+    fn load(&self, progress: bool) -> Result<Loaded> {
         let t0 = Instant::now();
         internvl::runtime::show_runtime_logs(self.verbose);
         let sampling = SamplingOptions {
@@ -487,14 +549,19 @@ impl GenArgs {
         };
         sampling.validate().kind(ErrorKind::Usage)?;
         let manifest = Manifest::load(&self.model)?;
-        let images = self.load_images(&manifest)?;
+        let (images, video) = match self.video.load(&manifest)? {
+            Some(v) => (v.frames.into_iter().map(Media::frame).collect(), Some(v.info)),
+            None => (self.load_images(&manifest)?, None),
+        };
         let bar = spinner(progress, "loading model");
         let model = Model::open(manifest, &self.engine.rt.options(), t0)?;
         bar.finish_and_clear();
         let max_new_tokens = self.max_new_tokens.unwrap_or(model.manifest.generation.max_new_tokens);
-        let params = Params { sampling, max_tiles: self.max_tiles, ..Params::new(max_new_tokens) };
+        // Video frames are one tile each (`load_video(max_num=1)`).
+        let max_tiles = if video.is_some() { Some(1) } else { self.max_tiles };
+        let params = Params { sampling, max_tiles, ..Params::new(max_new_tokens) };
         let engine = self.engine.config(1);
-        Ok((Arc::new(model), images, params, engine))
+        Ok(Loaded { model: Arc::new(model), images, params, engine, video })
     }
 
     fn load_images(&self, m: &Manifest) -> Result<Vec<Media>> {
@@ -552,6 +619,7 @@ fn print_timings(out: &internvl::Output) {
 
 fn run(a: RunArgs) -> Result<()> {
     let mut inputs: Vec<&Path> = a.gen.image.iter().map(PathBuf::as_path).collect();
+    inputs.extend(a.gen.video.video.as_deref());
     inputs.extend(a.history.as_deref());
     inputs.extend(a.force_tokens.as_deref());
     if let Some(path) = &a.logits_out {
@@ -576,7 +644,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
     let progress = std::io::stderr().is_terminal() && !a.json;
-    let (model, images, mut params, engine) = a.gen.load(progress)?;
+    let Loaded { model, images, mut params, engine, video } = a.gen.load(progress)?;
     if let Some(ids) = &forced {
         let (vocab, ctx) = (model.manifest.decoder.vocab, model.manifest.decoder.max_context);
         let bad = ids.iter().find(|&&id| id as usize >= vocab);
@@ -596,7 +664,11 @@ fn run(a: RunArgs) -> Result<()> {
     }
     params.forced = forced;
     params.keep_logits = a.logits_out.is_some();
-    let content = Content { system: a.gen.system.clone(), history, question: a.prompt, images };
+    let question = match &video {
+        Some(v) => internvl::prompt::video_question(&a.prompt, v.frame_indices.len()),
+        None => a.prompt,
+    };
+    let content = Content { system: a.gen.system.clone(), history, question, images };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let mut engine = Engine::new(Arc::clone(&model), engine)?;
@@ -608,7 +680,11 @@ fn run(a: RunArgs) -> Result<()> {
         Ok(())
     })?;
     if json {
-        writeln!(stdout, "{}", serde_json::to_string(&out)?).context("writing to stdout")?;
+        let mut value = serde_json::to_value(&out)?;
+        if let (Some(v), Some(map)) = (&video, value.as_object_mut()) {
+            map.insert("video".into(), serde_json::to_value(v)?);
+        }
+        writeln!(stdout, "{value}").context("writing to stdout")?;
     } else {
         writeln!(stdout).context("writing to stdout")?;
     }
@@ -672,7 +748,9 @@ fn read_line(input: &mut impl BufRead, limit: usize) -> std::io::Result<Line> {
 /// (an image that does not load, a question too long, invalid UTF-8) is reported and the session goes on.
 fn chat(a: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
-    let (model, mut images, params, engine) = a.gen.load(std::io::stderr().is_terminal())?;
+    let Loaded { model, mut images, params, engine, video } = a.gen.load(std::io::stderr().is_terminal())?;
+    // The video's frames go with the first question, labelled as the model card labels them.
+    let mut video_frames = video.map(|v| v.frame_indices.len());
     let mut image_paths = a.gen.image.clone();
     let mut conv = Conversation::new(Engine::new(Arc::clone(&model), engine)?, a.gen.system.clone());
     let mut stdout = std::io::stdout().lock();
@@ -722,7 +800,11 @@ fn chat(a: ChatArgs) -> Result<()> {
             conv.reset();
             continue;
         }
-        let out = conv.turn(q, std::mem::take(&mut images), &params, &mut |piece| {
+        let q = match video_frames.take() {
+            Some(n) => internvl::prompt::video_question(q, n),
+            None => q.to_string(),
+        };
+        let out = conv.turn(&q, std::mem::take(&mut images), &params, &mut |piece| {
             stdout.write_all(piece.as_bytes()).context("writing to stdout")?;
             stdout.flush().context("writing to stdout")
         });
@@ -800,21 +882,25 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
         let msg = format!("--min-tiles {} must not exceed --max-tiles {}", a.min_tiles, a.max_tiles);
         return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
     }
-    let rules = OutputRules { inputs: vec![&a.image], model_dir: None, force: a.force };
+    let input = a.image.as_deref().or(a.video.video.as_deref()).context("give --image or --video")?;
+    let rules = OutputRules { inputs: vec![input], model_dir: None, force: a.force };
     rules.check(&a.out, "--out")?;
+    if a.video.video.is_some() {
+        return preprocess_video(&a);
+    }
     if let Some(dir) = &a.png {
         if !dir.is_dir() {
             let msg = format!("--png {}: not an existing folder", dir.display());
             return Err(anyhow::anyhow!(msg)).kind(ErrorKind::Usage);
         }
     }
-    let img = load_image(&a.image, a.exif)?;
+    let img = load_image(input, a.exif)?;
     let cfg = ImageConfig { max_tiles: a.max_tiles, min_tiles: a.min_tiles, ..ImageConfig::default() };
     let tiles = preprocess(&img, &cfg)?;
     let pngs = match &a.png {
         Some(dir) => {
             let paths: Vec<PathBuf> = (0..tiles.count).map(|i| dir.join(format!("tile_{i:02}.png"))).collect();
-            let rules = OutputRules { inputs: vec![&a.image, &a.out], model_dir: None, force: a.force };
+            let rules = OutputRules { inputs: vec![input, &a.out], model_dir: None, force: a.force };
             for p in &paths {
                 rules.check(p, "--png")?;
             }
@@ -832,6 +918,25 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
     }
     eprintln!("{} tiles (grid {}x{}) -> {}", tiles.count, tiles.grid.0, tiles.grid.1, a.out.display());
     Ok(())
+}
+
+/// `preprocess --video`: the frames' tiles as the engine feeds them to the vision graph.
+fn preprocess_video(a: &PreprocessArgs) -> Result<()> {
+    let cfg = ImageConfig { max_tiles: 1, min_tiles: 1, ..ImageConfig::default() };
+    let path = a.video.video.as_deref().context("--video")?;
+    let sampling = a.video.sampling();
+    sampling
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--frames / --video-start / --video-end: {e}"))
+        .kind(ErrorKind::Usage)?;
+    let v = video::load(path, &sampling, cfg.image_size)?;
+    let mut data = Vec::new();
+    for frame in &v.frames {
+        data.extend(preprocess(frame, &cfg)?.data);
+    }
+    let s = cfg.image_size as usize;
+    npy::write_f32(&a.out, &[v.frames.len(), 3, s, s], &data)?;
+    writeln!(std::io::stdout(), "{}", serde_json::to_string(&v.info)?).context("writing to stdout")
 }
 
 fn embed_cmd(a: EmbedArgs) -> Result<()> {

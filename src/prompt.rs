@@ -76,6 +76,12 @@ fn with_image_placeholders(question: &str, images: usize, placed: bool) -> Strin
     }
 }
 
+/// A question about a video of `frames` frames as the model card asks it: one `Frame-N: <image>` line per
+/// frame before the question (older InternVL2 cards write `FrameN:`).
+pub fn video_question(question: &str, frames: usize) -> String {
+    (1..=frames).map(|i| format!("Frame-{i}: {IMAGE_PLACEHOLDER}\n")).collect::<String>() + question
+}
+
 /// Token ids of the prompt, as the reference tokenises it: every `<image>` becomes `<img><IMG_CONTEXT></img>`,
 /// the whole text is encoded at once (`first`: with the tokenizer's own special tokens, e.g. a BOS, as
 /// `tokenizer(query)` adds them; follow-up chat turns continue a sequence and add none), then each
@@ -166,6 +172,16 @@ mod tests {
         assert_eq!(place_images("C?", 1), "<image>\nC?");
         assert_eq!(place_images("Look: <image>", 1), "Look: <image>");
         assert_eq!(place_images("C?", 0), "C?");
+    }
+
+    #[test]
+    fn video_frames_are_labelled_lines() {
+        let q = video_question("What happens?", 2);
+        assert_eq!(q, "Frame-1: <image>\nFrame-2: <image>\nWhat happens?");
+        assert_eq!(
+            render(&tpl(), &[], &q, Some(""), 2),
+            format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+        );
     }
 
     #[test]

@@ -57,6 +57,17 @@ impl Media {
             .kind(ErrorKind::Input)
     }
 
+    /// A decoded video frame: known by the SHA-256 of its pixels (and size), so a frame seen again, in
+    /// this video or another, reuses its features.
+    pub fn frame(image: RgbImage) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"frame");
+        h.update(image.width().to_le_bytes());
+        h.update(image.height().to_le_bytes());
+        h.update(image.as_raw());
+        Media::Pixels { sha256: h.finalize().into(), image: Arc::new(image) }
+    }
+
     pub fn sha256(&self) -> [u8; 32] {
         match self {
             Media::Pixels { sha256, .. } => *sha256,

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_card import load_image
+from model_card import load_image, load_video
 
 
 def reference_code() -> Path:
@@ -109,6 +109,11 @@ def answer(model, tokenizer, case: dict) -> dict:
         pixel_values = torch.cat(tiles)
         num_patches_list = [t.shape[0] for t in tiles]
     question = case["question"]
+    if case.get("video"):  # the model card's video chat: load_video (decord), one Frame-N line per frame
+        pixel_values, num_patches_list = load_video(case["video"], bound=case.get("bound"),
+                                                    num_segments=case["frames"])
+        pixel_values = pixel_values.to(torch.float32)
+        question = "".join(f"Frame-{i + 1}: <image>\n" for i in range(len(num_patches_list))) + question
     if len(images) > 1 and "<image>" not in question:  # the model card's multi-image prompt
         question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + question
     history = [tuple(t) for t in case.get("history") or []] or None
@@ -170,7 +175,10 @@ def check_case(case: dict, base: Path) -> dict:
     for p in images:
         if not p.is_file():
             raise SystemExit(f"case {case['name']}: image {p} not found")
-    return {**case, "images": [str(p) for p in images]}
+    video = {"video": str(base / case["video"])} if case.get("video") else {}
+    if video and not Path(video["video"]).is_file():
+        raise SystemExit(f"case {case['name']}: video {video['video']} not found")
+    return {**case, "images": [str(p) for p in images], **video}
 
 
 def main() -> None:

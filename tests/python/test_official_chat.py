@@ -1,5 +1,6 @@
 """Greedy answers equal to the official InternVL `chat()` (remote code, the transformers it pins), text and
-ids, on JPEG photos: one image, several images, a history turn, text only, for every LLM family in the
+ids, on JPEG photos: one image, several images, a history turn, text only, a video (the model card's
+`load_video` with decord, whole and a window), for every LLM family in the
 original layout (Qwen2, Llama, InternLM2, Phi-3 with the `internvl_chat` code under transformers 4.37.2;
 Qwen3 with the InternVL3.5 code under 4.55). The goldens are computed in this run by
 tests/oracle/official_chat.py on the tiny checkpoints tests/fixtures.py builds; our side is the exported
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,10 @@ def photos(out: Path) -> dict[str, Path]:
 
 def cases(img: dict[str, Path]) -> list[dict]:
     return [
+        {"name": "video", "question": "What happens in the video?", "images": [], "video": str(img["video"]),
+         "frames": 4},
+        {"name": "video_window", "question": "Describe this part.", "images": [], "video": str(img["video"]),
+         "frames": 3, "bound": [0.5, 1.5]},
         {"name": "photo", "question": "Describe the image.", "images": [str(img["baseline"])]},
         {"name": "cmyk_grid", "question": "What is in this picture?", "images": [str(img["cmyk"])], "max_num": 6},
         {"name": "gray", "question": "Describe the image in detail.", "images": [str(img["gray"])], "max_num": 2},
@@ -67,7 +73,10 @@ def cases(img: dict[str, Path]) -> list[dict]:
 def goldens(tmp_path_factory) -> tuple[Path, dict[str, dict[str, dict]], list[dict]]:
     subprocess.run([str(ROOT / "scripts" / "reference_env.sh")], check=True, timeout=900)
     work = tmp_path_factory.mktemp("official")
-    all_cases = [{**c, "max_new_tokens": MAX_NEW} for c in cases(photos(work))]
+    from videos import make_video
+
+    media = {**photos(work), "video": make_video(work / "clip.mp4", "libx264", 48, Fraction(24), (320, 240))}
+    all_cases = [{**c, "max_new_tokens": MAX_NEW} for c in cases(media)]
     (work / "cases.json").write_text(json.dumps(all_cases))
     out = {}
     for family, env in FAMILIES.items():
@@ -82,7 +91,13 @@ def goldens(tmp_path_factory) -> tuple[Path, dict[str, dict[str, dict]], list[di
 
 def run_ours(binary: Path, family: str, case: dict, work: Path, json_out: bool) -> subprocess.CompletedProcess:
     cmd = [str(binary), "run", "--model", str(FIXTURES / "models" / family), "--prompt", case["question"],
-           "--max-new-tokens", str(case["max_new_tokens"]), "--max-tiles", str(case.get("max_num", 12))]
+           "--max-new-tokens", str(case["max_new_tokens"])]
+    if case.get("video"):
+        cmd += ["--video", case["video"], "--frames", str(case["frames"])]
+        if case.get("bound"):
+            cmd += ["--video-start", str(case["bound"][0]), "--video-end", str(case["bound"][1])]
+    else:
+        cmd += ["--max-tiles", str(case.get("max_num", 12))]
     for image in case["images"]:
         cmd += ["--image", image]
     if case.get("history"):
@@ -102,7 +117,7 @@ def binary() -> Path:
     return ROOT / "target" / "release" / "internvl"
 
 
-NAMES = [c["name"] for c in cases({k: Path(k) for k in ("baseline", "progressive444", "cmyk", "gray")})
+NAMES = [c["name"] for c in cases({k: Path(k) for k in ("baseline", "progressive444", "cmyk", "gray", "video")})
          if "follow_ups" not in c]
 
 

@@ -1,0 +1,143 @@
+//! Videos as the reference reads them (the model card's `load_video`): `num_segments` frames taken at
+//! the middle of equal segments of the video (or of a `[start, end]` window in seconds), each frame
+//! resized whole to one square tile (`max_num=1`: no grid, no thumbnail), asked about with one
+//! `Frame-N: <image>` line per frame (`prompt::video_question`).
+//!
+//! Containers and codecs are FFmpeg's (`ffmpeg.rs`): the reference decodes with decord, which is
+//! FFmpeg's decoders too, so frame counts, rates and pixels come from the same code. FFmpeg is run as
+//! the `ffprobe` / `ffmpeg` programs rather than linked: the binary starts and answers about images on
+//! a machine without it, and says what is missing when a video is given. Animated GIF and WebP are
+//! decoded here by the image crate (`animated.rs`), so they need no FFmpeg.
+//!
+//! Only the sampled frames are kept, each already resized to the tile size: a long or high-resolution
+//! video costs decoding time, not memory.
+
+mod animated;
+mod ffmpeg;
+pub mod sampling;
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::error::{ErrorKind, WithKind};
+use crate::image::resize_bicubic;
+
+/// Frames per video when not given: the model card's example (its `load_video` defaults to 32).
+pub const DEFAULT_FRAMES: usize = 8;
+/// Most frames per video: each is a tile, and a request takes at most this many images.
+pub const MAX_FRAMES: usize = crate::engine::MAX_IMAGES;
+/// Frame size bound (width x height) checked before any frame is decoded.
+pub const MAX_FRAME_PIXELS: u64 = crate::image::MAX_IMAGE_PIXELS;
+
+/// Which frames to take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub frames: usize,
+    /// `[start, end]` in seconds (the reference's `bound`); None: the whole video.
+    pub bound: Option<(f64, f64)>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { frames: DEFAULT_FRAMES, bound: None }
+    }
+}
+
+impl Sampling {
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_FRAMES).contains(&self.frames) {
+            return Err(anyhow!("frames {} must be between 1 and {MAX_FRAMES}", self.frames));
+        }
+        if let Some((s, e)) = self.bound {
+            if !(s.is_finite() && e.is_finite() && s >= 0.0 && s < e && e <= 1e7) {
+                return Err(anyhow!("video window {s}..{e} s: need 0 <= start < end <= 1e7 seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sampled frames of a video, each `size` x `size`.
+#[derive(Debug, Clone)]
+pub struct Video {
+    pub frames: Vec<RgbImage>,
+    pub info: VideoInfo,
+}
+
+/// What was read and which frames were taken (`run --json` reports it).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VideoInfo {
+    /// Frames the video has (decord's `len(vr)`: the stream's packets).
+    pub frames_total: usize,
+    /// decord's `get_avg_fps()`.
+    pub fps: f64,
+    pub width: u32,
+    pub height: u32,
+    /// The frame numbers taken, in order (repeats where the video is shorter than the frames asked).
+    pub frame_indices: Vec<usize>,
+    /// `ffmpeg` (and its codec name), `gif` or `webp`.
+    pub decoder: String,
+}
+
+/// Reads the frames `sampling` picks from `path`, each resized to `size` x `size` as Pillow's
+/// `Image.resize` does. Errors name the file and are [`ErrorKind::Input`] (FFmpeg missing included).
+pub fn load(path: &Path, sampling: &Sampling, size: u32) -> Result<Video> {
+    sampling.validate().kind(ErrorKind::Usage)?;
+    let head = read_head(path).kind(ErrorKind::Input)?;
+    let named = |e: anyhow::Error| anyhow!("video {}: {}", path.display(), format!("{e:#}").replace('\n', " "));
+    let video = match animated::kind(&head) {
+        Some(kind) => animated::load(path, kind, sampling, size),
+        None => ffmpeg::load(path, sampling, size),
+    };
+    video.map_err(named).kind(ErrorKind::Input)
+}
+
+fn read_head(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow!("cannot read video {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(anyhow!("video {} is not a file", path.display()));
+    }
+    if meta.len() == 0 {
+        return Err(anyhow!("video file is empty (0 bytes): {}", path.display()));
+    }
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| anyhow!("cannot read video {}: {e}", path.display()))?;
+    Ok(head)
+}
+
+/// Frames in sampled order from the distinct ones decoded (`decoded[k]` is frame `wanted[k]`).
+fn in_order(indices: &[usize], wanted: &[usize], decoded: Vec<RgbImage>) -> Vec<RgbImage> {
+    indices
+        .iter()
+        .map(|i| {
+            let k = wanted.binary_search(i).unwrap_or(0);
+            decoded[k].clone()
+        })
+        .collect()
+}
+
+/// The distinct frame numbers of `indices`, ascending.
+fn distinct(indices: &[usize]) -> Vec<usize> {
+    let mut wanted = indices.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
+}
+
+fn check_size(width: u32, height: u32) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 || pixels > MAX_FRAME_PIXELS {
+        return Err(anyhow!("frames of {width}x{height} pixels are outside 1..={MAX_FRAME_PIXELS} pixels"));
+    }
+    Ok(())
+}
+
+fn to_tile(frame: &RgbImage, size: u32) -> RgbImage {
+    resize_bicubic(frame, size, size)
+}
