@@ -413,21 +413,42 @@ async fn chat(
     let mut admission = Admission { state: Arc::clone(&state), pixels: 0 };
 
     let (tx, rx) = tmpsc::unbounded_channel();
-    let openai::ChatRequest { mut content, params, stream, include_usage, images } = req;
+    let openai::ChatRequest { mut content, params, stream, include_usage, images, video } = req;
     // Remote images are fetched here, inside the admission slot; a client that goes away cancels this.
     let mut image_bytes = Vec::with_capacity(images.len());
     for source in images {
         image_bytes.push(match (source, &state.cfg.remote_media) {
             (openai::ImageSource::Bytes(b), _) => b,
             (openai::ImageSource::Remote(url), Some(remote)) => fetch::get(&url, remote).await?,
-            (openai::ImageSource::Remote(_), None) => {
+            (openai::ImageSource::Remote(_), None) | (openai::ImageSource::Path(_), _) => {
                 return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
             }
         });
     }
     admission.reserve_pixels(openai::image_pixels(&image_bytes)?)?;
+    // A video: fetched like an image; its frames are held resized to one tile each.
+    let video = match video {
+        None => None,
+        Some(v) => {
+            let source = match (v.source, &state.cfg.remote_media) {
+                (openai::ImageSource::Remote(url), Some(remote)) => {
+                    openai::ImageSource::Bytes(fetch::get(&url, remote).await?)
+                }
+                (openai::ImageSource::Remote(_), None) => {
+                    return Err(ApiError::unsupported("video_url", "http(s) video URLs are not enabled"))
+                }
+                (other, _) => other,
+            };
+            let side = u64::from(model.manifest.image.image_size);
+            admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
+            Some((source, v.sampling))
+        }
+    };
     let worker = Arc::clone(&model);
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
+        if let Some((source, sampling)) = video {
+            openai::decode_video(&mut content, source, &sampling, worker.manifest.image.image_size)?;
+        }
         openai::decode_images(&mut content, image_bytes)?;
         worker.start(content, params, Box::new(ChannelSink(tx))).map_err(|e| ApiError::from_library(&e))
     })

@@ -11,6 +11,7 @@ use crate::engine::media::Media;
 use crate::engine::{Content, FinishReason, Output, Params};
 use crate::prompt::{self, Turn};
 use crate::sampling::SamplingOptions;
+use crate::video::Sampling;
 
 /// Where images may come from, as the server was started.
 pub struct MediaPolicy<'a> {
@@ -20,10 +21,19 @@ pub struct MediaPolicy<'a> {
     pub remote: bool,
 }
 
-/// An image as the request gives it: its bytes, or a URL still to fetch.
+/// An image or video as the request gives it: its bytes, or a URL still to fetch; a video under the
+/// media root as its path (read by FFmpeg there, not copied into memory).
 pub enum ImageSource {
     Bytes(Vec<u8>),
     Remote(String),
+    Path(std::path::PathBuf),
+}
+
+/// A `video_url` part: where the video is and which frames to take (`num_frames`, default 8; `start` /
+/// `end` in seconds, the model card's `bound`: fields of the part's `video_url` object).
+pub struct VideoRequest {
+    pub source: ImageSource,
+    pub sampling: Sampling,
 }
 
 /// A checked request: what to ask, how, and how to answer.
@@ -34,6 +44,8 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Encoded images to fetch and decode, in order, before the content is complete.
     pub images: Vec<ImageSource>,
+    /// The request's video (then it has no images): its frames are the content's images, one tile each.
+    pub video: Option<VideoRequest>,
 }
 
 fn field<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
@@ -146,16 +158,26 @@ pub fn parse(
         None => false,
         Some(v) => v.as_bool().ok_or_else(|| ApiError::invalid("ignore_eos must be a boolean").param("ignore_eos"))?,
     };
-    let (content, images) = messages(body, policy)?;
+    let (content, images, video) = messages(body, policy)?;
+    if video.is_some() && max_tiles.is_some() {
+        return Err(ApiError::invalid("max_dynamic_patch does not apply to a video (one tile per frame)")
+            .param("max_dynamic_patch"));
+    }
+    // Video frames are one tile each (`load_video(max_num=1)`).
+    let max_tiles = if video.is_some() { Some(1) } else { max_tiles };
     let max_new_tokens = max_tokens.map_or(max_new_tokens, |n| n as usize);
     let params = Params { sampling, max_tiles, stop, ignore_eos, ..Params::new(max_new_tokens) };
-    Ok(ChatRequest { content, params, stream, include_usage, images })
+    Ok(ChatRequest { content, params, stream, include_usage, images, video })
 }
 
 /// The conversation: an optional system message, then user / assistant turns ending with a user one.
 /// A user message's images go before its text as `chat()` places them (`<image>\n`, or `Image-1: ...`
 /// lines for several), unless the text has its own `<image>` placeholders.
-fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<ImageSource>), ApiError> {
+/// A message's video goes before its text as the model card asks (`Frame-N: <image>` lines); a request
+/// has one video and then no images.
+type Messages = (Content, Vec<ImageSource>, Option<VideoRequest>);
+
+fn messages(body: &Value, policy: &MediaPolicy) -> Result<Messages, ApiError> {
     let list = field(body, "messages")
         .and_then(Value::as_array)
         .filter(|l| !l.is_empty())
@@ -164,6 +186,7 @@ fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<ImageSou
     let mut turns: Vec<Turn> = Vec::new();
     let mut pending_user: Option<String> = None;
     let mut images = Vec::new();
+    let mut video: Option<VideoRequest> = None;
     for (i, m) in list.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let content = m.get("content").unwrap_or(&Value::Null);
@@ -176,8 +199,18 @@ fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<ImageSou
                 });
             }
             "user" => {
-                let (text, bytes) = user_content(content, i, policy)?;
-                let placed = prompt::place_images(&text, bytes.len());
+                let (text, bytes, clip) = user_content(content, i, policy)?;
+                let placed = match clip {
+                    Some(clip) => {
+                        if video.is_some() {
+                            return Err(ApiError::invalid("a request may carry one video").param("video_url"));
+                        }
+                        let question = prompt::video_question(&text, clip.sampling.frames);
+                        video = Some(clip);
+                        question
+                    }
+                    None => prompt::place_images(&text, bytes.len()),
+                };
                 images.extend(bytes);
                 pending_user = Some(match pending_user {
                     Some(earlier) => format!("{earlier}\n{placed}"),
@@ -202,7 +235,10 @@ fn messages(body: &Value, policy: &MediaPolicy) -> Result<(Content, Vec<ImageSou
     }
     let question =
         pending_user.ok_or_else(|| ApiError::invalid("the last message must be a user message").param("messages"))?;
-    Ok((Content { system, history: turns, question, images: Vec::new() }, images))
+    if video.is_some() && !images.is_empty() {
+        return Err(ApiError::invalid("a request with a video_url cannot also carry images").param("video_url"));
+    }
+    Ok((Content { system, history: turns, question, images: Vec::new() }, images, video))
 }
 
 fn text_only(content: &Value, i: usize) -> Result<String, ApiError> {
@@ -228,9 +264,11 @@ fn text_only(content: &Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(String, Vec<ImageSource>), ApiError> {
-    let Value::Array(parts) = content else { return Ok((text_only(content, i)?, Vec::new())) };
-    let (mut text, mut images) = (Vec::new(), Vec::new());
+type UserContent = (String, Vec<ImageSource>, Option<VideoRequest>);
+
+fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<UserContent, ApiError> {
+    let Value::Array(parts) = content else { return Ok((text_only(content, i)?, Vec::new(), None)) };
+    let (mut text, mut images, mut video) = (Vec::new(), Vec::new(), None);
     for p in parts {
         match p.get("type").and_then(Value::as_str) {
             Some("text") => text.push(p.get("text").and_then(Value::as_str).ok_or_else(|| {
@@ -241,7 +279,30 @@ fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(Stri
                     p.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str).ok_or_else(
                         || ApiError::invalid(format!("messages[{i}]: image_url needs a url")).param("image_url"),
                     )?;
-                images.push(fetch(url, policy)?);
+                images.push(fetch(url, policy, "image_url")?);
+            }
+            Some("video_url") => {
+                let v = p.get("video_url").unwrap_or(&Value::Null);
+                let url = v.get("url").or(Some(v)).and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::invalid(format!("messages[{i}]: video_url needs a url")).param("video_url")
+                })?;
+                if video.is_some() {
+                    return Err(ApiError::invalid("a request may carry one video").param("video_url"));
+                }
+                let frames = uint(v, "num_frames", 1, crate::video::MAX_FRAMES as u64)?
+                    .map_or(crate::video::DEFAULT_FRAMES, |n| n as usize);
+                let bound = match (float(v, "start")?, float(v, "end")?) {
+                    (Some(s), Some(e)) => Some((f64::from(s), f64::from(e))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(
+                            ApiError::invalid("video_url: give both start and end, or neither").param("video_url")
+                        )
+                    }
+                };
+                let sampling = Sampling { frames, bound };
+                sampling.validate().map_err(|e| ApiError::invalid(format!("video_url: {e}")).param("video_url"))?;
+                video = Some(VideoRequest { source: fetch(url, policy, "video_url")?, sampling });
             }
             other => {
                 return Err(ApiError::invalid(format!("messages[{i}]: content part type {other:?} is not supported"))
@@ -249,49 +310,53 @@ fn user_content(content: &Value, i: usize, policy: &MediaPolicy) -> Result<(Stri
             }
         }
     }
-    Ok((text.join("\n"), images))
+    Ok((text.join("\n"), images, video))
 }
 
-/// An image URL's bytes: `data:` always, `file://` under the media root only, http(s) (fetched later)
+/// An image or video URL's bytes: `data:` always, `file://` under the media root only, http(s) (fetched later)
 /// only where the server allows it.
-fn fetch(url: &str, policy: &MediaPolicy) -> Result<ImageSource, ApiError> {
-    let invalid = |m: String| ApiError::invalid(m).param("image_url").code("invalid_image");
+fn fetch(url: &str, policy: &MediaPolicy, what: &'static str) -> Result<ImageSource, ApiError> {
+    let code = if what == "video_url" { "invalid_video" } else { "invalid_image" };
+    let invalid = |m: String| ApiError::invalid(m).param(what).code(code);
     if let Some(rest) = url.strip_prefix("data:") {
-        let (meta, data) = rest.split_once(',').ok_or_else(|| invalid("image_url: a data: URI needs a ','".into()))?;
+        let (meta, data) = rest.split_once(',').ok_or_else(|| invalid(format!("{what}: a data: URI needs a ','")))?;
         if !meta.ends_with(";base64") {
-            return Err(invalid("image_url: only base64 data: URIs are supported".into()));
+            return Err(invalid(format!("{what}: only base64 data: URIs are supported")));
         }
         return base64::engine::general_purpose::STANDARD
             .decode(data.trim())
             .map(ImageSource::Bytes)
-            .map_err(|e| invalid(format!("image_url: bad base64 ({e})")));
+            .map_err(|e| invalid(format!("{what}: bad base64 ({e})")));
     }
     if let Some(path) = url.strip_prefix("file://") {
         let Some(root) = policy.media_root else {
             return Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "permission_error",
-                "image_url: file:// URLs are not enabled (start the server with --media-root DIR)",
+                format!("{what}: file:// URLs are not enabled (start the server with --media-root DIR)"),
             )
-            .param("image_url"));
+            .param(what));
         };
         let forbidden = || {
             ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "permission_error",
-                "image_url: the file is not under the server's media root",
+                format!("{what}: the file is not under the server's media root"),
             )
-            .param("image_url")
+            .param(what)
         };
         let real = std::fs::canonicalize(path).map_err(|_| forbidden())?;
         if !real.starts_with(root) {
             return Err(forbidden());
         }
+        if what == "video_url" {
+            return Ok(ImageSource::Path(real));
+        }
         return crate::files::read_limited(&real, crate::files::MAX_IMAGE_FILE, "image file")
             .map(ImageSource::Bytes)
             .map_err(|e| {
                 invalid(format!(
-                    "image_url: {}",
+                    "{what}: {}",
                     format!("{e:#}").replace(root.to_string_lossy().as_ref(), "<media-root>")
                 ))
             });
@@ -299,13 +364,13 @@ fn fetch(url: &str, policy: &MediaPolicy) -> Result<ImageSource, ApiError> {
     if url.starts_with("http://") || url.starts_with("https://") {
         if !policy.remote {
             return Err(ApiError::unsupported(
-                "image_url",
-                "http(s) image URLs are not fetched by this server (start it with --allow-remote-media); send the image as a data: URI",
+                what,
+                "http(s) media URLs are not fetched by this server (start it with --allow-remote-media); send a data: URI",
             ));
         }
         return Ok(ImageSource::Remote(url.to_string()));
     }
-    Err(invalid("image_url: expected a data: URI".into()))
+    Err(invalid(format!("{what}: expected a data: URI")))
 }
 
 /// Decoded images in the content, checked against the per-request pixel bound before any is decoded.
@@ -349,6 +414,31 @@ pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), A
         })?;
         content.images.push(media);
     }
+    Ok(())
+}
+
+/// Reads a video's sampled frames (FFmpeg runs here: call it off the async runtime) into the content.
+pub fn decode_video(
+    content: &mut Content,
+    source: ImageSource,
+    sampling: &Sampling,
+    size: u32,
+) -> Result<(), ApiError> {
+    let video = match source {
+        ImageSource::Bytes(b) => crate::video::load_bytes(&b, sampling, size),
+        ImageSource::Path(p) => crate::video::load(&p, sampling, size),
+        ImageSource::Remote(_) => return Err(ApiError::invalid("video_url: not fetched").param("video_url")),
+    };
+    let video = video.map_err(|e| {
+        let text = format!("{e:#}").replace('\n', " ");
+        match crate::error::ErrorKind::of(&e) {
+            crate::error::ErrorKind::Internal => {
+                ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", text)
+            }
+            _ => ApiError::invalid(text).param("video_url").code("invalid_video"),
+        }
+    })?;
+    content.images.extend(video.frames.into_iter().map(Media::frame));
     Ok(())
 }
 

@@ -95,6 +95,33 @@ pub fn load(path: &Path, sampling: &Sampling, size: u32) -> Result<Video> {
     video.map_err(named).kind(ErrorKind::Input)
 }
 
+/// [`load`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
+/// seekable file (an MP4's index may sit at its end), so the bytes go to a private temporary file that is
+/// removed when this returns.
+pub fn load_bytes(bytes: &[u8], sampling: &Sampling, size: u32) -> Result<Video> {
+    use std::io::Write;
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path =
+        std::env::temp_dir().join(format!("internvl-video-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
+    let mut file =
+        file.map_err(|e| anyhow!("cannot write a temporary file for the video: {e}")).kind(ErrorKind::Internal)?;
+    let guard = Removed(path);
+    file.write_all(bytes)
+        .map_err(|e| anyhow!("cannot write a temporary file for the video: {e}"))
+        .kind(ErrorKind::Internal)?;
+    drop(file);
+    load(&guard.0, sampling, size).or_else(|e| {
+        let text = format!("{e:#}").replace(&guard.0.display().to_string(), "(request)");
+        Err(anyhow!("{text}")).kind(ErrorKind::of(&e))
+    })
+}
+
 fn read_head(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let meta = std::fs::metadata(path).map_err(|e| anyhow!("cannot read video {}: {e}", path.display()))?;

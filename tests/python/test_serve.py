@@ -389,3 +389,52 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(binary, model):
         assert s.proc.wait(30) == 0
     finally:
         s.stop()
+
+
+def test_video_url_answers_equal_internvl_run(binary, model, fixtures, tmp_path):
+    """A `video_url` part (vLLM's spelling; `num_frames`, `start`, `end` in its object) as a data: URI and
+    as a file:// URL under --media-root: the answer `internvl run --video` gives."""
+    from fractions import Fraction
+
+    from videos import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", "libx264", 30, Fraction(15), (160, 120))
+    prompt = "What happens in the video?"
+    s = Server(binary, model, "--media-root", str(tmp_path))
+    try:
+        client = s.client()
+
+        def ask(url: str, video: dict, extra: list | None = None):
+            part = {"type": "video_url", "video_url": {"url": url, **video}}
+            content = [part, *(extra or []), {"type": "text", "text": prompt}]
+            return client.chat.completions.create(model="model", max_tokens=12,
+                                                  messages=[{"role": "user", "content": content}])
+
+        uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+        for video, flags in (({"num_frames": 3}, ["--frames", "3"]),
+                             ({"num_frames": 2, "start": 0.5, "end": 1.5},
+                              ["--frames", "2", "--video-start", "0.5", "--video-end", "1.5"])):
+            want = json.loads(subprocess.run(
+                [str(binary), "run", "--model", str(model), "--video", str(clip), *flags, "--prompt", prompt,
+                 "--max-new-tokens", "12", "--json"], capture_output=True, check=True, timeout=120).stdout)
+            for url in (uri, f"file://{clip}"):
+                r = ask(url, video)
+                assert r.choices[0].message.content == want["text"], (video, url[:30])
+                assert r.usage.prompt_tokens == want["prompt_tokens"]
+                assert r.usage.prompt_tokens_details.image_tokens == video["num_frames"] * 256
+        image = {"type": "image_url", "image_url": {"url": data_uri(fixtures / "images" / "448x448_1.png")}}
+        junk = "data:video/mp4;base64," + base64.b64encode(b"\0" * 3000).decode()
+        for url, video, extra, needle in [
+            (uri, {"num_frames": 0}, None, "num_frames"),
+            (uri, {"num_frames": 2, "start": 1.0}, None, "start and end"),
+            (uri, {}, [image], "cannot also carry images"),
+            (uri, {}, [{"type": "video_url", "video_url": {"url": uri}}], "one video"),
+            (junk, {}, None, "video"),
+            ("file:///etc/passwd", {}, None, "media root"),
+        ]:
+            with pytest.raises((openai.BadRequestError, openai.PermissionDeniedError)) as e:
+                ask(url, video, extra)
+            assert needle in str(e.value), (needle, str(e.value))
+        assert ask(uri, {"num_frames": 1}).choices[0].message.content  # still serving
+    finally:
+        s.stop()
