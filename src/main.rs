@@ -84,6 +84,26 @@ enum Command {
     Serve(ServeArgs),
     /// Say which execution providers this binary's ONNX Runtime has and whether their libraries are beside it.
     Devices(DevicesArgs),
+    /// Write one .tar.gz an edge server unpacks and runs: this binary, ONNX Runtime, the model folder,
+    /// a README and SHA256SUMS.
+    Package(PackageArgs),
+}
+
+#[derive(Args)]
+struct PackageArgs {
+    /// Model folder written by `python -m export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// The archive to write (.tar.gz).
+    #[arg(long)]
+    out: PathBuf,
+    /// Bundle ONNX Runtime's GPU build from this folder (what scripts/gpu_bundle.sh writes) instead of
+    /// the CPU library beside this binary.
+    #[arg(long)]
+    gpu: Option<PathBuf>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -483,6 +503,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info_cmd(a),
         Command::Serve(a) => serve_cmd(a),
         Command::Devices(a) => devices_cmd(a),
+        Command::Package(a) => package_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -1079,6 +1100,25 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
         (None, None, None) => return Err(anyhow::anyhow!("give --text, --file or --decode")).kind(ErrorKind::Usage),
     };
     writeln!(std::io::stdout(), "{out}").context("writing to stdout")
+}
+
+fn package_cmd(a: PackageArgs) -> Result<()> {
+    let o = cli::package::PackageOptions { model: a.model, out: a.out, gpu: a.gpu };
+    cli::package::check_out(&o, a.force)?;
+    let bar = spinner(std::io::stderr().is_terminal(), "packaging (checking every file's checksum)");
+    let packed = cli::package::package(&o)?;
+    bar.finish_and_clear();
+    let size = std::fs::metadata(&o.out).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {}: {} files ({:.1} MiB, {:.1} MiB compressed) under {}/; unpack with tar -xzf and see {}/README.txt",
+        o.out.display(),
+        packed.files,
+        packed.bytes as f64 / (1u64 << 20) as f64,
+        size as f64 / (1u64 << 20) as f64,
+        packed.root,
+        packed.root
+    );
+    Ok(())
 }
 
 fn info_cmd(a: InfoArgs) -> Result<()> {
