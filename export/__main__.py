@@ -15,6 +15,19 @@ COMMANDS = ("convert", "tiny", "golden")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The CLI: the library raises typed errors (export/common.py); here they become one line on stderr
+    and exit status 1."""
+    from .common import ExportCheckError, ExportError
+
+    try:
+        run(argv)
+    except ExportCheckError as e:
+        sys.exit(f"export check failed: {e}")
+    except ExportError as e:
+        sys.exit(str(e))
+
+
+def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "convert")  # the main job needs no subcommand

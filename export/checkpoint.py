@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .common import CheckpointError
 from .decoder import LlmSpec
 from .vision import VisionSpec
 
@@ -44,16 +45,20 @@ def resolve(source: str) -> Path:
     p = Path(source)
     if p.exists():
         if not p.is_dir():
-            raise SystemExit(f"checkpoint {source}: not a folder")
+            raise CheckpointError(f"checkpoint {source}: not a folder")
         return p
     if source.count("/") == 1 and not source.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            got = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            if not list(got.glob("*.safetensors")):  # a release with PyTorch .bin weights only
+                got = Path(snapshot_download(source, allow_patterns=["*.json", "pytorch_model*.bin", "*.model",
+                                                                     "*.txt"]))
+            return got
         except Exception as e:  # network, auth, unknown repo: one clear line
-            raise SystemExit(f"checkpoint {source}: cannot download from the hub ({type(e).__name__}: {e})") from e
-    raise SystemExit(f"checkpoint {source}: no such folder")
+            raise CheckpointError(f"checkpoint {source}: cannot download from the hub ({type(e).__name__}: {e})") from e
+    raise CheckpointError(f"checkpoint {source}: no such folder")
 
 
 # The causal-LM classes of each family, for configs that name the architecture but not the model_type.
@@ -68,7 +73,7 @@ def _llm_family(path: Path, llm: dict) -> str:
         return kind
     if not kind and arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    raise SystemExit(
+    raise CheckpointError(
         f"checkpoint {path}: LLM {kind or arch!r} is not supported (supported: {', '.join(LLM_FAMILIES)})"
     )
 
@@ -77,11 +82,11 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
     path = resolve(source)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise SystemExit(f"checkpoint {path}: config.json missing")
+        raise CheckpointError(f"checkpoint {path}: config.json missing")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise SystemExit(f"checkpoint {cfg_file}: invalid JSON ({e})") from e
+        raise CheckpointError(f"checkpoint {cfg_file}: invalid JSON ({e})") from e
     model_type = config.get("model_type")
     if model_type == "internvl_chat":
         layout, llm = "original", config.get("llm_config") or {}
@@ -89,13 +94,12 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
     elif model_type == "internvl":
         layout, llm = "hf", config.get("text_config") or {"model_type": "qwen2"}
     else:
-        raise SystemExit(f"checkpoint {path}: model_type {model_type!r} is not an InternVL checkpoint")
+        raise CheckpointError(f"checkpoint {path}: model_type {model_type!r} is not an InternVL checkpoint")
     family = _llm_family(path, llm)
     window = llm.get("sliding_window") if family == "phi3" else None  # Qwen2 configs carry an unused one
     if window and window < llm.get("max_position_embeddings", 4096):
-        raise SystemExit(f"checkpoint {path}: sliding-window attention (window {window}) is not supported")
-    if not list(path.glob("*.safetensors")):
-        raise SystemExit(f"checkpoint {path}: no .safetensors weights")
+        raise CheckpointError(f"checkpoint {path}: sliding-window attention (window {window}) is not supported")
+    weight_files(path)  # refuses a folder without weights this exporter reads
     from . import templates
 
     template = template or DEFAULT_TEMPLATES[family]
@@ -115,12 +119,35 @@ def tiling(ckpt: Checkpoint) -> dict:
             "use_thumbnail": bool(c.get("use_thumbnail", True))}
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: `*.safetensors` (one or the hub's shards), else PyTorch's
+    `pytorch_model.bin` / `pytorch_model-0000N-of-0000M.bin` (some InternVL 1.5 / 2 releases ship only
+    those); anything else is refused, naming what the folder holds."""
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    other = sorted(f.name for f in path.iterdir() if f.suffix in (".gguf", ".pt", ".pth", ".ckpt", ".bin", ".h5",
+                                                                    ".msgpack", ".onnx"))
+    found = f" (found {', '.join(other[:5])})" if other else ""
+    raise CheckpointError(f"checkpoint {path}: no weights this exporter reads: expected *.safetensors or "
+                          f"pytorch_model*.bin{found}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            out.update(load_file(f))
+            continue
+        try:  # tensors only (no pickled code); memory-mapped, so a shard is not copied whole first
+            out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # a truncated or non-PyTorch file: one line naming it
+            raise CheckpointError(f"checkpoint {f}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
     return out
 
 
@@ -154,7 +181,7 @@ def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str
                 continue
             parts = rest.split(".")  # encoder.layers.{i}.<module>.<param>
             if parts[:2] != ["encoder", "layers"]:
-                raise SystemExit(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
+                raise CheckpointError(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
             pre = f"model.vision_tower.encoder.layer.{parts[2]}."
             module, param = ".".join(parts[3:-1]), parts[-1]
             if module == "attn.qkv":  # rows: q, k, v
@@ -165,11 +192,11 @@ def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str
             elif module in layer_names:
                 out[f"{pre}{layer_names[module]}.{param}"] = t
             else:
-                raise SystemExit(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
+                raise CheckpointError(f"checkpoint {ckpt.path}: unexpected vision tensor {name}")
         elif name.startswith("mlp1."):
             idx, param = name.rsplit(".", 1)
             if idx not in proj_names:
-                raise SystemExit(f"checkpoint {ckpt.path}: unexpected projector tensor {name}")
+                raise CheckpointError(f"checkpoint {ckpt.path}: unexpected projector tensor {name}")
             out[f"model.multi_modal_projector.{proj_names[idx]}.{param}"] = t
         elif name.startswith("language_model."):
             rest = name[len("language_model."):]
@@ -180,9 +207,9 @@ def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str
             elif rest.startswith("model."):
                 out["model.language_model." + rest[len("model."):]] = t
             else:
-                raise SystemExit(f"checkpoint {ckpt.path}: unexpected LLM tensor {name}")
+                raise CheckpointError(f"checkpoint {ckpt.path}: unexpected LLM tensor {name}")
         else:
-            raise SystemExit(f"checkpoint {ckpt.path}: unexpected tensor {name}")
+            raise CheckpointError(f"checkpoint {ckpt.path}: unexpected tensor {name}")
     return out
 
 
@@ -208,7 +235,7 @@ def _map_internlm2(rest: str, t: torch.Tensor, heads: int, kv: int, head_dim: in
         return {pre + "self_attn.q_proj.weight": w[:, :group].reshape(heads * head_dim, -1),
                 pre + "self_attn.k_proj.weight": w[:, group].reshape(kv * head_dim, -1),
                 pre + "self_attn.v_proj.weight": w[:, group + 1].reshape(kv * head_dim, -1)}
-    raise SystemExit(f"unexpected InternLM2 tensor language_model.{rest}")
+    raise CheckpointError(f"unexpected InternLM2 tensor language_model.{rest}")
 
 
 def hf_config(ckpt: Checkpoint, image_token_id: int):
@@ -252,12 +279,18 @@ def load(ckpt: Checkpoint, image_token_id: int):
     from transformers import InternVLForConditionalGeneration
 
     if ckpt.layout == "hf":
-        model = InternVLForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32,
-                                                                 attn_implementation="eager")
+        try:
+            model = InternVLForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32,
+                                                                     attn_implementation="eager")
+        except Exception as e:  # damaged or foreign weight files: one line naming the checkpoint
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint {ckpt.path}: transformers cannot load its weights "
+                                  f"({', '.join(f.name for f in weight_files(ckpt.path))}: {type(e).__name__}: "
+                                  f"{first})") from e
     else:
         cfg = hf_config(ckpt, image_token_id)
         cfg._attn_implementation = "eager"
-        weights = {k: v.float() for k, v in map_original(ckpt, _read_safetensors(ckpt.path)).items()}
+        weights = {k: v.float() for k, v in map_original(ckpt, _read_weights(ckpt.path)).items()}
         with torch.device("meta"):
             model = InternVLForConditionalGeneration(cfg)
         if cfg.tie_word_embeddings:
@@ -265,7 +298,7 @@ def load(ckpt: Checkpoint, image_token_id: int):
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
         if missing or unexpected:
-            raise SystemExit(f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
         if cfg.tie_word_embeddings:
             model.tie_weights()
         # Buffers (the rotary frequencies) were made on the meta device: build that module for real.

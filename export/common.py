@@ -14,7 +14,24 @@ import torch
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ExportCheckError(RuntimeError):
+class ExportError(Exception):
+    """What the exporter refuses or cannot do, in one line. Library code raises these; only
+    `python -m export` turns them into a message on stderr and exit status 1."""
+
+
+class UsageError(ExportError):
+    """An option value the exporter does not take (a dtype, a template name)."""
+
+
+class CheckpointError(ExportError):
+    """The checkpoint is missing, malformed, or of a kind this exporter does not support."""
+
+
+class OutputError(ExportError):
+    """The output cannot be written without replacing something the user has."""
+
+
+class ExportCheckError(ExportError):
     """An exported graph disagrees with PyTorch beyond its stated tolerance."""
 
 

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from . import amx, checkpoint, manifest, precision, quantize, templates, tensorrt
-from .common import ExportCheckError
+from .common import OutputError, UsageError
 from .decoder import empty_past, export_decoder, graph_module, step_feed
 from .embed import export_embedding
 from .tokenizer import write_tokenizer
@@ -27,7 +27,7 @@ def log(msg: str) -> None:
 def convert(source: str, out: Path, template: str | None = None, force: bool = False, dtype: str = "float32",
             int4_block: int = 32) -> Path:
     if dtype not in DTYPES:
-        raise SystemExit(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
     tpl = templates.template(ckpt.template)
     out = check_output_folder(Path(out), ckpt.path, force)
@@ -99,8 +99,6 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         work.rename(out)
         log(f"wrote {out} in {time.time() - t0:.1f} s")
         return out
-    except ExportCheckError as e:
-        raise SystemExit(f"export check failed: {e}") from e
     finally:
         if work.exists():
             shutil.rmtree(work)
@@ -122,20 +120,20 @@ def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:
     """Never overwrite what the user has: a non-empty `--out` needs --force, and even then only a model
     folder this exporter wrote (its manifest.json) is replaced, never the checkpoint or a folder holding it."""
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"output {out} exists and is not a folder")
+        raise OutputError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise SystemExit(f"output folder {out} is not empty; pass --force to replace it")
+            raise OutputError(f"output folder {out} is not empty; pass --force to replace it")
         m = out / "manifest.json"
         try:
             ours = json.loads(m.read_text()).get("format") == manifest.FORMAT
         except (OSError, ValueError):
             ours = False
         if not ours:
-            raise SystemExit(f"output folder {out} is not a model folder written by this exporter; not replacing it")
+            raise OutputError(f"output folder {out} is not a model folder written by this exporter; not replacing it")
     o, c = out.resolve(), checkpoint_dir.resolve()
     if o == c or o in c.parents:
-        raise SystemExit(f"output folder {out} would replace the checkpoint {checkpoint_dir}")
+        raise OutputError(f"output folder {out} would replace the checkpoint {checkpoint_dir}")
     return out
 
 

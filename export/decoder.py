@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import TORCH_DTYPES, check_close, export_onnx, ort_session
+from .common import TORCH_DTYPES, CheckpointError, check_close, export_onnx, ort_session
 
 # Logits: absolute 1e-3 plus 1e-5 of the largest logit (float32 rounding grows with the magnitude).
 TOLERANCE = 1e-3
@@ -244,7 +244,7 @@ def rope_of(model) -> Rope:
     cfg = model.config.text_config
     params = getattr(cfg, "rope_parameters", None) or {}
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise SystemExit(f"LLM {cfg.model_type}: partial rotary embeddings are not supported")
+        raise CheckpointError(f"LLM {cfg.model_type}: partial rotary embeddings are not supported")
     scale = float(getattr(rot, "attention_scaling", 1.0))
     if getattr(rot, "rope_type", "default") != "longrope":
         return Rope(rot.inv_freq, scale)

@@ -10,6 +10,8 @@ import json
 import platform
 from pathlib import Path
 
+from .common import CheckpointError
+
 FORMAT = "internvl-onnx"
 FORMAT_VERSION = 1
 
@@ -19,7 +21,7 @@ def token_id(tokenizer_json: Path, token: str) -> int:
 
     tid = Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
     if tid is None:
-        raise SystemExit(f"{tokenizer_json}: token {token!r} missing")
+        raise CheckpointError(f"{tokenizer_json}: token {token!r} missing")
     return tid
 
 

@@ -8,6 +8,8 @@ role last; the reference stops generation at `sep.strip()`.
 
 from __future__ import annotations
 
+from .common import UsageError
+
 INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -34,7 +36,7 @@ TEMPLATES = {
 
 def template(name: str) -> dict:
     if name not in TEMPLATES:
-        raise SystemExit(f"unknown conversation template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+        raise UsageError(f"unknown conversation template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
     t = TEMPLATES[name]
     return {"name": name, "style": "mpt", **t, "stop": t["sep"].strip()}
 

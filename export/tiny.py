@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .common import OutputError
+
 ASSETS = Path(__file__).parent / "assets"
 QWEN2_TOKENIZER = ASSETS / "tokenizer" / "qwen2"
 
@@ -210,7 +212,7 @@ def make_model(shape: str = "tiny", family: str = "qwen2", vision: str = "300m",
 def _fresh(out: Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"refusing to overwrite non-empty folder {out}")
+        raise OutputError(f"refusing to overwrite non-empty folder {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -29,6 +29,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .common import CheckpointError
+
 SPIECE = "▁"
 NORMAL, USER_DEFINED, UNUSED = 1, 4, 5  # sentencepiece ModelProto.SentencePiece.Type
 SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -53,9 +55,9 @@ def write_tokenizer(path: Path, dst: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:  # any conversion failure is one message
-        raise SystemExit(f"checkpoint {path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
+        raise CheckpointError(f"checkpoint {path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
     if not getattr(tok, "is_fast", False):
-        raise SystemExit(f"checkpoint {path}: no tokenizer.json and no fast tokenizer conversion")
+        raise CheckpointError(f"checkpoint {path}: no tokenizer.json and no fast tokenizer conversion")
     tok.backend_tokenizer.save(str(dst))
     return dst
 
@@ -111,7 +113,7 @@ def convert_sentencepiece(path: Path, kind: str) -> dict:
     ts, ns = m.trainer_spec, m.normalizer_spec
 
     def refuse(why: str):
-        raise SystemExit(f"{src}: cannot convert to tokenizer.json exactly: {why}")
+        raise CheckpointError(f"{src}: cannot convert to tokenizer.json exactly: {why}")
 
     if ts.model_type != pb.TrainerSpec.BPE:
         refuse(f"model_type {pb.TrainerSpec.ModelType.Name(ts.model_type)} (only BPE is converted)")

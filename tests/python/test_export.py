@@ -234,3 +234,49 @@ def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtur
         assert locations == {f"{stage}.onnx.data"}
         assert not list(folder.glob(f"{stage}-amx.onnx.data"))
 
+
+
+@pytest.mark.parametrize(("checkpoint", "model"), [("checkpoint", "model"),
+                                                   ("checkpoints/qwen2-original", "models/qwen2-original")])
+def test_pytorch_bin_checkpoints_export_the_same_model(fixtures, tmp_path, checkpoint, model):
+    """A checkpoint shipped as PyTorch .bin shards (as some InternVL 1.5 / 2 releases are; -hf and original
+    layouts) exports to the same graphs, byte for byte, as the same weights in safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = fixtures / checkpoint
+    ck = tmp_path / "ck"
+    shutil.copytree(src, ck, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    keys = sorted(tensors)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: tensors[k].clone() for k in part}, ck / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (ck / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]
+    want = json.loads((fixtures / model / "manifest.json").read_text())["files"]
+    for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.bin"):
+        assert ours[f]["sha256"] == want[f]["sha256"], f
+
+
+def test_checkpoints_without_readable_weights_are_refused(fixtures, tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(fixtures / "checkpoint", ck, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    (ck / "model.gguf").write_bytes(b"GGUF")
+    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
+    assert r.returncode == 1 and "no weights this exporter reads" in r.stderr and "model.gguf" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    (ck / "model.gguf").unlink()
+    (ck / "pytorch_model.bin").write_bytes(b"not a pickle")
+    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
+    assert r.returncode == 1 and "pytorch_model.bin" in r.stderr and "Traceback" not in r.stderr, r.stderr

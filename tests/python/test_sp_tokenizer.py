@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_tokenizer import CORPUS
 
+from export.common import CheckpointError
 from export.reference_tokenizer import Slow437
 from export.tiny_tokenizer import make_sp_tokenizer
 from export.tokenizer import write_tokenizer
@@ -109,7 +110,7 @@ def test_sp_refuses_what_it_cannot_reproduce(tmp_path):
     m.ParseFromString((folder / "tokenizer.model").read_bytes())
     m.normalizer_spec.remove_extra_whitespaces = True
     (folder / "tokenizer.model").write_bytes(m.SerializeToString())
-    with pytest.raises(SystemExit, match="remove_extra_whitespaces"):
+    with pytest.raises(CheckpointError, match="remove_extra_whitespaces"):
         write_tokenizer(folder, tmp_path / "t.json")
 
 
