@@ -21,13 +21,8 @@ import torch
 
 from .common import CheckpointError
 from .decoder import LlmSpec
+from .families import FAMILIES, detect
 from .vision import VisionSpec
-
-# LLM families by the model_type / architecture the checkpoint names; value: transformers model_type
-# used for the reference model.
-LLM_FAMILIES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama", "phi3": "phi3"}
-DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "llama": "Hermes-2", "internlm2": "internlm2-chat",
-                     "phi3": "phi3-chat"}
 
 
 @dataclass
@@ -61,23 +56,6 @@ def resolve(source: str) -> Path:
     raise CheckpointError(f"checkpoint {source}: no such folder")
 
 
-# The causal-LM classes of each family, for configs that name the architecture but not the model_type.
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
-                 "InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3"}
-
-
-def _llm_family(path: Path, llm: dict) -> str:
-    kind = llm.get("model_type") or ""
-    arch = (llm.get("architectures") or [""])[0]
-    if kind in LLM_FAMILIES:
-        return kind
-    if not kind and arch in ARCHITECTURES:
-        return ARCHITECTURES[arch]
-    raise CheckpointError(
-        f"checkpoint {path}: LLM {kind or arch!r} is not supported (supported: {', '.join(LLM_FAMILIES)})"
-    )
-
-
 def inspect(source: str, template: str | None = None) -> Checkpoint:
     path = resolve(source)
     cfg_file = path / "config.json"
@@ -95,14 +73,14 @@ def inspect(source: str, template: str | None = None) -> Checkpoint:
         layout, llm = "hf", config.get("text_config") or {"model_type": "qwen2"}
     else:
         raise CheckpointError(f"checkpoint {path}: model_type {model_type!r} is not an InternVL checkpoint")
-    family = _llm_family(path, llm)
-    window = llm.get("sliding_window") if family == "phi3" else None  # Qwen2 configs carry an unused one
+    family = detect(llm, str(path)).name
+    window = llm.get("sliding_window") if FAMILIES[family].sliding_window else None
     if window and window < llm.get("max_position_embeddings", 4096):
         raise CheckpointError(f"checkpoint {path}: sliding-window attention (window {window}) is not supported")
     weight_files(path)  # refuses a folder without weights this exporter reads
     from . import templates
 
-    template = template or DEFAULT_TEMPLATES[family]
+    template = template or FAMILIES[family].template
     templates.template(template)  # unknown names fail here
     return Checkpoint(path=path, source=source, config=config, layout=layout, llm_family=family, template=template)
 
@@ -200,42 +178,13 @@ def map_original(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str
             out[f"model.multi_modal_projector.{proj_names[idx]}.{param}"] = t
         elif name.startswith("language_model."):
             rest = name[len("language_model."):]
-            if family == "internlm2":
-                out.update(_map_internlm2(rest, t, heads, kv, head_dim))
-            elif rest == "lm_head.weight":
-                out["lm_head.weight"] = t
-            elif rest.startswith("model."):
-                out["model.language_model." + rest[len("model."):]] = t
-            else:
-                raise CheckpointError(f"checkpoint {ckpt.path}: unexpected LLM tensor {name}")
+            try:
+                out.update(FAMILIES[family].map_llm(rest, t, heads, kv, head_dim))
+            except CheckpointError as e:
+                raise CheckpointError(f"checkpoint {ckpt.path}: {e}") from e
         else:
             raise CheckpointError(f"checkpoint {ckpt.path}: unexpected tensor {name}")
     return out
-
-
-def _map_internlm2(rest: str, t: torch.Tensor, heads: int, kv: int, head_dim: int) -> dict[str, torch.Tensor]:
-    """InternLM2 names onto Llama's; the packed `wqkv` holds, per kv head, its group of query heads
-    followed by that head's key and value: [(q_0 .. q_{g-1}, k, v) x kv_heads] x head_dim rows."""
-    if rest == "output.weight":
-        return {"lm_head.weight": t}
-    simple = {"model.tok_embeddings.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
-    if rest in simple:
-        return {"model.language_model." + simple[rest]: t}
-    parts = rest.split(".")  # model.layers.{i}.<...>
-    pre = f"model.language_model.layers.{parts[2]}."
-    sub = ".".join(parts[3:])
-    names = {"attention.wo.weight": "self_attn.o_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-             "ffn_norm.weight": "post_attention_layernorm.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
-             "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}
-    if sub in names:
-        return {pre + names[sub]: t}
-    if sub == "attention.wqkv.weight":
-        group = heads // kv
-        w = t.reshape(kv, group + 2, head_dim, t.shape[-1])
-        return {pre + "self_attn.q_proj.weight": w[:, :group].reshape(heads * head_dim, -1),
-                pre + "self_attn.k_proj.weight": w[:, group].reshape(kv * head_dim, -1),
-                pre + "self_attn.v_proj.weight": w[:, group + 1].reshape(kv * head_dim, -1)}
-    raise CheckpointError(f"unexpected InternLM2 tensor language_model.{rest}")
 
 
 def hf_config(ckpt: Checkpoint, image_token_id: int):
@@ -255,18 +204,8 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
             "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act", "bos_token_id", "eos_token_id",
             "original_max_position_embeddings", "pad_token_id")
     text = {k: llm[k] for k in keep if k in llm and llm[k] is not None}
-    if family == "internlm2":
-        text["attention_bias"] = bool(llm.get("bias", False))
-        text.setdefault("tie_word_embeddings", False)
-        if isinstance(text.get("rope_scaling"), dict) and "type" in text["rope_scaling"]:
-            rs = dict(text["rope_scaling"])
-            rs["rope_type"] = rs.pop("type")
-            text["rope_scaling"] = rs
-    if family == "phi3" and isinstance(text.get("rope_scaling"), dict):
-        # Phi-3's configs keep the pre-training length beside rope_scaling; transformers 5 wants it inside.
-        text["rope_scaling"] = {**text["rope_scaling"],
-                                "original_max_position_embeddings": llm.get("original_max_position_embeddings", 4096)}
-    text_cfg = AutoConfig.for_model(LLM_FAMILIES[family], **text)
+    FAMILIES[family].fix_config(text, llm)
+    text_cfg = AutoConfig.for_model(FAMILIES[family].reference, **text)
     return InternVLConfig(vision_config=vision, text_config=text_cfg.to_dict(), image_token_id=image_token_id,
                           image_seq_length=int((vision["image_size"] // vision["patch_size"] * c.get("downsample_ratio", 0.5)) ** 2),
                           downsample_ratio=c.get("downsample_ratio", 0.5), projector_hidden_act="gelu",

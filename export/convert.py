@@ -14,6 +14,7 @@ from . import amx, checkpoint, manifest, precision, quantize, templates, tensorr
 from .common import OutputError, UsageError
 from .decoder import empty_past, export_decoder, graph_module, step_feed
 from .embed import export_embedding
+from .families import FAMILIES
 from .tokenizer import write_tokenizer
 from .vision import VisionEncoder, export_vision, layers_run
 
@@ -231,7 +232,7 @@ def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) ->
     if ckpt.layout == "original":
         stop = [manifest.token_id(tokenizer_json, tpl["stop"])]
         stop_why = "chat(): eos_token_id = id of template.sep.strip()"
-        keep_special = ckpt.llm_family == "qwen3"
+        keep_special = FAMILIES[ckpt.llm_family].keeps_special_tokens
         names = [] if keep_special else reference_special_tokens(ckpt.path)
         skip = sorted({i for i in (manifest.token_id_or_none(tokenizer_json, n) for n in names) if i is not None})
         why = ("InternVL3.5 chat(): batch_decode(skip_special_tokens=False)" if keep_special else

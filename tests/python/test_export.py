@@ -280,3 +280,21 @@ def test_checkpoints_without_readable_weights_are_refused(fixtures, tmp_path):
     (ck / "pytorch_model.bin").write_bytes(b"not a pickle")
     r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
     assert r.returncode == 1 and "pytorch_model.bin" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_family_registry_is_consistent():
+    """One entry per LLM family: its template exists, its reference model type is one transformers builds,
+    and detection works by model_type and by architecture alone; anything else is refused by name."""
+    from transformers import AutoConfig
+
+    from export import templates
+    from export.common import CheckpointError
+    from export.families import FAMILIES, detect
+
+    for name, fam in FAMILIES.items():
+        templates.template(fam.template)
+        AutoConfig.for_model(fam.reference)
+        assert detect({"model_type": name}, "x") is fam
+        assert detect({"architectures": [fam.architecture]}, "x") is fam
+    with pytest.raises(CheckpointError, match="'mistral' is not supported"):
+        detect({"model_type": "mistral"}, "x")
