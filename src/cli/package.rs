@@ -42,6 +42,19 @@ struct Entry {
 
 pub fn package(o: &PackageOptions) -> Result<Packed> {
     let m = Manifest::load(&o.model)?;
+    // The name becomes the archive's folder names: nothing that could climb out of where it is unpacked.
+    let safe = !m.name.is_empty()
+        && m.name != "."
+        && m.name != ".."
+        && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c));
+    if !safe {
+        return Err(anyhow!(
+            "{}: the manifest's name {:?} is not a plain folder name (letters, digits, . _ - +); re-export it",
+            o.model.display(),
+            m.name
+        ))
+        .kind(ErrorKind::Model);
+    }
     let exe = std::env::current_exe().context("locating the running binary")?;
     let libs = match &o.gpu {
         Some(dir) => {

@@ -6,6 +6,7 @@ bundle in a minimal Debian.)"""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import tarfile
@@ -66,6 +67,14 @@ def test_damaged_folders_and_bad_outputs_are_refused(fixtures, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".b.tar.gz*")), "a refused bundle left a file"
     r = package("--model", fixtures / "model", "--out", fixtures / "model" / "b.tar.gz")
     assert r.returncode == 2 and "inside the model folder" in r.stderr
+    # A manifest whose name would climb out of where the archive is unpacked.
+    evil = tmp_path / "evil"
+    shutil.copytree(fixtures / "model", evil)
+    m = json.loads((evil / "manifest.json").read_text())
+    m["name"] = "../../etc"
+    (evil / "manifest.json").write_text(json.dumps(m))
+    r = package("--model", evil, "--out", out)
+    assert r.returncode != 0 and "not a plain folder name" in r.stderr and not out.exists(), r.stderr
     (tmp_path / "gpu").mkdir()
     r = package("--model", fixtures / "model", "--out", out, "--gpu", tmp_path / "gpu")
     assert r.returncode == 2 and "libonnxruntime_providers_cuda.so" in r.stderr, r.stderr
