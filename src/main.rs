@@ -301,18 +301,20 @@ struct VideoArgs {
 }
 
 impl VideoArgs {
-    fn sampling(&self) -> Sampling {
-        Sampling { frames: self.frames, bound: self.video_start.zip(self.video_end) }
+    /// The frames asked for, checked (a usage error naming the flags).
+    fn sampling(&self) -> Result<Sampling> {
+        let sampling = Sampling { frames: self.frames, bound: self.video_start.zip(self.video_end) };
+        sampling
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--frames / --video-start / --video-end: {e}"))
+            .kind(ErrorKind::Usage)?;
+        Ok(sampling)
     }
 
     /// The sampled frames, after checking that their tiles fit the model's context (before decoding).
     fn load(&self, m: &Manifest) -> Result<Option<video::Video>> {
         let Some(path) = &self.video else { return Ok(None) };
-        let sampling = self.sampling();
-        sampling
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--frames / --video-start / --video-end: {e}"))
-            .kind(ErrorKind::Usage)?;
+        let sampling = self.sampling()?;
         let (ctx, positions) = (m.decoder.max_context, self.frames * m.vision.tokens_per_tile);
         if positions >= ctx {
             let msg = format!(
@@ -945,12 +947,7 @@ fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
 fn preprocess_video(a: &PreprocessArgs) -> Result<()> {
     let cfg = ImageConfig { max_tiles: 1, min_tiles: 1, ..ImageConfig::default() };
     let path = a.video.video.as_deref().context("--video")?;
-    let sampling = a.video.sampling();
-    sampling
-        .validate()
-        .map_err(|e| anyhow::anyhow!("--frames / --video-start / --video-end: {e}"))
-        .kind(ErrorKind::Usage)?;
-    let v = video::load(path, &sampling, cfg.image_size)?;
+    let v = video::load(path, &a.video.sampling()?, cfg.image_size)?;
     let mut data = Vec::new();
     for frame in &v.frames {
         data.extend(preprocess(frame, &cfg)?.data);

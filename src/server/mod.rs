@@ -420,8 +420,12 @@ async fn chat(
         image_bytes.push(match (source, &state.cfg.remote_media) {
             (openai::ImageSource::Bytes(b), _) => b,
             (openai::ImageSource::Remote(url), Some(remote)) => fetch::get(&url, remote).await?,
-            (openai::ImageSource::Remote(_), None) | (openai::ImageSource::Path(_), _) => {
+            (openai::ImageSource::Remote(_), None) => {
                 return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
+            }
+            // `openai::parse` gives paths for videos only.
+            (openai::ImageSource::Path(_), _) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "image given as a path"))
             }
         });
     }
