@@ -1,8 +1,6 @@
 """python -m export: the exporter's one CLI.
 
   python -m export --checkpoint DIR_OR_HUB_ID --out models/NAME    checkpoint -> model folder
-  python -m export tiny --out DIR [--shape tiny|internvl2_5-1b]     random-weight checkpoint
-  python -m export golden --cases cases.json --out golden.json     PyTorch reference outputs
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("convert", "tiny", "golden")
+COMMANDS = ("convert",)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,34 +46,12 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--int4-block", type=int, default=32, choices=[32, 128],
                    help="int4: weights per quantisation block (32: closer to fp32; 128: smaller)")
 
-    p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b"])
-    p.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "qwen3", "internlm2", "phi3"],
-                   help="LLM")
-    p.add_argument("--vision", default="300m", choices=["300m", "6b"], help="InternViT variant")
-    p.add_argument("--layout", default="hf", choices=["hf", "original"], help="checkpoint layout to write")
-    p.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("golden", help="PyTorch greedy outputs for test cases")
-    p.add_argument("--cases", required=True, type=Path, help="JSON list of cases (see export/golden.py)")
-    p.add_argument("--out", required=True, type=Path)
-
     args = parser.parse_args(argv)
     if args.command == "convert":
         from .convert import convert
 
         convert(args.checkpoint, args.out, template=args.template, force=args.force, dtype=args.dtype,
                 int4_block=args.int4_block)
-    elif args.command == "tiny":
-        from .tiny import make_checkpoint
-
-        make_checkpoint(args.out, shape=args.shape, seed=args.seed, family=args.family, vision=args.vision,
-                        layout=args.layout)
-    else:
-        from .golden import write_goldens
-
-        write_goldens(args.cases, args.out)
 
 
 if __name__ == "__main__":

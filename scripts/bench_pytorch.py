@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from export.checkpoint import inspect, load
-from export.golden import reference_query
-from export.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
 from export.templates import template
+from export.testing.golden import reference_query
+from export.testing.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
 
 
 def med(xs):

@@ -9,7 +9,7 @@ shape=${1:-tiny}
 scripts/setup.sh
 ckpt=build/checkpoints/$shape
 model=models/$shape
-[ -f "$ckpt/config.json" ] || .venv/bin/python -m export tiny --shape "$shape" --out "$ckpt"
+[ -f "$ckpt/config.json" ] || .venv/bin/python -m export.testing tiny --shape "$shape" --out "$ckpt"
 [ -f "$model/manifest.json" ] || .venv/bin/python -m export --checkpoint "$ckpt" --out "$model"
 image=build/demo.png
 [ -f "$image" ] || .venv/bin/python -c "

@@ -48,8 +48,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 shapes=(tiny internvl2_5-1b)
 for shape in "${shapes[@]}"; do
   ck="$out/checkpoints/$shape"
-  [ -d "$ck" ] || "$py" -m export tiny --shape "$shape" --out "$ck" >"$out/export-$shape.log" 2>&1 \
-    || { say "export tiny $shape failed (see export-$shape.log)"; continue; }
+  [ -d "$ck" ] || "$py" -m export.testing tiny --shape "$shape" --out "$ck" >"$out/export-$shape.log" 2>&1 \
+    || { say "export.testing tiny $shape failed (see export-$shape.log)"; continue; }
   for dtype in float16 bfloat16 int4-float16; do
     m="$out/models/$shape-$dtype"
     [ -d "$m" ] || "$py" -m export --checkpoint "$ck" --out "$m" --dtype "$dtype" >"$out/export-$shape-$dtype.log" 2>&1 \

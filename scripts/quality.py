@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
-from export.golden import reference_query
 from export.precision import typed
-from export.reference import load_image
+from export.testing.golden import reference_query
+from export.testing.reference import load_image
 
 PROMPTS = ["Describe the image in detail.", "What objects are in this picture?", "Write a short story about it."]
 

@@ -4,7 +4,7 @@
   build/fixtures/model/        its export (python -m export)
   build/fixtures/images/       test images (PNG)
   build/fixtures/cases.json    requests: image, prompt, tile limit
-  build/fixtures/golden.json   PyTorch greedy token ids for each request (python -m export golden)
+  build/fixtures/golden.json   PyTorch greedy token ids for each request (export/testing/golden.py)
 
 Rebuilt when any exporter or fixture source changes (a stamp holds their hash).
 Usage: .venv/bin/python tests/fixtures.py [OUT_DIR]
@@ -63,7 +63,7 @@ def text_prompt_length(tokenizer_dir: Path, template: str, question: str) -> int
     from tokenizers import Tokenizer
 
     from export import templates
-    from export.golden import reference_query
+    from export.testing.golden import reference_query
     from export.tokenizer import write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +96,8 @@ def source_hash() -> str:
 
 def main(out: Path) -> None:
     from export.convert import convert
-    from export.golden import write_goldens
-    from export.tiny import (
+    from export.testing.golden import write_goldens
+    from export.testing.tiny import (
         SP_TOKENIZER,
         TEMPLATE,
         make_model,

@@ -1,5 +1,5 @@
 """The model card's image preprocessing (OpenGVLab/InternVL2_5-1B README), kept literal: the oracle of
-export/reference.py (tests/python/test_preprocess.py) and the pixels of the official chat() goldens
+export/testing/reference.py (tests/python/test_preprocess.py) and the pixels of the official chat() goldens
 (official_chat.py). torchvision is imported only by `build_transform` / `load_image`."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -148,9 +148,9 @@ def test_rejects_what_it_does_not_support(tmp_path):
 
 
 def test_original_layout_mapping_matches_an_independent_construction(fixtures):
-    """The exporter's original->canonical mapping, applied to the original-layout file that tiny.py wrote
-    from a transformers model, must give back that model's tensors exactly (InternLM2's packed wqkv and
-    InternViT's fused qkv included)."""
+    """The exporter's original->canonical mapping, applied to the original-layout file that
+    export/testing/tiny.py wrote from a transformers model, must give back that model's tensors exactly
+    (InternLM2's packed wqkv and InternViT's fused qkv included)."""
     from safetensors.torch import load_file
 
     for name in ("internlm2-original", "qwen2-original"):
@@ -298,3 +298,25 @@ def test_family_registry_is_consistent():
         assert detect({"architectures": [fam.architecture]}, "x") is fam
     with pytest.raises(CheckpointError, match="'mistral' is not supported"):
         detect({"model_type": "mistral"}, "x")
+
+
+def test_the_exporter_never_imports_the_test_oracles():
+    """export/testing/ is test oracles, not shipped behaviour: no module `python -m export` runs imports it,
+    at module level or inside a function, so what a user's export does cannot depend on a golden or a tiny
+    checkpoint."""
+    import ast
+
+    for path in sorted((ROOT / "export").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1:  # `from .testing import x`, `from . import testing`
+                    names = [f"export.{module}"] if module else [f"export.{a.name}" for a in node.names]
+                else:
+                    names = [module]
+            else:
+                continue
+            bad = [n for n in names if n == "export.testing" or n.startswith("export.testing.")]
+            assert not bad, f"{path.relative_to(ROOT)}:{node.lineno} imports {bad[0]}"

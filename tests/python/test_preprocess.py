@@ -1,6 +1,6 @@
 """The Rust image preprocessing (`internvl preprocess`) against the reference `load_image`.
 
-PNG (and the other lossless formats) must match `export/reference.py` bit for bit: same decoded
+PNG (and the other lossless formats) must match `export/testing/reference.py` bit for bit: same decoded
 pixels, same Pillow BICUBIC resize, same tile grid, same float32 normalisation. JPEG too: both
 sides decode it with libjpeg-turbo and Pillow's settings. `reference.py` itself is checked against a literal copy of the
 model card code kept in this file.
@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from export import reference
+from export.testing import reference
 
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 from model_card import dynamic_preprocess as oracle_dynamic_preprocess
@@ -35,7 +35,7 @@ STD255 = np.array(reference.IMAGENET_STD, dtype=np.float32) * 255
 
 
 # --------------------------------------------------------------------------------------------
-# The model card code (tests/oracle/model_card.py, literal): the oracle for export/reference.py.
+# The model card code (tests/oracle/model_card.py, literal): the oracle for export/testing/reference.py.
 # --------------------------------------------------------------------------------------------
 
 
@@ -168,7 +168,7 @@ def assert_exact(got: np.ndarray, ref: np.ndarray, what: str):
 
 
 # --------------------------------------------------------------------------------------------
-# export/reference.py against the literal model card code
+# export/testing/reference.py against the literal model card code
 # --------------------------------------------------------------------------------------------
 
 GRID_SIZES = [

@@ -1,8 +1,8 @@
 """Sentencepiece tokenizer parity: the tokenizer.json export/tokenizer.py converts from `tokenizer.model`
 encodes like the reference's slow tokenizer (transformers 4.37, `use_fast=False`) on every tiny kind.
 
-transformers 5 (pinned here) no longer has 4.37's slow classes; export/reference_tokenizer.py writes their
-encoding path out as the oracle, on top of the `sentencepiece` library itself.
+transformers 5 (pinned here) no longer has 4.37's slow classes; export/testing/reference_tokenizer.py writes
+their encoding path out as the oracle, on top of the `sentencepiece` library itself.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from test_tokenizer import CORPUS
 
 from export.common import CheckpointError
-from export.reference_tokenizer import Slow437
-from export.tiny_tokenizer import make_sp_tokenizer
+from export.testing.reference_tokenizer import Slow437
+from export.testing.tiny_tokenizer import make_sp_tokenizer
 from export.tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .common import OutputError
+from ..common import OutputError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"  # export/assets
 QWEN2_TOKENIZER = ASSETS / "tokenizer" / "qwen2"
 
 # Ids of the InternVL 2.5 / 3 tokenizer (Qwen2.5 vocabulary + InternVL's added tokens).
 QWEN2_TOKENS = {"vocab_size": 151674, "bos_id": 151643, "eos_id": 151645, "pad_id": 151643, "img_context_id": 151667}
-# Families whose releases ship a sentencepiece tokenizer: the kind of tiny one (export/tiny_tokenizer.py) they get.
+# Families whose releases ship a sentencepiece tokenizer: the kind of tiny one (testing/tiny_tokenizer.py) they get.
 SP_TOKENIZER = {"llama": "llama", "internlm2": "internlm2", "phi3": "phi3"}
 
 SHAPES = {

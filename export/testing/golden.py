@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import templates
-from .checkpoint import inspect, load
-from .convert import eos_ids
-from .manifest import token_id
+from .. import templates
+from ..checkpoint import inspect, load
+from ..convert import eos_ids
+from ..manifest import token_id
 from .reference import load_image
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -52,8 +52,8 @@ def write_goldens(cases_file: Path, out: Path) -> None:
 def _write_goldens(cases_file: Path, out: Path, tmp: Path) -> None:
     from tokenizers import Tokenizer
 
+    from ..tokenizer import slow_class, write_tokenizer
     from .reference_tokenizer import Slow437
-    from .tokenizer import slow_class, write_tokenizer
 
     cases = json.loads(cases_file.read_text())
     models: dict[str, tuple] = {}

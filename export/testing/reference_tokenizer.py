@@ -4,7 +4,7 @@ tokenizer with `use_fast=False` under 4.37, and transformers 5 (pinned here) no 
 On top of the `sentencepiece` library itself: `PreTrainedTokenizer.tokenize` (split on added tokens, lstrip /
 rstrip), `LlamaTokenizer.tokenize` / `_tokenize` (legacy and non-legacy), `InternLM2Tokenizer._tokenize`,
 `convert_tokens_to_ids`, `build_inputs_with_special_tokens`. The oracle of tests/python/test_sp_tokenizer.py
-and the tokenizer of the PyTorch goldens (export/golden.py) for sentencepiece checkpoints; independent of
+and the tokenizer of the PyTorch goldens (export/testing/golden.py) for sentencepiece checkpoints; independent of
 export/tokenizer.py, whose converted tokenizer.json the runtime uses.
 """
 
