@@ -246,13 +246,72 @@ def load(ckpt: Checkpoint, image_token_id: int):
     return model.eval()
 
 
-def specs(ckpt: Checkpoint, model) -> tuple[VisionSpec, LlmSpec]:
-    cfg = model.config
+def reference_config(ckpt: Checkpoint, image_token_id: int):
+    """transformers' InternVLConfig for the checkpoint: its own (-hf), or the equivalent of an original one."""
+    from transformers import InternVLConfig
+
+    if ckpt.layout == "hf":
+        try:
+            return InternVLConfig.from_pretrained(ckpt.path)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: transformers cannot read config.json "
+                                  f"({type(e).__name__}: {e})") from e
+    return hf_config(ckpt, image_token_id)
+
+
+def tied(cfg) -> bool:
+    top = getattr(cfg, "tie_word_embeddings", None)
+    return bool(cfg.text_config.tie_word_embeddings if top is None else top)
+
+
+def reference_model(cfg, weights, vision_layers: int, text_layers: int):
+    """transformers' InternVL (float32, eager attention) with the first `vision_layers` / `text_layers` layers
+    of the checkpoint and everything around them (embeddings, projector, final norm, head): the independent
+    reference a graph of that many layers is checked against, without ever holding the whole model."""
+    import copy
+
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = copy.deepcopy(cfg)
+    cfg.vision_config.num_hidden_layers = vision_layers
+    cfg.text_config.num_hidden_layers = text_layers
+    for c in (cfg, cfg.vision_config, cfg.text_config):
+        c._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(cfg)
+    want = [n for n in model.state_dict() if not (n == "lm_head.weight" and tied(cfg))]
+    state = {n: _reference_tensor(weights, n) for n in want}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied(cfg))]
+    if missing or unexpected:
+        raise CheckpointError(f"reference model: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+    if tied(cfg):
+        model.tie_weights()
+    # Buffers (the rotary frequencies) were made on the meta device: build that module for real.
+    lm = model.model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(config=cfg.text_config)
+    return model.eval()
+
+
+def _reference_tensor(weights, name: str) -> torch.Tensor:
+    """A reference-model tensor: Phi-3's transformers model keeps q/k/v and gate/up packed, which `weights`
+    holds split (as the graphs use them)."""
+    packed = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
+    for suffix, parts in packed.items():
+        if name.endswith(suffix) and name not in weights:
+            pre = name[: -len(suffix)] + suffix.split(".")[0] + "."
+            return torch.cat([weights.get(pre + p + ".weight") for p in parts])
+    return weights.get(name)
+
+
+def specs(ckpt: Checkpoint, cfg) -> tuple[VisionSpec, LlmSpec]:
     v, t = cfg.vision_config, cfg.text_config
     c = ckpt.config
+    size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+    patch = v.patch_size if isinstance(v.patch_size, int) else v.patch_size[0]
     vision = VisionSpec(hidden=v.hidden_size, layers=v.num_hidden_layers, heads=v.num_attention_heads,
                         norm=v.norm_type, eps=v.layer_norm_eps, qk_norm=bool(v.use_qk_norm),
-                        image_size=v.image_size[0], patch_size=v.patch_size[0], downsample_ratio=cfg.downsample_ratio,
+                        image_size=size, patch_size=patch, downsample_ratio=cfg.downsample_ratio,
                         # InternVLChatConfig's own default is v1 (early InternVL 1.5); -hf is always v2.
                         ps_version=c.get("ps_version", "v1") if ckpt.layout == "original" else "v2",
                         select_layer=cfg.vision_feature_layer)

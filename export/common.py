@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 # The graph types an export can be written in (`--dtype`); int8 / int4 are quantised from float32.
@@ -35,42 +33,29 @@ class ExportCheckError(ExportError):
     """An exported graph disagrees with PyTorch beyond its stated tolerance."""
 
 
-def export_onnx(module: torch.nn.Module, args: tuple, out: Path, input_names: list[str],
-                output_names: list[str], dynamic_axes: dict) -> None:
-    """Export `module` to `out`, weights in one external-data file `<out>.data` beside it.
+def release_memory() -> None:
+    """Free what the last step left (transformers' modules hold reference cycles, which only the
+    collector frees) and hand the heap back to the system (glibc keeps it otherwise), so one step's peak
+    does not stay resident through the next."""
+    import ctypes
+    import gc
 
-    TorchScript tracing (dynamo=False): it keeps the query length dynamic in our decoder and ONNX Runtime
-    fuses more of the graph it produces (see shared/notes). The 2 GiB protobuf limit is side-stepped by
-    always writing weights as external data, so the fp32 decoder of a 0.5B LLM and larger ones work alike.
-    """
-    out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                module, args, str(raw), input_names=input_names, output_names=output_names,
-                dynamic_axes=dynamic_axes, opset_version=17, do_constant_folding=True, dynamo=False,
-                custom_opsets={"com.microsoft": 1},
-            )
-        save_onnx(onnx.load(str(raw), load_external_data=True), out)
-    onnx.checker.check_model(str(out))
-
-
-def save_onnx(model: onnx.ModelProto, out: Path) -> None:
-    """`out` plus all its weights in one external-data file `<out>.data` (replacing both if present)."""
-    data = out.parent / (out.name + ".data")
-    for stale in (out, data):
-        if stale.exists():
-            stale.unlink()
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def ort_session(path: Path, threads: int | None = None):
+    """A CPU session for checking a graph. Weight prepacking is off: ONNX Runtime then maps the external
+    data instead of copying every matmul weight into packed buffers (measured on the 1B fp32 decoder: 1.97
+    GB resident with it off, a 2.47 GB peak with it on), and a check runs only a few times."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -7,16 +7,28 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-from . import amx, checkpoint, manifest, precision, quantize, templates, tensorrt
-from .common import OutputError, UsageError
-from .decoder import empty_past, export_decoder, graph_module, step_feed
+from onnx import TensorProto
+
+from . import (
+    amx,
+    check,
+    checkpoint,
+    manifest,
+    precision,
+    quantize,
+    templates,
+    tensorrt,
+    writer,
+)
+from .common import OutputError, UsageError, release_memory
+from .decoder import export_decoder, rope_of
 from .embed import export_embedding
 from .families import FAMILIES
 from .tokenizer import write_tokenizer
-from .vision import VisionEncoder, export_vision, layers_run
+from .vision import export_vision, layers_run
+from .weights import Weights
 
 DTYPES = ("float32", *precision.DTYPES, *quantize.DTYPES[1:], *quantize.HALF_INT4)
 
@@ -40,31 +52,14 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         t0 = time.time()
         tokenizer_json = write_tokenizer(ckpt.path, work / "tokenizer.json")
         ids = manifest.special_ids(tokenizer_json)
-        log(f"loading {ckpt.path} ({ckpt.layout} layout, {ckpt.llm_family} LLM, template {ckpt.template})")
-        model = checkpoint.load(ckpt, ids["img_context"])
-        vspec, lspec = checkpoint.specs(ckpt, model)
-        weights = model.state_dict()
-
-        def reference(pv):  # transformers' InternVL: independent of our vision module
-            return model.model.get_image_features(pixel_values=pv, vision_feature_layer=vspec.select_layer,
-                                                  vision_feature_select_strategy="default").pooler_output
-
-        log("vision.onnx")
-        # transformers implements pixel shuffle v2 only; v1 graphs are checked against our own module.
-        vision = export_vision(vspec, weights, work / "vision.onnx", reference if vspec.ps_version == "v2" else None)
-        log(f"  max abs diff to PyTorch {vision['max_abs_diff']:.2e}")
+        log(f"reading {ckpt.path} ({ckpt.layout} layout, {ckpt.llm_family} LLM, template {ckpt.template})")
+        cfg = checkpoint.reference_config(ckpt, ids["img_context"])
+        vspec, lspec = checkpoint.specs(ckpt, cfg)
+        weights = Weights(ckpt, checkpoint.tied(cfg))
+        vision, decoder = export_graphs(work, dtype, int4_block, vspec, lspec, cfg, weights)
         log("embed_tokens.bin")
-        embed = export_embedding(model, work / "embed_tokens.bin")
-        log("decoder.onnx")
-        decoder = export_decoder(lspec, model, work / "decoder.onnx")
-        log(f"  max abs diff to PyTorch {decoder['max_abs_diff']:.2e}")
-        table = weights["model.language_model.embed_tokens.weight"]
-        if dtype in precision.DTYPES or dtype in quantize.HALF_INT4:
-            half = dtype.removeprefix("int4-")
-            vision, decoder = half_graphs(work, half, vspec, lspec, weights, model, vision, decoder, table,
-                                          int4_block if dtype in quantize.HALF_INT4 else None)
-        elif dtype != "float32":
-            quantize_graphs(work, dtype, vision, decoder, table, lspec, int4_block)
+        embed = export_embedding(weights, work / "embed_tokens.bin")
+        if dtype in ("int8", "int4"):
             for entry, graph, head_dim, layers in (
                     (vision, "vision.onnx", vspec.hidden // vspec.heads, layers_run(vspec)),
                     (decoder, "decoder.onnx", lspec.head_dim, lspec.layers)):
@@ -138,81 +133,55 @@ def check_output_folder(out: Path, checkpoint_dir: Path, force: bool) -> Path:
     return out
 
 
-def drift_feeds(work: Path, vision: dict, decoder: dict, embed_table, lspec) -> tuple[list[dict], list[dict]]:
-    """Random input for comparing a graph with the fp32 one it replaces: two tiles; a 24-token prompt, and a
-    decode step after it on the fp32 graph's cache (both LongRoPE factor sets where the model has them)."""
-    import torch
+def export_graphs(work: Path, dtype: str, int4_block: int, vspec, lspec, cfg, weights) -> tuple[dict, dict]:
+    """vision.onnx and decoder.onnx in `dtype`, each checked as `check.py` says: first against transformers
+    on the first layers (float32), then the written graph against our module over every layer."""
+    half = dtype.removeprefix("int4-") if dtype in (*precision.DTYPES, *quantize.HALF_INT4) else "float32"
+    vquant = writer.Int8() if dtype in ("int8", "int4") else None
+    scale_type = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}.get(half)
+    dquant = {"int8": writer.Int8(), "int4": writer.Int4(int4_block),
+              "int4-float16": writer.Int4(int4_block, scale_type, None),
+              "int4-bfloat16": writer.Int4(int4_block, scale_type, None)}.get(dtype)
 
-    from .common import ort_session
+    vl, tl = check.prefix_layers(vspec, lspec)
+    log(f"checking the first layers against transformers (vision {vl}, LLM {tl} of {lspec.layers})")
+    reference = checkpoint.reference_model(cfg, weights, vl, tl)
+    rope = rope_of(reference)
+    vref = check.vision_prefix(vspec, weights, reference, work, half)
+    dref = check.decoder_prefix(lspec, weights, reference, rope, work, half, dquant)
+    del reference
+    release_memory()
+    log(f"  max abs diff: vision {vref['max_abs_diff']:.2e}, decoder {dref['max_abs_diff']:.2e}")
+    checked = {"tolerance": check.TOLERANCE, "rtol": check.RTOL}
 
-    gen = torch.Generator().manual_seed(5)
-    tiles = [{"pixel_values": torch.randn(2, 3, vision["image_size"], vision["image_size"], generator=gen).numpy()}]
-    ids = torch.randint(0, embed_table.shape[0], (1, 25), generator=gen)
-    embeds = embed_table[ids].detach().float().numpy()
-    sess = ort_session(work / "decoder.onnx")
-    have = {i.name for i in sess.get_inputs()}
-    outputs = [o.name for o in sess.get_outputs()]
-    prompts = []
-    for flag in (0, 1) if decoder["inputs"]["long_rope"] else (0,):
-        prompt = step_feed(have, embeds[:, :24], empty_past(lspec.layers, lspec.kv_heads, lspec.head_dim), 0, flag)
-        past = dict(zip(outputs[1:], sess.run(outputs, prompt)[1:], strict=True))
-        past = {n.replace("present.", "past_key_values."): v for n, v in past.items()}
-        prompts += [prompt, step_feed(have, embeds[:, 24:], past, 24, flag)]
-    return tiles, prompts
-
-
-def half_graphs(work: Path, dtype: str, vspec, lspec, weights, model, vision: dict, decoder: dict, embed_table,
-                int4_block: int | None = None):
-    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32; with
-    `int4_block`, the decoder's matmul weights as int4 blocks too (`quantize.int4_half`), and its drift is
-    then that of the int4 graph wherever it can run here (float16; bfloat16 only on GPUs)."""
-    tiles, prompts = drift_feeds(work, vision, decoder, embed_table, lspec)
-    t = precision.TORCH_DTYPES[dtype]
-    out = []
-    for name, entry, export, module, feeds in (
-            ("vision.onnx", vision, lambda p: export_vision(vspec, weights, p, dtype=dtype),
-             lambda: VisionEncoder(vspec, weights, t).eval(), tiles),
-            ("decoder.onnx", decoder, lambda p: export_decoder(lspec, model, p, dtype=dtype),
-             lambda: graph_module(lspec, model, t), prompts)):
-        log(f"{name}: {dtype}")
-        half = work / f"{dtype}-{name}"
-        new = export(half)
-        if int4_block and name == "decoder.onnx":
-            q = work / f"int4-{name}"
-            new["quantization"] = quantize.int4_half(half, q, int4_block)
-            new.update(dtype="int4", activations=dtype, int4_block=int4_block)
-            log(f"  int4: {new['quantization']['matmuls']} matmuls, worst weight rel L2 "
-                f"{new['quantization']['worst_weight_rel_l2']:.3g}")
-            quantize.replace(q, half)
-            if dtype == "bfloat16":  # measured through the module, which has no int4 weights
-                new["quantization"]["drift_measured_without_int4"] = True
-        new["precision"] = precision.drift(work / name, half, module() if dtype == "bfloat16" else None, feeds,
-                                           dtype, strict=name == "vision.onnx")
-        new["fp32_max_abs_diff_to_pytorch"] = entry["max_abs_diff"]
-        log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in new["precision"].items()))
-        quantize.replace(half, work / name)
-        new["file"] = name
-        out.append(new)
-    return out[0], out[1]
-
-
-def quantize_graphs(work: Path, dtype: str, vision: dict, decoder: dict, embed_table, lspec, int4_block: int = 32) -> None:
-    """Replace the fp32 graphs in `work` by their `dtype` versions, recording the drift from fp32."""
-    tiles, prompts = drift_feeds(work, vision, decoder, embed_table, lspec)
-    jobs = [("vision.onnx", vision, quantize.int8_dynamic, tiles),
-            ("decoder.onnx", decoder, partial(quantize.int4_weights, block=int4_block) if dtype == "int4"
-             else quantize.int8_dynamic, prompts)]
-    for name, entry, fn, feeds in jobs:
-        log(f"{name}: {dtype if name == 'decoder.onnx' else 'int8'}")
-        quant = work / ("quantized-" + name)
-        fn(work / name, quant)
-        entry["quantization"] = quantize.compare(work / name, quant, feeds, strict=name == "vision.onnx")
-        entry["dtype"] = "int4" if name == "decoder.onnx" and dtype == "int4" else "int8"
-        if entry["dtype"] == "int4":
-            entry["int4_block"] = int4_block
-        log("  vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["quantization"].items()))
-        quantize.replace(quant, work / name)
+    log(f"vision.onnx: {'int8' if vquant else half}")
+    vision = export_vision(vspec, weights, work / "vision.onnx", half, vquant)
+    vision.update(**vref, **checked, reference_layers=vl)
+    if half == "float32":
+        vfull = check.vision_full(vspec, weights, work / "vision.onnx", quantized=vquant is not None)
+        vision.update(vfull) if vquant is None else vision["quantization"].update(vfull)
+    release_memory()
+    log(f"decoder.onnx: {dtype if dquant else half}")
+    decoder = export_decoder(lspec, weights, rope, work / "decoder.onnx", half, dquant)
+    decoder.update(**dref, **checked, reference_layers=tl)
+    if half == "float32":
+        dfull = check.decoder_full(lspec, weights, rope, work / "decoder.onnx", quantized=dquant is not None)
+        decoder.update(dfull) if dquant is None else decoder["quantization"].update(dfull)
+    release_memory()
+    for entry in (vision, decoder):
+        figures = {k: v for k, v in {**entry.get("quantization", {}), **entry.get("precision", {})}.items()}
+        figures.update({k: entry[k] for k in ("max_abs_diff_full",) if k in entry})
+        log(f"  {entry['file']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in figures.items()))
+    if isinstance(dquant, writer.Int4):
+        decoder.update(dtype="int4", int4_block=int4_block)
+        if half != "float32":
+            decoder["activations"] = half
+        if half == "bfloat16":  # measured through the module, which has no int4 weights
+            decoder["quantization"]["drift_measured_without_int4"] = True
+    elif isinstance(dquant, writer.Int8):
+        decoder["dtype"] = "int8"
+    return vision, decoder
 
 
 def answer_spec(ckpt: checkpoint.Checkpoint, tokenizer_json: Path, tpl: dict) -> dict:

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import TORCH_DTYPES, CheckpointError, check_close, export_onnx, ort_session
+from . import writer
+from .common import TORCH_DTYPES, CheckpointError
+from .vision import linear
 
 # Logits: absolute 1e-3 plus 1e-5 of the largest logit (float32 rounding grows with the magnitude).
 TOLERANCE = 1e-3
@@ -69,6 +71,10 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, heads, kv_heads, scale):
+        if writer.tracing():  # the values are not needed (see writer.MatMul)
+            b, s_len, _ = q.shape
+            cat = (b, kv_heads, past_k.shape[2] + s_len, past_k.shape[-1])
+            return torch.zeros_like(q), past_k.new_zeros(cat), past_v.new_zeros(cat)
         b, s_len, _ = q.shape
         d = past_k.shape[-1]
         start = past_k.shape[2]
@@ -101,13 +107,14 @@ class Decoder(nn.Module):
     otherwise plain ONNX operators. Positions then come from the cache length inside the kernel, so the
     graph has no position_ids input (the runtime feeds it only to graphs that have it)."""
 
-    def __init__(self, spec: LlmSpec, weights: dict[str, torch.Tensor], rope: Rope, fused: bool = False,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, spec: LlmSpec, weights: writer.GraphWeights, rope: Rope, fused: bool = False,
+                 trace: bool = False):
         super().__init__()
         self.spec = spec
         self.fused = fused
         self.rope = rope
-        self.t = dtype
+        self.t = dtype = weights.dtype
+        self.trace = trace
         if fused:
             # The tables in float64, rounded once: torch 2.15's float32 cos over this many elements was
             # measured to come out with ~3e-5 errors in some processes (sin never), enough to fail the check.
@@ -117,21 +124,22 @@ class Decoder(nn.Module):
                     freqs = pos * inv.float().double()[None]
                     self.register_buffer(name + "cos_cache", (freqs.cos() * rope.scale).to(dtype), persistent=False)
                     self.register_buffer(name + "sin_cache", (freqs.sin() * rope.scale).to(dtype), persistent=False)
-        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(weight_in(k, v, dtype), requires_grad=False)
-                                   for k, v in weights.items()
-                                   if k.startswith("model.language_model.") or k == "lm_head.weight"})
-        if "lm_head__weight" not in self.w:  # tied embeddings
-            self.w["lm_head__weight"] = self.w["model__language_model__embed_tokens__weight"]
+        if trace:
+            names = [n for n in weights.names() if (n.startswith("model.language_model.") or n == "lm_head.weight")
+                     and writer.layer_of(n) < spec.layers]
+            self.w = writer.parameters(names, weights)
+        else:
+            self.src = weights
         self.register_buffer("inv_freq", rope.inv_freq.detach().clone().float(), persistent=False)
         if rope.long_inv_freq is not None:
             self.register_buffer("long_inv_freq", rope.long_inv_freq.detach().clone().float(), persistent=False)
         self.rope_scale = float(rope.scale)
 
     def p(self, name: str):
-        return self.w[name.replace(".", "__")]
+        return self.w[name.replace(".", "__")] if self.trace else self.src[name]
 
     def opt(self, name: str):
-        return self.w.get(name.replace(".", "__"))
+        return self.w.get(name.replace(".", "__")) if self.trace else self.src.optional(name)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, seqlens_k, total, long_rope, *past):
         s, t = self.spec, self.t
@@ -165,7 +173,7 @@ class Decoder(nn.Module):
             b, q_len = x.shape[0], x.shape[1]
 
             def proj(name, heads, x=x, pre=pre, b=b, q_len=q_len):
-                y = nn.functional.linear(x, self.p(f"{pre}self_attn.{name}.weight"), self.opt(f"{pre}self_attn.{name}.bias"))
+                y = linear(x, self.p(f"{pre}self_attn.{name}.weight"), self.opt(f"{pre}self_attn.{name}.bias"))
                 y = y.view(b, q_len, heads, s.head_dim)
                 norm = self.opt(f"{pre}self_attn.{name[0]}_norm.weight")  # Qwen3: per-head RMSNorm before RoPE
                 if norm is not None:
@@ -192,19 +200,23 @@ class Decoder(nn.Module):
                 probs = torch.softmax(scores, dim=-1)
                 ctx = torch.matmul(probs, v[:, :, None])  # [b, kvh, g, q, d]
                 ctx = ctx.reshape(b, s.heads, q_len, s.head_dim).transpose(1, 2).reshape(b, q_len, -1)
-            attn = nn.functional.linear(ctx, self.p(pre + "self_attn.o_proj.weight"), self.opt(pre + "self_attn.o_proj.bias"))
+            attn = linear(ctx, self.p(pre + "self_attn.o_proj.weight"), self.opt(pre + "self_attn.o_proj.bias"))
             h = h + attn.float()
             x = _rms_norm(h, self.p(pre + "post_attention_layernorm.weight"), s.eps).to(t)
-            gate = nn.functional.linear(x, self.p(pre + "mlp.gate_proj.weight"))
-            up = nn.functional.linear(x, self.p(pre + "mlp.up_proj.weight"))
-            h = h + nn.functional.linear(nn.functional.silu(gate) * up, self.p(pre + "mlp.down_proj.weight")).float()
+            gate = linear(x, self.p(pre + "mlp.gate_proj.weight"))
+            up = linear(x, self.p(pre + "mlp.up_proj.weight"))
+            h = h + linear(nn.functional.silu(gate) * up, self.p(pre + "mlp.down_proj.weight")).float()
         last = _rms_norm(h[:, -1, :], self.p("model.language_model.norm.weight"), s.eps).to(t)
-        return (nn.functional.linear(last, self.p("lm_head.weight")).float(), *presents)
+        return (linear(last, self.p("lm_head.weight")).float(), *presents)
 
 
-def weight_in(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A weight in the graph's type; norm weights stay fp32 (the norms run in fp32). fp32 is not copied."""
-    return w if dtype == torch.float32 or "norm" in name.rsplit(".", 2)[-2] else w.to(dtype)
+def keep_fp32(name: str) -> bool:
+    """Norm weights stay fp32 in every graph type (the norms run in fp32)."""
+    return "norm" in name.rsplit(".", 2)[-2]
+
+
+def graph_weights(weights, dtype: str) -> writer.GraphWeights:
+    return writer.GraphWeights(weights, TORCH_DTYPES[dtype], keep_fp32)
 
 
 class _Graph(nn.Module):
@@ -275,40 +287,15 @@ def step_feed(have: set[str], embeds: np.ndarray, past: dict[str, np.ndarray], p
     return {k: v for k, v in feed.items() if k in have}
 
 
-def empty_past(layers: int, kv_heads: int, head_dim: int, dtype=np.float32) -> dict[str, np.ndarray]:
-    empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
+def empty_past(layers: int, kv_heads: int, head_dim: int, dtype=np.float32, batch: int = 1) -> dict[str, np.ndarray]:
+    empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
     return {n: empty for n in io_names(layers)[0][6:]}
 
 
-def canonical_weights(model) -> dict[str, torch.Tensor]:
-    """The reference's LLM tensors under the names the decoder reads: Phi-3's fused `qkv_proj` (rows q, k, v)
-    and `gate_up_proj` (rows gate, up) split into views, everything else as is (shared, not copied)."""
-    out = {}
-    cfg = model.config.text_config
-    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    for name, t in model.state_dict(keep_vars=False).items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            pre = name[: -len("qkv_proj.weight")]
-            sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
-            out.update(zip((pre + n + ".weight" for n in ("q_proj", "k_proj", "v_proj")), t.split(sizes), strict=True))
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            pre = name[: -len("gate_up_proj.weight")]
-            out[pre + "gate_proj.weight"], out[pre + "up_proj.weight"] = t.chunk(2, dim=0)
-        else:
-            out[name] = t
-    return out
-
-
-def build(spec: LlmSpec, model, fused: bool = False, dtype: torch.dtype = torch.float32) -> Decoder:
-    """Our decoder over the reference model's tensors."""
-    return Decoder(spec, canonical_weights(model), rope_of(model), fused, dtype).eval()
-
-
-def graph_module(spec: LlmSpec, model, dtype: torch.dtype) -> nn.Module:
-    """The module the graph is traced from, taking the graph's inputs in order."""
-    dec = build(spec, model, can_fuse(spec), dtype)
-    return _Graph(dec, dec.rope.long_inv_freq is not None)
+def graph_module(spec: LlmSpec, weights: writer.GraphWeights, rope: Rope, trace: bool = False) -> nn.Module:
+    """The module the graph is traced from (`trace`) or that runs with the checkpoint's weights streamed,
+    taking the graph's inputs in order."""
+    return _Graph(Decoder(spec, weights, rope, can_fuse(spec), trace).eval(), rope.long_inv_freq is not None)
 
 
 def can_fuse(spec: LlmSpec) -> bool:
@@ -316,13 +303,15 @@ def can_fuse(spec: LlmSpec) -> bool:
     return spec.head_dim % 16 == 0
 
 
-def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0, dtype: str = "float32") -> dict:
-    """The graph in `dtype`; an fp32 graph is checked against transformers here, the others against the fp32
-    graph by the caller (`precision.drift`)."""
+def export_decoder(spec: LlmSpec, weights, rope: Rope, out: Path, dtype: str = "float32", quant=None,
+                   seed: int = 0) -> dict:
+    """The graph of `spec` (as many layers as it says) in `dtype`, weights from `weights` (`weights.Weights`),
+    quantised by `quant` (`writer.Int8` / `writer.Int4`); checked by the caller (`check.py`)."""
     fused = can_fuse(spec)
-    t = TORCH_DTYPES[dtype]
-    graph = graph_module(spec, model, t)
-    dec, long_rope = graph.dec, graph.long_rope
+    gw = graph_weights(weights, dtype)
+    graph = graph_module(spec, gw, rope, trace=True)
+    long_rope = graph.long_rope
+    t = gw.dtype
     inputs, outputs = io_names(spec.layers)
     gen = torch.Generator().manual_seed(seed)
     batch, seq, past = 2, 3, 4
@@ -341,12 +330,11 @@ def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0, dtype: str = 
     inputs = [n for n, k in zip(inputs, keep, strict=True) if k]
     args = tuple(a for a, k in zip(args, keep, strict=True) if k)
     axes = {k: v for k, v in axes.items() if k in inputs or k in outputs}
-    export_onnx(graph, args, out, inputs, outputs, axes)
-    diff = self_check(spec, model, out, seed) if dtype == "float32" else None
+    figures = writer.write(graph, args, out, inputs, outputs, axes, gw, quant)
     return {
         "file": out.name, "arch": spec.family, "layers": spec.layers, "hidden": spec.hidden, "heads": spec.heads,
         "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab, "max_context": spec.max_context,
-        "attention": "GroupQueryAttention" if fused else "onnx", "long_rope_after": dec.rope.long_after,
+        "attention": "GroupQueryAttention" if fused else "onnx", "long_rope_after": rope.long_after,
         "dtype": dtype, "kv_dtype": dtype,
         "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": None if fused else "attention_mask",
                    "position_ids": None if fused else "position_ids",
@@ -355,48 +343,5 @@ def export_decoder(spec: LlmSpec, model, out: Path, seed: int = 0, dtype: str = 
                    "long_rope": "long_rope" if long_rope else None,
                    "past_key": "past_key_values.{}.key", "past_value": "past_key_values.{}.value"},
         "outputs": {"logits": "logits", "present_key": "present.{}.key", "present_value": "present.{}.value"},
-        **({"max_abs_diff": diff, "tolerance": TOLERANCE, "rtol": RTOL} if diff is not None else {}),
+        **({"quantization": figures} if figures else {}),
     }
-
-
-def self_check(spec: LlmSpec, model, path: Path, seed: int) -> float:
-    """ONNX Runtime vs the transformers model: a prefill from an empty cache, then one decode step fed with
-    ONNX Runtime's own present tensors, the way the runtime chains them. LongRoPE models are checked with
-    both factor sets (the reference made to use the long ones throughout for the second pass)."""
-    sess = ort_session(path)
-    rot = model.model.language_model.rotary_emb
-    rope = rope_of(model)
-    diff = _check_pair(spec, model, sess, seed, long=False)
-    if rope.long_inv_freq is not None:
-        short = rot.original_inv_freq.clone()
-        try:
-            rot.original_inv_freq.copy_(rope.long_inv_freq)
-            diff = max(diff, _check_pair(spec, model, sess, seed, long=True))
-        finally:
-            rot.original_inv_freq.copy_(short)
-            rot.inv_freq.copy_(short)
-    return diff
-
-
-def _check_pair(spec: LlmSpec, model, sess, seed: int, long: bool) -> float:
-    from transformers import DynamicCache
-
-    inputs, outputs = io_names(spec.layers)
-    have = {i.name for i in sess.get_inputs()}
-    gen = torch.Generator().manual_seed(seed + 7)
-    prompt = torch.randn(1, 9, spec.hidden, generator=gen)
-    step = torch.randn(1, 1, spec.hidden, generator=gen)
-    lm = model.model.language_model
-    with torch.no_grad():
-        cache = DynamicCache(config=model.config.text_config)
-        h = lm(inputs_embeds=prompt, past_key_values=cache, use_cache=True).last_hidden_state
-        want_prefill = model.lm_head(h[:, -1]).numpy()
-        h = lm(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
-        want_step = model.lm_head(h[:, -1]).numpy()
-    res = sess.run(outputs, step_feed(have, prompt.numpy(), empty_past(spec.layers, spec.kv_heads, spec.head_dim),
-                                      0, int(long)))
-    what = "long-factor " if long else ""
-    d1 = check_close(f"decoder.onnx {what}prefill logits", res[0], want_prefill, TOLERANCE, RTOL)
-    res = sess.run(outputs, step_feed(have, step.numpy(), dict(zip(inputs[6:], res[1:], strict=True)), 9, int(long)))
-    d2 = check_close(f"decoder.onnx {what}decode-step logits", res[0], want_step, TOLERANCE, RTOL)
-    return max(d1, d2)

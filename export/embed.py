@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 
-def export_embedding(model, out: Path) -> dict:
-    weight = model.get_input_embeddings().weight.detach().float().numpy()
+def export_embedding(weights, out: Path) -> dict:
+    """From `weights.Weights`: the one table in memory, float32, while it is written."""
+    weight = weights.get("model.language_model.embed_tokens.weight").numpy()
     np.ascontiguousarray(weight, dtype="<f4").tofile(out)
     return {"file": out.name, "dtype": "float32", "vocab": int(weight.shape[0]), "hidden": int(weight.shape[1])}

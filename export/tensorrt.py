@@ -71,12 +71,15 @@ def self_check(graph: Path, variant: Path, dtype: str, image_size: int, toleranc
     """Max abs difference of the variant to the graph on two random tiles (None for bfloat16: no CPU kernels)."""
     if dtype == "bfloat16":
         return None
-    a, b = ort_session(graph), ort_session(variant)
     x = np.random.default_rng(3).standard_normal((2, 3, image_size, image_size)).astype(np.float32)
-    name, inp = a.get_outputs()[0].name, a.get_inputs()[0].name
-    want, got = a.run([name], {inp: x})[0], b.run([name], {inp: x})[0]
+    want, got = (_run(g, x) for g in (graph, variant))  # one session at a time: both map the same weights
     diff = float(np.abs(want.astype(np.float64) - got).max())
     limit = tolerance * max(1.0, float(np.abs(want).max()))
     if not np.isfinite(diff) or diff > limit:
         raise ExportCheckError(f"{variant.name}: max abs diff {diff:.3g} to {graph.name} exceeds {limit:.3g}")
     return diff
+
+
+def _run(graph: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort_session(graph)
+    return sess.run([sess.get_outputs()[0].name], {sess.get_inputs()[0].name: x})[0]

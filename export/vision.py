@@ -5,8 +5,9 @@ class token, pixel shuffle (0.5; `ps_version` v1 or v2) and the MLP projector in
 runtime hands tiles in and gets rows to splice into the LLM's input embeddings out.
 
 The forward pass is written here, over the checkpoint's weights in canonical (transformers `-hf`)
-names, so both checkpoint layouts export through the same code; the self-check and the tests compare
-it with transformers' own InternVL implementation.
+names, so both checkpoint layouts export through the same code; the export's check and the tests compare
+it with transformers' own InternVL implementation. The module runs over placeholders when traced and over
+weights read one at a time from the checkpoint when run (`writer.py`), so neither holds the tower.
 
 `dtype` float16 / bfloat16: convolution, matmuls, attention and the MLPs in that type; the residual
 stream, the norms, the layer scales and the position embeddings in fp32 (InternViT-6B is trained in bf16
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import TORCH_DTYPES, check_close, export_onnx, ort_session
+from . import writer
+from .common import TORCH_DTYPES
 
 INPUT = "pixel_values"
 OUTPUT = "image_embeds"
@@ -51,6 +53,8 @@ class FusedMHA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, heads):
+        if writer.tracing():  # the values are not needed (see writer.MatMul)
+            return torch.zeros_like(q)
         b, n, hidden = q.shape
         d = hidden // heads
         q, k, v = (x.reshape(b, n, heads, d).transpose(1, 2) for x in (q, k, v))
@@ -68,21 +72,29 @@ def _norm(kind: str, dim: int, w, b, eps):
     return lambda x: nn.functional.layer_norm(x, (dim,), w, b, eps)
 
 
+PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
 class VisionEncoder(nn.Module):
-    def __init__(self, spec: VisionSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """`trace`: weights are placeholder parameters (the graph's named inputs); otherwise each is read from
+    `weights` when the forward pass reaches it and dropped after."""
+
+    def __init__(self, spec: VisionSpec, weights: writer.GraphWeights, trace: bool = False):
         super().__init__()
         self.spec = spec
-        self.t = dtype
-        # Registered as parameters so tracing stores them as initializers (external data).
-        self.w = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(_weight_in(k, v, dtype), requires_grad=False)
-                                   for k, v in weights.items()
-                                   if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))})
+        self.t = weights.dtype
+        self.trace = trace
+        if trace:
+            names = [n for n in weights.names() if n.startswith(PREFIXES) and writer.layer_of(n) < layers_run(spec)]
+            self.w = writer.parameters(names, weights)
+        else:
+            self.src = weights
 
     def p(self, name: str):
-        return self.w[name.replace(".", "__")]
+        return self.w[name.replace(".", "__")] if self.trace else self.src[name]
 
     def has(self, name: str) -> bool:
-        return name.replace(".", "__") in self.w
+        return name.replace(".", "__") in self.w if self.trace else name in self.src
 
     def forward(self, pixel_values):
         s, p, t = self.spec, self.p, self.t
@@ -103,19 +115,19 @@ class VisionEncoder(nn.Module):
 
             def proj(name, h=h, a=a):
                 bias = p(a + name + ".bias") if self.has(a + name + ".bias") else None
-                return nn.functional.linear(h, p(a + name + ".weight"), bias)
+                return linear(h, p(a + name + ".weight"), bias)
 
             q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
             if s.qk_norm:
                 q = _norm("rms_norm", s.hidden, p(a + "q_norm.weight"), None, s.eps)(q.float()).to(t)
                 k = _norm("rms_norm", s.hidden, p(a + "k_norm.weight"), None, s.eps)(k.float()).to(t)
             ctx = FusedMHA.apply(q, k, v, s.heads)
-            ctx = nn.functional.linear(ctx, p(a + "projection_layer.weight"), p(a + "projection_layer.bias"))
+            ctx = linear(ctx, p(a + "projection_layer.weight"), p(a + "projection_layer.bias"))
             x = x + p(pre + "lambda_1") * ctx.float()
             h = norm2(x).to(t)
-            h = nn.functional.linear(h, p(pre + "mlp.fc1.weight"), p(pre + "mlp.fc1.bias"))
+            h = linear(h, p(pre + "mlp.fc1.weight"), p(pre + "mlp.fc1.bias"))
             h = nn.functional.gelu(h)
-            h = nn.functional.linear(h, p(pre + "mlp.fc2.weight"), p(pre + "mlp.fc2.bias"))
+            h = linear(h, p(pre + "mlp.fc2.weight"), p(pre + "mlp.fc2.bias"))
             x = x + p(pre + "lambda_2") * h.float()
         x = x[:, 1:, :]
         side = s.image_size // s.patch_size
@@ -124,16 +136,25 @@ class VisionEncoder(nn.Module):
         m = "model.multi_modal_projector."
         dim = s.hidden * int(1 / s.downsample_ratio) ** 2
         x = nn.functional.layer_norm(x, (dim,), p(m + "layer_norm.weight"), p(m + "layer_norm.bias"), 1e-5).to(t)
-        x = nn.functional.linear(x, p(m + "linear_1.weight"), p(m + "linear_1.bias"))
+        x = linear(x, p(m + "linear_1.weight"), p(m + "linear_1.bias"))
         x = nn.functional.gelu(x)
-        return nn.functional.linear(x, p(m + "linear_2.weight"), p(m + "linear_2.bias")).float()
+        return linear(x, p(m + "linear_2.weight"), p(m + "linear_2.bias")).float()
 
 
-def _weight_in(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A weight in the graph's type, except what the fp32 residual stream uses directly: norms, layer scales,
-    the class token and position embeddings. fp32 is not copied."""
-    fp32 = ("norm", "layernorm", "lambda_", "cls_token", "position_embeddings")
-    return w if dtype == torch.float32 or any(f in name for f in fp32) else w.to(dtype)
+def linear(x, w, b=None):
+    """x @ w (+ b) with w stored [in, out] (see writer.py)."""
+    y = writer.MatMul.apply(x, w)
+    return y if b is None else y + b
+
+
+def keep_fp32(name: str) -> bool:
+    """What the fp32 residual stream uses directly stays fp32 in every graph type: norms, layer scales, the
+    class token and position embeddings."""
+    return any(f in name for f in ("norm", "layernorm", "lambda_", "cls_token", "position_embeddings"))
+
+
+def graph_weights(weights, dtype: str) -> writer.GraphWeights:
+    return writer.GraphWeights(weights, TORCH_DTYPES[dtype], keep_fp32)
 
 
 def layers_run(spec: VisionSpec) -> int:
@@ -150,30 +171,22 @@ def pixel_shuffle(x, scale: float, version: str):
     return x.permute(0, 2, 1, 3) if version == "v2" else x
 
 
-def export_vision(spec: VisionSpec, weights: dict, out: Path, reference=None, seed: int = 0,
-                  dtype: str = "float32") -> dict:
-    """`reference(pixel_values) -> embeddings`, when given, is checked against ONNX Runtime; otherwise the
-    module itself is (the tests then compare it with transformers). Graphs in another `dtype` are checked
-    against the fp32 graph by the caller (`precision.drift`)."""
-    enc = VisionEncoder(spec, weights, TORCH_DTYPES[dtype]).eval()
+def export_vision(spec: VisionSpec, weights, out: Path, dtype: str = "float32", quant=None, seed: int = 0) -> dict:
+    """The graph of `spec` (as many layers as it says) in `dtype`, weights from `weights` (`weights.Weights`),
+    quantised by `quant` (`writer.Int8`); checked by the caller (`check.py`)."""
+    gw = graph_weights(weights, dtype)
+    enc = VisionEncoder(spec, gw, trace=True).eval()
     size = spec.image_size
     # Two tiles: a batch-1 example can pin the tile dimension (shared/notes).
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    export_onnx(enc, (example,), out, [INPUT], [OUTPUT], {INPUT: {0: "tiles"}, OUTPUT: {0: "tiles"}})
-
-    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    figures = writer.write(enc, (example,), out, [INPUT], [OUTPUT], {INPUT: {0: "tiles"}, OUTPUT: {0: "tiles"}},
+                           gw, quant)
     tokens = int(size // spec.patch_size * spec.downsample_ratio) ** 2
-    embed_dim = int(weights["model.multi_modal_projector.linear_2.weight"].shape[0])
-    checked = {}
-    if dtype == "float32":
-        got = ort_session(out).run([OUTPUT], {INPUT: check.numpy()})[0]
-        with torch.no_grad():
-            want = (reference or enc)(check).numpy()
-        checked = {"max_abs_diff": check_close("vision.onnx", got, want, TOLERANCE, RTOL), "tolerance": TOLERANCE}
+    embed_dim = int(weights.shapes["model.multi_modal_projector.linear_2.weight"][0])
     return {
         "file": out.name, "input": INPUT, "output": OUTPUT, "image_size": size, "patch_size": spec.patch_size,
-        "tokens_per_tile": tokens, "embed_dim": embed_dim, "dtype": dtype, **checked,
+        "tokens_per_tile": tokens, "embed_dim": embed_dim, "dtype": dtype if quant is None else "int8",
         "arch": "internvit-6b" if spec.qk_norm or spec.norm == "rms_norm" else "internvit-300m",
         "ps_version": spec.ps_version, "select_layer": spec.select_layer,
+        **({"quantization": figures} if figures else {}),
     }
-

@@ -1,6 +1,6 @@
 """python -m export.testing: the test oracles' CLI (scripts/demo.sh, scripts/gpu_check.sh).
 
-  python -m export.testing tiny --out DIR [--shape tiny|internvl2_5-1b]    random-weight checkpoint
+  python -m export.testing tiny --out DIR [--shape tiny|internvl2_5-1b|internvl2_5-8b] random-weight checkpoint
   python -m export.testing golden --cases cases.json --out golden.json    PyTorch reference outputs
 """
 
@@ -31,7 +31,8 @@ def run(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("tiny", help="write a random-weight checkpoint of the real architecture")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b"])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "internvl2_5-1b", "internvl2_5-8b"],
+                   help="internvl2_5-8b: 16 GB, sharded, with --family internlm2 --layout original")
     p.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "qwen3", "internlm2", "phi3"],
                    help="LLM")
     p.add_argument("--vision", default="300m", choices=["300m", "6b"], help="InternViT variant")

@@ -52,6 +52,14 @@ SHAPES = {
         "text": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                  "intermediate_size": 512},
     },
+    # InternVL2.5-8B: InternViT-300M + InternLM2.5-7B (with --family internlm2, vocab 92553). Written sharded
+    # and tensor by tensor (`make_sharded_checkpoint`): 16 GB of bf16, which never fit in memory at once.
+    "internvl2_5-8b": {
+        "llm_gain": 1.0, "vocab_size": 92553,
+        "vision": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+        "text": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "intermediate_size": 14336},
+    },
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B.
     # Speed and memory do not depend on the values, so the usual init scale (no gain) is kept.
     "internvl2_5-1b": {
@@ -246,6 +254,13 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
     out = _fresh(out)
     cfg = model.config
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(original_tensors(cfg, sd, family), out / "model.safetensors", metadata={"format": "pt"})
+    write_original_config(out, cfg, family, tokenizer_dir)
+    return out
+
+
+def original_tensors(cfg, sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """The original layout's tensors from transformers' state dict `sd` (works on meta tensors too)."""
     t: dict[str, torch.Tensor] = {}
     vt = "model.vision_tower."
     t["vision_model.embeddings.class_embedding"] = sd[vt + "embeddings.cls_token"]
@@ -298,8 +313,12 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
         # Always stored, tied or not: the remote code's InternVLChatModel never ties the LLM's head to its
         # embeddings (releases with tied LLMs, e.g. InternVL2.5-1B, ship `language_model.lm_head.weight`).
         t["language_model.lm_head.weight"] = sd["lm_head.weight"].clone()
-    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    return t
 
+
+def write_original_config(out: Path, cfg, family: str, tokenizer_dir: Path | None = None) -> None:
+    """config.json (InternVLChatConfig), generation_config.json and the tokenizer files of the original layout."""
+    text = cfg.text_config
     v = cfg.vision_config
     llm = {k: val for k, val in text.to_dict().items() if not k.startswith("_")}
     if family == "internlm2":
@@ -350,14 +369,70 @@ def save_original(model, out: Path, family: str, tokenizer_dir: Path | None = No
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": _eos(text)}))
     write_tokenizer(out, tokenizer_dir)
+
+
+SHARD_BYTES = 5 * 10**9  # as the hub's InternVL releases are cut (model-0000N-of-0000M.safetensors)
+
+
+def make_sharded_checkpoint(out: Path, shape: str, family: str, seed: int = 0,
+                            shard_bytes: int = SHARD_BYTES) -> Path:
+    """An original-layout checkpoint too big for memory: names and shapes from the model built on the meta
+    device, each tensor drawn at random (bf16, std 1/sqrt(fan_in); norms near 1) and written into shards of
+    about `shard_bytes` with `model.safetensors.index.json`, as the hub ships them. Memory: one shard."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import InternVLForConditionalGeneration
+
+    out = _fresh(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = make_tokenizer(family, Path(tmp))
+        tokens["vocab_size"] = max(tokens["vocab_size"], SHAPES[shape].get("vocab_size", 0))  # the real vocabulary
+        cfg = build_config(shape, family, tokens=tokens)
+        with torch.device("meta"):
+            model = InternVLForConditionalGeneration(cfg)
+        plan = original_tensors(cfg, dict(model.state_dict()), family)
+        shards, size = [[]], 0
+        for name, meta in plan.items():
+            nbytes = meta.numel() * 2
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        gen = torch.Generator().manual_seed(seed)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                shape_ = plan[name].shape
+                if len(shape_) == 1 or name.endswith(("ls1", "ls2")):
+                    base = 1.0 if "norm" in name or name.endswith(("ls1", "ls2")) else 0.0
+                    t = base + 0.1 * torch.randn(shape_, generator=gen)
+                else:
+                    t = torch.randn(shape_, generator=gen) / (shape_[-1] if len(shape_) == 2 else shape_[1:].numel()) ** 0.5
+                tensors[name] = t.to(torch.bfloat16)
+                weight_map[name] = file
+            save_file(tensors, out / file, metadata={"format": "pt"})
+            del tensors
+        total = sum(m.numel() * 2 for m in plan.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        write_original_config(out, cfg, family, Path(tmp) if family in SP_TOKENIZER else None)
     return out
 
 
 def make_checkpoint(out: Path, shape: str = "tiny", seed: int = 0, family: str = "qwen2", vision: str = "300m",
                     layout: str = "hf") -> Path:
-    """Write a random-weight checkpoint to `out` (refuses to overwrite a non-empty folder)."""
+    """Write a random-weight checkpoint to `out` (refuses to overwrite a non-empty folder); shapes too big
+    for memory (internvl2_5-8b) are written sharded, tensor by tensor, in the original layout."""
     import tempfile
 
+    if shape == "internvl2_5-8b":
+        if layout != "original" or vision != "300m":
+            raise OutputError(f"--shape {shape} is written in the original layout with InternViT-300M only")
+        return make_sharded_checkpoint(out, shape, family, seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokens = make_tokenizer(family, Path(tmp))
         model = make_model(shape, family, vision, seed, tokens=tokens)

@@ -267,6 +267,91 @@ def test_pytorch_bin_checkpoints_export_the_same_model(fixtures, tmp_path, check
         assert ours[f]["sha256"] == want[f]["sha256"], f
 
 
+@pytest.mark.parametrize(("checkpoint", "model"), [("checkpoint", "model"),
+                                                   ("checkpoints/internlm2-original", "models/internlm2-original")])
+def test_sharded_safetensors_export_the_same_model(fixtures, tmp_path, checkpoint, model):
+    """The hub's sharded safetensors (model-0000N-of-0000M + index), read tensor by tensor, export to the
+    same graphs, byte for byte, as the one-file checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = fixtures / checkpoint
+    ck = tmp_path / "ck"
+    shutil.copytree(src, ck, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    keys = sorted(tensors)
+    shards = [keys[i::3] for i in range(3)]
+    weight_map = {}
+    for i, part in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, ck / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]
+    want = json.loads((fixtures / model / "manifest.json").read_text())["files"]
+    for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.bin"):
+        assert ours[f]["sha256"] == want[f]["sha256"], f
+
+
+def test_streamed_tensors_are_the_ones_transformers_loads(fixtures, torch_model):
+    """The exporter's own reading of a -hf checkpoint (names renamed as transformers' conversion mapping
+    does, one tensor at a time) gives exactly the state dict transformers' from_pretrained builds."""
+    from export.checkpoint import reference_config, tied
+    from export.weights import Weights
+
+    ck = inspect(str(fixtures / "checkpoint"))
+    weights = Weights(ck, tied(reference_config(ck, 151667)))
+    want = torch_model.state_dict()
+    assert set(weights.names()) == set(want)
+    for name, t in want.items():
+        assert torch.equal(weights.get(name), t.float()), name
+
+
+def _initializers(path: Path):
+    """The graph's weights as a multiset of (dims, type, bytes), and its operator counts."""
+    import collections
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    weights = collections.Counter((tuple(t.dims), t.data_type, hashlib.sha256(numpy_helper.to_array(t).tobytes())
+                                   .hexdigest()) for t in m.graph.initializer)
+    return weights, collections.Counter((n.domain, n.op_type) for n in m.graph.node)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_weights_are_onnxruntime_quantizer_bytes(fixtures, tmp_path, dtype):
+    """Quantised tensor by tensor as the export streams them, the weights and operators are exactly what ONNX
+    Runtime's own quantisers (which load the whole model) make of the float32 graphs: quantize_dynamic
+    (per channel, int8) and MatMulNBitsQuantizer (4 bits, symmetric, block 32, int8 compute)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = tmp_path / dtype
+    r = export_cli("--checkpoint", fixtures / "checkpoint", "--out", out, "--dtype", dtype)
+    assert r.returncode == 0, r.stderr
+    for graph in ("vision.onnx", "decoder.onnx"):
+        theirs = tmp_path / f"ort-{graph}"
+        if dtype == "int4" and graph == "decoder.onnx":
+            q = MatMulNBitsQuantizer(onnx.load(str(fixtures / "model" / graph)), bits=4, block_size=32,
+                                     is_symmetric=True, accuracy_level=4)
+            q.process()
+            onnx.save_model(q.model.model, str(theirs), save_as_external_data=True, location=theirs.name + ".data")
+        else:
+            quantize_dynamic(fixtures / "model" / graph, theirs, op_types_to_quantize=["MatMul", "Gemm"],
+                             per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True})
+        (ours_w, ours_ops), (their_w, their_ops) = _initializers(out / graph), _initializers(theirs)
+        assert ours_ops == their_ops, graph
+        assert ours_w == their_w, graph
+
+
 def test_checkpoints_without_readable_weights_are_refused(fixtures, tmp_path):
     import shutil
 

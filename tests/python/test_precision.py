@@ -144,6 +144,7 @@ def test_int4_blocks_are_onnxruntime_quantizer_bytes_and_its_kernel_agrees(k, n,
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float16)
     w[:, 0] = 0  # an all-zero column: scale 0
+    w[:2, 1], w[2:block, 1] = [0.75, -0.75], 0.5  # a tie of magnitudes: the negative value sets the scale
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "g",
                               [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [3, k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [3, n])],
