@@ -1,26 +1,20 @@
-"""float16 / bfloat16 graphs (`python -m export --dtype float16|bfloat16`), for GPUs.
+"""How far a lower-precision graph is from float32: the figures the manifest records and the gate on them.
 
-The graphs are traced from the same modules as the fp32 ones, in that type (see `vision.py` and
-`decoder.py` for what stays fp32), and compared here with the fp32 graph they stand in for, on the same
-random input: cosine, relative L2, max abs difference and top-1 agreement of the first output, recorded
-in the manifest. A vision graph past MIN_COSINE fails the export; the decoder's figures are recorded and
-a drift past it is reported (random-weight test models have chaotic logits).
-
-float16 is run on ONNX Runtime's CPU provider, which has fp16 kernels for every operator these graphs
-use. Its CPU provider has no bfloat16 kernels (MatMul, Add, attention: none), so a bfloat16 graph is
-compared through the PyTorch module it was traced from, run in bfloat16; on a GPU, `scripts/gpu_check.sh`
-runs the graph itself.
+float16 / bfloat16 graphs (`--dtype float16|bfloat16`, for GPUs) are traced from the same modules as the
+float32 ones, in that type (see `vision.py` and `decoder.py` for what stays float32); int8 / int4 ones are
+quantised as they are written (`quantize.py`). `check.py` runs each against float32 on the same input and
+reports cosine, relative L2, max abs difference and top-1 agreement of the first output. A vision graph
+past MIN_COSINE fails the export; the decoder's figures are recorded and a drift past it is reported
+(random-weight test models have chaotic logits).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from .common import TORCH_DTYPES, ExportCheckError, ort_session
+from .common import ExportCheckError
 
 DTYPES = ("float16", "bfloat16")
 # Lowest cosine similarity to fp32 accepted (measured on random-weight models: > 0.999 for int8 vision).
@@ -57,28 +51,3 @@ def typed(feed: dict, sess) -> dict:
     type; inputs_embeds and pixels stay fp32)."""
     kinds = {i.name: i.type for i in sess.get_inputs()}
     return {k: v.astype(np.float16) if kinds.get(k) == "tensor(float16)" else v for k, v in feed.items()}
-
-
-def drift(ref: Path, graph: Path, module: torch.nn.Module, feeds: list[dict], dtype: str, strict: bool) -> dict:
-    """The `dtype` graph (or, for bfloat16, `module`, the module it was traced from) against the fp32 graph."""
-    a = ort_session(ref)
-    name = a.get_outputs()[0].name
-    order = [i.name for i in a.get_inputs()]
-    pairs = []
-    if dtype == "float16":
-        b = ort_session(graph)
-        for feed in feeds:
-            pairs.append((a.run([name], feed)[0], b.run([name], typed(feed, b))[0]))
-        how = "onnxruntime-cpu"
-    else:
-        t = TORCH_DTYPES[dtype]
-        for feed in feeds:
-            args = [torch.from_numpy(feed[n]) for n in order]
-            args = [x.to(t) if x.is_floating_point() and x.ndim == 4 and n.startswith("past_") else x
-                    for x, n in zip(args, order, strict=True)]
-            with torch.no_grad():
-                out = module(*args)
-            out = out[0] if isinstance(out, tuple) else out
-            pairs.append((a.run([name], feed)[0], out.float().numpy()))
-        how = "pytorch-module (ONNX Runtime's CPU provider has no bfloat16 kernels)"
-    return {**check(stats(pairs), graph.name, strict), "measured_on": how}

@@ -795,7 +795,12 @@ fn sample(model: &Model, seq: &mut Sequence, logits: &mut [f32]) {
             }
             ids[seq.generated.len()]
         }
-        None => seq.sampler.next(logits, &seq.ids),
+        // Rows past the tokenizer's ids (a vocabulary padded beyond it, as Qwen2.5's 151936 rows over 151665
+        // ids) name no token: never pick one (vLLM slices them off too); decoding one would fail the request.
+        None => {
+            let ids = model.manifest.tokenizer.vocab_size.min(logits.len());
+            seq.sampler.next(&mut logits[..ids], &seq.ids)
+        }
     };
     if seq.generated.is_empty() {
         seq.first_token_ms = ms(seq.started);

@@ -205,6 +205,31 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
     assert json.loads(run.stdout)["generated_tokens"] == 8
 
 
+def test_ids_past_the_tokenizer_are_never_generated(fixtures, tmp_path):
+    """A model whose vocabulary is padded past its tokenizer (Qwen2.5's 151936 rows over 151665 ids; the
+    8B-shaped benchmark checkpoint's 92553 over a small tokenizer) only ever generates ids the tokenizer has:
+    here the tokenizer's size in the manifest is cut below an id the full model picks greedily."""
+    import shutil
+
+    def ids(model):
+        out = subprocess.run([str(ROOT / "target" / "release" / "internvl"), "run", "--model", str(model), "--image",
+                              str(fixtures / "images" / "448x448_1.png"), "--prompt", "Describe the image.",
+                              "--max-new-tokens", "12", "--json"],
+                             check=False, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["token_ids"]
+
+    full = ids(fixtures / "model")
+    limit = max(full)
+    model = tmp_path / "m"
+    shutil.copytree(fixtures / "model", model)
+    m = json.loads((model / "manifest.json").read_text())
+    m["tokenizer"]["vocab_size"] = limit
+    (model / "manifest.json").write_text(json.dumps(m))
+    cut = ids(model)
+    assert cut and max(cut) < limit, (full, cut)
+
+
 @pytest.mark.parametrize("folder", ["qwen2-amx-int8", "qwen2-amx128-int8"])
 def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtures, folder):
     """vision-amx.onnx / decoder-amx.onnx (int8 exports, 64- and 128-wide heads): every MultiHeadAttention /
