@@ -1,11 +1,12 @@
-"""Open a checkpoint as a user downloads it (local folder or hub id), say what it is, and load it.
+"""Open a checkpoint as a user downloads it (local folder or hub id) and say what it is.
 
 Two layouts:
 - "hf": what transformers loads natively (`InternVLForConditionalGeneration`, the "-hf" repos);
 - "original": OpenGVLab's `InternVLChatModel` repos (remote code; tensors `vision_model.*`, `mlp1.*`,
   `language_model.*`; a `template` name in config.json). Its code is never imported: the tensors are
-  mapped onto canonical names (transformers' module names) and loaded into transformers' InternVL with
-  the matching LLM class, which then serves as the PyTorch reference the export is checked against.
+  mapped onto canonical names (transformers' module names, `map_original`) and its config onto
+  transformers' InternVL with the matching LLM class (`hf_config`), which serves as the PyTorch reference
+  the export is checked against (`reference_model`: just the layers a check needs).
 
 Every family is decided from config.json before any heavy work, and anything unsupported is rejected
 with a message naming it.
@@ -114,21 +115,6 @@ def weight_files(path: Path) -> list[Path]:
                           f"pytorch_model*.bin{found}")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in weight_files(path):
-        if f.suffix == ".safetensors":
-            out.update(load_file(f))
-            continue
-        try:  # tensors only (no pickled code); memory-mapped, so a shard is not copied whole first
-            out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:  # a truncated or non-PyTorch file: one line naming it
-            raise CheckpointError(f"checkpoint {f}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
-    return out
-
-
 def _split_rows(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(t, sizes, dim=0))
 
@@ -211,39 +197,6 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
                           downsample_ratio=c.get("downsample_ratio", 0.5), projector_hidden_act="gelu",
                           vision_feature_layer=c.get("select_layer", -1), vision_feature_select_strategy="default",
                           tie_word_embeddings=text_cfg.tie_word_embeddings)
-
-
-def load(ckpt: Checkpoint, image_token_id: int):
-    """(transformers reference model in float32 with eager attention, its canonical state dict)."""
-    from transformers import InternVLForConditionalGeneration
-
-    if ckpt.layout == "hf":
-        try:
-            model = InternVLForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32,
-                                                                     attn_implementation="eager")
-        except Exception as e:  # damaged or foreign weight files: one line naming the checkpoint
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint {ckpt.path}: transformers cannot load its weights "
-                                  f"({', '.join(f.name for f in weight_files(ckpt.path))}: {type(e).__name__}: "
-                                  f"{first})") from e
-    else:
-        cfg = hf_config(ckpt, image_token_id)
-        cfg._attn_implementation = "eager"
-        weights = {k: v.float() for k, v in map_original(ckpt, _read_weights(ckpt.path)).items()}
-        with torch.device("meta"):
-            model = InternVLForConditionalGeneration(cfg)
-        if cfg.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
-        if cfg.tie_word_embeddings:
-            model.tie_weights()
-        # Buffers (the rotary frequencies) were made on the meta device: build that module for real.
-        lm = model.model.language_model
-        lm.rotary_emb = type(lm.rotary_emb)(config=cfg.text_config)
-    return model.eval()
 
 
 def reference_config(ckpt: Checkpoint, image_token_id: int):

@@ -17,6 +17,19 @@ class ExportError(Exception):
     `python -m export` turns them into a message on stderr and exit status 1."""
 
 
+def exit_on_error(run, argv: list[str] | None) -> None:
+    """A CLI's `main`: `run(argv)`, with the library's typed errors turned into one line on stderr and exit
+    status 1 (a traceback only for what is a bug)."""
+    import sys
+
+    try:
+        run(argv)
+    except ExportCheckError as e:
+        sys.exit(f"export check failed: {e}")
+    except ExportError as e:
+        sys.exit(str(e))
+
+
 class UsageError(ExportError):
     """An option value the exporter does not take (a dtype, a template name)."""
 

@@ -24,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.checkpoint import inspect, load
+from export.checkpoint import inspect
 from export.templates import template
 from export.testing.golden import reference_query
+from export.testing.pytorch import load
 from export.testing.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
 
 

@@ -14,14 +14,9 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     """As `python -m export`: the library raises typed errors (export/common.py); here they become one line on
     stderr and exit status 1."""
-    from ..common import ExportCheckError, ExportError
+    from ..common import exit_on_error
 
-    try:
-        run(argv)
-    except ExportCheckError as e:
-        sys.exit(f"export check failed: {e}")
-    except ExportError as e:
-        sys.exit(str(e))
+    exit_on_error(run, argv)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from .. import templates
-from ..checkpoint import inspect, load
+from ..checkpoint import inspect
 from ..convert import eos_ids
 from ..manifest import token_id
+from .pytorch import load
 from .reference import load_image
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"

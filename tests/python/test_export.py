@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from export.checkpoint import inspect, load, map_original
+from export.checkpoint import inspect, map_original
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
+from export.testing.pytorch import load
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +262,16 @@ def test_amx_graphs_are_the_quantized_graphs_with_their_attention_swapped(fixtur
 
 
 
+def assert_exports_the_same(checkpoint: Path, out: Path, model: Path) -> None:
+    """`checkpoint` exports to the graphs and table of `model`, byte for byte."""
+    r = export_cli("--checkpoint", checkpoint, "--out", out)
+    assert r.returncode == 0, r.stderr
+    ours = json.loads((out / "manifest.json").read_text())["files"]
+    want = json.loads((model / "manifest.json").read_text())["files"]
+    for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.bin"):
+        assert ours[f]["sha256"] == want[f]["sha256"], f
+
+
 @pytest.mark.parametrize(("checkpoint", "model"), [("checkpoint", "model"),
                                                    ("checkpoints/qwen2-original", "models/qwen2-original")])
 def test_pytorch_bin_checkpoints_export_the_same_model(fixtures, tmp_path, checkpoint, model):
@@ -284,12 +295,7 @@ def test_pytorch_bin_checkpoints_export_the_same_model(fixtures, tmp_path, check
         torch.save({k: tensors[k].clone() for k in part}, ck / name)
         weight_map.update(dict.fromkeys(part, name))
     (ck / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
-    assert r.returncode == 0, r.stderr
-    ours = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]
-    want = json.loads((fixtures / model / "manifest.json").read_text())["files"]
-    for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.bin"):
-        assert ours[f]["sha256"] == want[f]["sha256"], f
+    assert_exports_the_same(ck, tmp_path / "m", fixtures / model)
 
 
 @pytest.mark.parametrize(("checkpoint", "model"), [("checkpoint", "model"),
@@ -313,12 +319,7 @@ def test_sharded_safetensors_export_the_same_model(fixtures, tmp_path, checkpoin
         save_file({k: tensors[k] for k in part}, ck / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    r = export_cli("--checkpoint", ck, "--out", tmp_path / "m")
-    assert r.returncode == 0, r.stderr
-    ours = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]
-    want = json.loads((fixtures / model / "manifest.json").read_text())["files"]
-    for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.bin"):
-        assert ours[f]["sha256"] == want[f]["sha256"], f
+    assert_exports_the_same(ck, tmp_path / "m", fixtures / model)
 
 
 def test_streamed_tensors_are_the_ones_transformers_loads(fixtures, torch_model):

@@ -15,10 +15,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from export.checkpoint import inspect, load
+from export.checkpoint import inspect
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
 from export.precision import typed
+from export.testing.pytorch import load
 
 
 @pytest.fixture(scope="module")
