@@ -46,6 +46,21 @@ class ExportCheckError(ExportError):
     """An exported graph disagrees with PyTorch beyond its stated tolerance."""
 
 
+def lean_allocator() -> None:
+    """Every allocation of 1 MiB or more mapped on its own and unmapped when freed. glibc otherwise raises
+    its mmap threshold to the largest block freed so far (up to 32 MiB), so weights of a layer's size come
+    from the heap afterwards and their freed space stays resident: measured, the 1B export's peak went from
+    3.6 to 2.8 GB with this."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_memory() -> None:
     """Free what the last step left (transformers' modules hold reference cycles, which only the
     collector frees) and hand the heap back to the system (glibc keeps it otherwise), so one step's peak

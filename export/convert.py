@@ -22,7 +22,7 @@ from . import (
     tensorrt,
     writer,
 )
-from .common import OutputError, UsageError, release_memory
+from .common import OutputError, UsageError, lean_allocator, release_memory
 from .decoder import export_decoder, rope_of
 from .embed import export_embedding
 from .families import FAMILIES
@@ -43,6 +43,7 @@ def convert(source: str, out: Path, template: str | None = None, force: bool = F
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     ckpt = checkpoint.inspect(source, template)
     tpl = templates.template(ckpt.template)
+    lean_allocator()
     out = check_output_folder(Path(out), ckpt.path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp folder and move into place at the end: a failed export never leaves a

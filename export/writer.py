@@ -304,22 +304,49 @@ def _plan(g, sources: list[str], params: dict, graph_weights: GraphWeights, quan
         def emit(t, data):
             w = t.float().numpy()
             if isinstance(quant, Int4):
-                from .quantize import int4_blocks
-
-                packed, scales, dequant = int4_blocks(w, quant.block, quant.scale_type)
-                scales = scales.reshape(packed.shape[0], -1)  # [N, blocks], as ONNX Runtime's quantiser writes
-                figures["worst_weight_rel_l2"] = max(figures["worst_weight_rel_l2"], float(np.linalg.norm(dequant - w) / max(np.linalg.norm(w), 1e-30)))
+                packed, scales, err, norm = _int4_columns(w, quant)
+                rel = float(np.sqrt(err) / max(np.sqrt(norm), 1e-30))
+                figures["worst_weight_rel_l2"] = max(figures["worst_weight_rel_l2"], rel)
                 scale = (data.tensor(f"{name}_scales", scales) if quant.scale_type == TensorProto.FLOAT else
                          data.tensor(f"{name}_scales", _half(scales, quant.scale_type), quant.scale_type))
                 return [data.tensor(f"{name}_Q4", packed), scale]
-            from .quantize import int8_columns
-
-            q, scale = int8_columns(w)
+            q, scale = _int8_columns(w)
             return [data.tensor(f"{name}_quantized", q), data.tensor(f"{name}_scale", scale),
                     data.tensor(f"{name}_zero_point", np.zeros(q.shape[1], np.int8))]
         return emit
 
     return [(s, quantise(s) if s in quantised else plain(s)) for s in sources], figures
+
+
+CHUNK = 1 << 24  # values quantised at once: the arithmetic's temporaries are a few times this, not the weight
+
+
+def _columns(w: np.ndarray) -> int:
+    """Output columns per chunk (quantisation is per column, or per block of a column, so chunks are exact)."""
+    return max(1, CHUNK // max(w.shape[0], 1))
+
+
+def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize.int8_columns` of W [K, N], a chunk of columns at a time."""
+    from .quantize import int8_columns
+
+    parts = [int8_columns(w[:, c:c + _columns(w)]) for c in range(0, w.shape[1], _columns(w))]
+    return np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts])
+
+
+def _int4_columns(w: np.ndarray, quant: Int4):
+    """(packed [N, blocks, block / 2], scales [N, blocks], squared error, squared norm) of W [K, N]."""
+    from .quantize import int4_blocks
+
+    packed, scales, err, norm = [], [], 0.0, 0.0
+    for c in range(0, w.shape[1], _columns(w)):
+        part = w[:, c:c + _columns(w)]
+        p, s, dequant = int4_blocks(part, quant.block, quant.scale_type)
+        err += float(np.square(dequant - part, dtype=np.float64).sum())
+        norm += float(np.square(part, dtype=np.float64).sum())
+        packed.append(p)
+        scales.append(s.reshape(p.shape[0], -1))  # [N, blocks], as ONNX Runtime's quantiser writes
+    return np.concatenate(packed), np.concatenate(scales), err, norm
 
 
 def _half(x: np.ndarray, data_type: int) -> torch.Tensor:

@@ -219,3 +219,23 @@ def test_gpu_int4_export(fixtures, tmp_path, dtype):
     else:
         assert d["quantization"]["drift_measured_without_int4"] is True
         assert run.returncode == 2 and "bfloat16" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_quantising_in_column_chunks_is_quantising_whole(monkeypatch):
+    """The writer quantises a big weight a few columns at a time (bounded temporaries); per-column int8
+    scales and per-column int4 blocks make that exact: the same bytes as the whole matrix at once."""
+    from export import writer
+    from export.quantize import int4_blocks, int8_columns
+
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((96, 37)).astype(np.float32)
+    monkeypatch.setattr(writer, "CHUNK", 96 * 5)  # 5 columns a chunk, the last one short
+    packed, scales, err, norm = writer._int4_columns(w, writer.Int4(32))
+    whole_packed, whole_scales, dequant = int4_blocks(w, 32, onnx.TensorProto.FLOAT)
+    np.testing.assert_array_equal(packed, whole_packed)
+    np.testing.assert_array_equal(scales.ravel(), whole_scales)
+    assert np.isclose(np.sqrt(err / norm), np.linalg.norm(dequant - w) / np.linalg.norm(w))
+    q, s = writer._int8_columns(w)
+    wq, ws = int8_columns(w)
+    np.testing.assert_array_equal(q, wq)
+    np.testing.assert_array_equal(s, ws)
