@@ -102,12 +102,12 @@ def weight_files(path: Path) -> list[Path]:
     """The checkpoint's weight files: `*.safetensors` (one or the hub's shards), else PyTorch's
     `pytorch_model.bin` / `pytorch_model-0000N-of-0000M.bin` (some InternVL 1.5 / 2 releases ship only
     those); anything else is refused, naming what the folder holds."""
-    safetensors = sorted(path.glob("*.safetensors"))
-    if safetensors:
-        return safetensors
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if bins:
-        return bins
+    for found in (sorted(path.glob("*.safetensors")), sorted(path.glob("pytorch_model*.bin"))):
+        if found:
+            odd = [f.name for f in found if not f.is_file()]
+            if odd:  # a FIFO or a device would block the read or never end
+                raise CheckpointError(f"checkpoint {path}: {odd[0]} is not a regular file")
+            return found
     other = sorted(f.name for f in path.iterdir() if f.suffix in (".gguf", ".pt", ".pth", ".ckpt", ".bin", ".h5",
                                                                     ".msgpack", ".onnx"))
     found = f" (found {', '.join(other[:5])})" if other else ""

@@ -148,6 +148,8 @@ class _Safetensors:
         import struct
 
         self.path = path
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise CheckpointError(f"checkpoint {path}: not a regular file")
         try:
             with open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
@@ -155,6 +157,7 @@ class _Safetensors:
                     raise ValueError(f"header size {size}")
                 header = json.loads(f.read(size))
             self.start = 8 + size
+            size_on_disk = path.stat().st_size
             self.tensors = {}
             for name, info in header.items():
                 if name == "__metadata__":
@@ -162,8 +165,16 @@ class _Safetensors:
                 if info["dtype"] not in _DTYPES:
                     raise CheckpointError(f"checkpoint {path}: tensor {name} has dtype {info['dtype']}, which "
                                           f"this exporter does not read")
-                begin, end = info["data_offsets"]
-                self.tensors[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+                dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                # Checked here, before any work: a cut-short shard or a header that lies about a size.
+                if not 0 <= begin <= end <= size_on_disk - self.start:
+                    raise CheckpointError(f"checkpoint {path}: tensor {name} lies past the end of the file "
+                                          f"(file truncated?)")
+                if end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=0) < 0:
+                    raise CheckpointError(f"checkpoint {path}: tensor {name} has {end - begin} bytes for shape "
+                                          f"{list(shape)} of {info['dtype']}")
+                self.tensors[name] = (dtype, shape, begin, end)
         except CheckpointError:
             raise
         except Exception as e:  # truncated, not safetensors, bad JSON: one line naming the file

@@ -393,6 +393,32 @@ def test_checkpoints_without_readable_weights_are_refused(fixtures, tmp_path):
     assert r.returncode == 1 and "pytorch_model.bin" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_damaged_safetensors_are_refused_before_any_work(fixtures, tmp_path):
+    """A cut-short shard, a header that lies about a tensor's size, an absurd header length and a FIFO in
+    place of a shard: each one line naming the file, exit 1, no traceback, no hang, no output folder."""
+    import os
+    import shutil
+    import struct
+
+    src = fixtures / "checkpoint" / "model.safetensors"
+    cases = {
+        "truncated": lambda f: f.write_bytes(src.read_bytes()[: src.stat().st_size // 2]),
+        "lying": lambda f: f.write_bytes(struct.pack("<Q", 80) + json.dumps(
+            {"x": {"dtype": "F32", "shape": [10**9, 10**6], "data_offsets": [0, 4]}}).encode().ljust(80) + bytes(4)),
+        "header": lambda f: f.write_bytes(struct.pack("<Q", 2**63 - 1) + b"{}"),
+        "fifo": lambda f: os.mkfifo(f),
+    }
+    for name, damage in cases.items():
+        ck = tmp_path / name
+        shutil.copytree(fixtures / "checkpoint", ck, ignore=shutil.ignore_patterns("*.safetensors"))
+        damage(ck / "model.safetensors")
+        r = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(ck), "--out", str(tmp_path / "m")],
+                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and "model.safetensors" in last and "Traceback" not in r.stderr, (name, r.stderr)
+        assert not (tmp_path / "m").exists(), name
+
+
 def test_family_registry_is_consistent():
     """One entry per LLM family: its template exists, its reference model type is one transformers builds,
     and detection works by model_type and by architecture alone; anything else is refused by name."""
