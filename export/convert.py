@@ -160,17 +160,17 @@ def export_graphs(work: Path, dtype: str, int4_block: int, vspec, lspec, cfg, we
     vision.update(**vref, **checked, reference_layers=vl)
     if half == "float32":
         vfull = check.vision_full(vspec, weights, work / "vision.onnx", quantized=vquant is not None)
-        vision.update(vfull) if vquant is None else vision["quantization"].update(vfull)
+        (vision if vquant is None else vision["quantization"]).update(vfull)
     release_memory()
     log(f"decoder.onnx: {dtype if dquant else half}")
     decoder = export_decoder(lspec, weights, rope, work / "decoder.onnx", half, dquant)
     decoder.update(**dref, **checked, reference_layers=tl)
     if half == "float32":
         dfull = check.decoder_full(lspec, weights, rope, work / "decoder.onnx", quantized=dquant is not None)
-        decoder.update(dfull) if dquant is None else decoder["quantization"].update(dfull)
+        (decoder if dquant is None else decoder["quantization"]).update(dfull)
     release_memory()
     for entry in (vision, decoder):
-        figures = {k: v for k, v in {**entry.get("quantization", {}), **entry.get("precision", {})}.items()}
+        figures = {**entry.get("quantization", {}), **entry.get("precision", {})}
         figures.update({k: entry[k] for k in ("max_abs_diff_full",) if k in entry})
         log(f"  {entry['file']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in figures.items()))
