@@ -5,7 +5,7 @@
 #   stream_decode  token ids -> AnswerStream, against the returned answer text
 #   prompt         render + token_ids of any question / system message / history turns
 #   history        load_history of any --history file, then the prompt built on it
-# The checks themselves are tests/fuzz_checks/mod.rs; tests/fuzz_corpus.rs replays the saved corpus and
+# The checks themselves are crates/internvl/tests/fuzz_checks/mod.rs; crates/internvl/tests/fuzz_corpus.rs replays the saved corpus and
 # every regression in plain `cargo test` (what CI runs).
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
@@ -22,7 +22,7 @@
 #
 # Per target it prints the executions (libFuzzer's final stat::number_of_executed_units), the corpus size,
 # and whether a crash / timeout / out-of-memory artifact appeared. Artifacts are copied to
-# fuzz/regressions/<target>/, which tests/fuzz_corpus.rs replays: every finding becomes a regression test.
+# fuzz/regressions/<target>/, which crates/internvl/tests/fuzz_corpus.rs replays: every finding becomes a regression test.
 # Exits 1 if any target crashed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

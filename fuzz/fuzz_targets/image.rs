@@ -1,8 +1,8 @@
-//! cargo-fuzz target `image`: the whole check is `tests/fuzz_checks/mod.rs::image`, shared with
-//! `tests/fuzz_corpus.rs` (which replays the saved corpus and regressions in plain `cargo test`).
+//! cargo-fuzz target `image`: the whole check is `crates/internvl/tests/fuzz_checks/mod.rs::image`, shared with
+//! `crates/internvl/tests/fuzz_corpus.rs` (which replays the saved corpus and regressions in plain `cargo test`).
 #![no_main]
 
-#[path = "../../tests/fuzz_checks/mod.rs"]
+#[path = "../../crates/internvl/tests/fuzz_checks/mod.rs"]
 mod checks;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,169 @@
+//! Videos as the reference reads them (the model card's `load_video`): `num_segments` frames taken at
+//! the middle of equal segments of the video (or of a `[start, end]` window in seconds), each frame
+//! resized whole to one square tile (`max_num=1`: no grid, no thumbnail), asked about with one
+//! `Frame-N: <image>` line per frame (`prompt::video_question`).
+//!
+//! Containers and codecs are FFmpeg's (`ffmpeg.rs`): the reference decodes with decord, which is
+//! FFmpeg's decoders too, so frame counts, rates and pixels come from the same code. FFmpeg is run as
+//! the `ffprobe` / `ffmpeg` programs rather than linked: the binary starts and answers about images on
+//! a machine without it, and says what is missing when a video is given. Animated GIF and WebP are
+//! decoded here by the image crate (`animated.rs`), so they need no FFmpeg.
+//!
+//! Only the sampled frames are kept, each already resized to the tile size: a long or high-resolution
+//! video costs decoding time, not memory.
+
+mod animated;
+mod ffmpeg;
+pub mod frame_index;
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::error::{ErrorKind, WithKind};
+use crate::limits::MAX_FRAMES;
+use crate::media::image::resize_bicubic;
+
+/// Frames per video when not given: the model card's example (its `load_video` defaults to 32).
+pub const DEFAULT_FRAMES: usize = 8;
+/// Frame size bound (width x height) checked before any frame is decoded.
+pub const MAX_FRAME_PIXELS: u64 = crate::media::image::MAX_IMAGE_PIXELS;
+
+/// Which frames to take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameSampling {
+    pub frames: usize,
+    /// `[start, end]` in seconds (the reference's `bound`); None: the whole video.
+    pub bound: Option<(f64, f64)>,
+}
+
+impl Default for FrameSampling {
+    fn default() -> Self {
+        Self { frames: DEFAULT_FRAMES, bound: None }
+    }
+}
+
+impl FrameSampling {
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_FRAMES).contains(&self.frames) {
+            return Err(anyhow!("frames {} must be between 1 and {MAX_FRAMES}", self.frames));
+        }
+        if let Some((s, e)) = self.bound {
+            if !(s.is_finite() && e.is_finite() && s >= 0.0 && s < e && e <= 1e7) {
+                return Err(anyhow!("video window {s}..{e} s: need 0 <= start < end <= 1e7 seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sampled frames of a video, each `size` x `size`.
+#[derive(Debug, Clone)]
+pub struct Video {
+    pub frames: Vec<RgbImage>,
+    pub info: VideoInfo,
+}
+
+/// What was read and which frames were taken (`run --json` reports it).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VideoInfo {
+    /// Frames the video has (decord's `len(vr)`: the stream's packets).
+    pub frames_total: usize,
+    /// decord's `get_avg_fps()`.
+    pub fps: f64,
+    pub width: u32,
+    pub height: u32,
+    /// The frame numbers taken, in order (repeats where the video is shorter than the frames asked).
+    pub frame_indices: Vec<usize>,
+    /// `ffmpeg` (and its codec name), `gif` or `webp`.
+    pub decoder: String,
+}
+
+/// Reads the frames `sampling` picks from `path`, each resized to `size` x `size` as Pillow's
+/// `Image.resize` does. Errors name the file and are [`ErrorKind::Input`] (FFmpeg missing included).
+pub fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<Video> {
+    sampling.validate().kind(ErrorKind::Usage)?;
+    let head = read_head(path).kind(ErrorKind::Input)?;
+    let named = |e: anyhow::Error| anyhow!("video {}: {}", path.display(), format!("{e:#}").replace('\n', " "));
+    let video = match animated::kind(&head) {
+        Some(kind) => animated::load(path, kind, sampling, size),
+        None => ffmpeg::load(path, sampling, size),
+    };
+    video.map_err(named).kind(ErrorKind::Input)
+}
+
+/// [`load`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
+/// seekable file (an MP4's index may sit at its end), so the bytes go to a private temporary file that is
+/// removed when this returns.
+pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32) -> Result<Video> {
+    use std::io::Write;
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path =
+        std::env::temp_dir().join(format!("internvl-video-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
+    let mut file =
+        file.map_err(|e| anyhow!("cannot write a temporary file for the video: {e}")).kind(ErrorKind::Internal)?;
+    let guard = Removed(path);
+    file.write_all(bytes)
+        .map_err(|e| anyhow!("cannot write a temporary file for the video: {e}"))
+        .kind(ErrorKind::Internal)?;
+    drop(file);
+    load(&guard.0, sampling, size).or_else(|e| {
+        let text = format!("{e:#}").replace(&guard.0.display().to_string(), "(request)");
+        Err(anyhow!("{text}")).kind(ErrorKind::of(&e))
+    })
+}
+
+fn read_head(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow!("cannot read video {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(anyhow!("video {} is not a file", path.display()));
+    }
+    if meta.len() == 0 {
+        return Err(anyhow!("video file is empty (0 bytes): {}", path.display()));
+    }
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| anyhow!("cannot read video {}: {e}", path.display()))?;
+    Ok(head)
+}
+
+/// Frames in sampled order from the distinct ones decoded (`decoded[k]` is frame `wanted[k]`).
+fn in_order(indices: &[usize], wanted: &[usize], decoded: Vec<RgbImage>) -> Vec<RgbImage> {
+    indices
+        .iter()
+        .map(|i| {
+            let k = wanted.binary_search(i).unwrap_or(0);
+            decoded[k].clone()
+        })
+        .collect()
+}
+
+/// The distinct frame numbers of `indices`, ascending.
+fn distinct(indices: &[usize]) -> Vec<usize> {
+    let mut wanted = indices.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
+}
+
+fn check_size(width: u32, height: u32) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 || pixels > MAX_FRAME_PIXELS {
+        return Err(anyhow!("frames of {width}x{height} pixels are outside 1..={MAX_FRAME_PIXELS} pixels"));
+    }
+    Ok(())
+}
+
+fn to_tile(frame: &RgbImage, size: u32) -> RgbImage {
+    resize_bicubic(frame, size, size)
+}
