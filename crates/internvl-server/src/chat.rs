@@ -1,0 +1,245 @@
+//! `POST /v1/chat/completions`: auth, parsing, admission, media, preparation off the async runtime, then
+//! the answer as one body or as SSE chunks. A client that goes away drops its receiver, and the engine
+//! cancels the sequence at its next step.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use internvl::engine::{Event, Sequence};
+use serde_json::Value;
+use tokio::sync::mpsc as tmpsc;
+
+use crate::admission::Admission;
+use crate::auth::authorized;
+use crate::engine_thread::ChannelSink;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::types::{self, Delta, Reply};
+use crate::{fetch, openai};
+
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    metrics::counter!("internvl_http_requests_total", "route" => "chat_completions").increment(1);
+    match chat(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = e.into_response();
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                // The unread rest of the body is still on the connection, which the server then drops:
+                // saying so keeps a client from sending its next request on it.
+                r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            }
+            r
+        }
+    }
+}
+
+async fn chat(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorized(&state, &headers)?;
+    let model = Arc::clone(state.model()?);
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body is over the limit of {} bytes", state.cfg.body_limit),
+            )
+            .code("request_too_large")
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {r}"))
+        }
+    })?;
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    if let Some(name) = body.get("model").and_then(Value::as_str) {
+        if name != model.name() && !name.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                format!("model {name:?} is not served here (this server serves {:?})", model.name()),
+            )
+            .param("model")
+            .code("model_not_found"));
+        }
+    }
+    let ctx = model.manifest.decoder.max_context;
+    let policy =
+        openai::MediaPolicy { media_root: state.media_root.as_deref(), remote: state.cfg.remote_media.is_some() };
+    let req = openai::parse(&body, &policy, model.manifest.generation.max_new_tokens, ctx)?;
+
+    // Admission: running + waiting bounded; the rest are told to come back.
+    let limit = state.cfg.parallel + state.cfg.queue;
+    if state.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics::counter!("internvl_requests_rejected_total").increment(1);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "server_overloaded",
+            format!("the server is busy ({limit} requests running or waiting); retry later"),
+        )
+        .code("server_overloaded");
+        e.retry_after = Some(1);
+        return Err(e);
+    }
+    let mut admission = Admission { state: Arc::clone(&state), pixels: 0 };
+
+    let (tx, rx) = tmpsc::unbounded_channel();
+    let openai::ChatRequest { mut content, params, stream, include_usage, images, video } = req;
+    // Remote images are fetched here, inside the admission slot; a client that goes away cancels this.
+    let mut image_bytes = Vec::with_capacity(images.len());
+    for source in images {
+        image_bytes.push(match (source, &state.cfg.remote_media) {
+            (openai::ImageSource::Bytes(b), _) => b,
+            (openai::ImageSource::Remote(url), Some(remote)) => fetch::get(&url, remote).await?,
+            (openai::ImageSource::Remote(_), None) => {
+                return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
+            }
+            // `openai::parse` gives paths for videos only.
+            (openai::ImageSource::Path(_), _) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "image given as a path"))
+            }
+        });
+    }
+    admission.reserve_pixels(openai::image_pixels(&image_bytes)?)?;
+    // A video: fetched like an image; its frames are held resized to one tile each.
+    let video = match video {
+        None => None,
+        Some(v) => {
+            let source = match (v.source, &state.cfg.remote_media) {
+                (openai::ImageSource::Remote(url), Some(remote)) => {
+                    openai::ImageSource::Bytes(fetch::get(&url, remote).await?)
+                }
+                (openai::ImageSource::Remote(_), None) => {
+                    return Err(ApiError::unsupported("video_url", "http(s) video URLs are not enabled"))
+                }
+                (other, _) => other,
+            };
+            let side = u64::from(model.manifest.image.image_size);
+            admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
+            Some((source, v.sampling))
+        }
+    };
+    let worker = Arc::clone(&model);
+    let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
+        if let Some((source, sampling)) = video {
+            openai::decode_video(&mut content, source, &sampling, worker.manifest.image.image_size)?;
+        }
+        openai::decode_images(&mut content, image_bytes)?;
+        let request = worker.prepare(content, params).map_err(|e| ApiError::from_library(&e))?;
+        Ok(Sequence::new(&worker, request, Box::new(ChannelSink(tx))))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "request preparation failed"))??;
+    {
+        let submit = state.submit.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = submit.as_ref().map(|s| s.send(seq).is_ok()).unwrap_or(false);
+        if !sent {
+            return Err(ApiError::unavailable("the engine is not running"));
+        }
+    }
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let reply =
+        Reply { id, created, model: model.name().to_string(), tokens_per_tile: model.manifest.vision.tokens_per_tile };
+    if stream {
+        Ok(stream_response(reply, rx, include_usage, admission, state.cfg.keep_alive))
+    } else {
+        complete(reply, rx, admission).await
+    }
+}
+
+async fn complete(
+    reply: Reply,
+    mut rx: tmpsc::UnboundedReceiver<Event>,
+    admission: Admission,
+) -> Result<Response, ApiError> {
+    let _admission = admission;
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(_) => {}
+            Event::Error(e) => return Err(ApiError::from_library(&e)),
+            Event::Done(out) => return Ok(Json(reply.completion(&out)).into_response()),
+        }
+    }
+    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request ended without an answer"))
+}
+
+fn stream_response(
+    reply: Reply,
+    mut rx: tmpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+    admission: Admission,
+    keep_alive: u64,
+) -> Response {
+    let (tx, sse) = tmpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
+    // Forwards the engine's events as SSE; when the client goes away the SSE receiver is dropped, this task
+    // ends and drops the engine's receiver: the engine sees the sequence's sink closed and cancels it.
+    tokio::spawn(async move {
+        let _admission = admission;
+        let first = Delta { role: Some("assistant"), content: Some(String::new()) };
+        if tx.send(Ok(json_event(&reply.chunk(first, None)))).await.is_err() {
+            return;
+        }
+        loop {
+            let event = tokio::select! {
+                event = rx.recv() => event,
+                () = tx.closed() => return,
+            };
+            let Some(event) = event else { return };
+            let (events, last) = match event {
+                Event::Text(piece) => {
+                    let delta = Delta { content: Some(piece), ..Delta::default() };
+                    (vec![json_event(&reply.chunk(delta, None))], false)
+                }
+                Event::Error(e) => {
+                    (vec![json_event(&ApiError::from_library(&e).body()), SseEvent::default().data("[DONE]")], true)
+                }
+                Event::Done(out) => {
+                    let finish = Some(types::finish_reason(out.finish_reason));
+                    let mut v = vec![json_event(&reply.chunk(Delta::default(), finish))];
+                    if include_usage {
+                        v.push(json_event(&reply.usage_chunk(&out)));
+                    }
+                    v.push(SseEvent::default().data("[DONE]"));
+                    (v, true)
+                }
+            };
+            for e in events {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(sse);
+    let sse =
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(keep_alive.max(1))).text("ping"));
+    let mut response = sse.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    response
+}
+
+fn json_event(v: &impl serde::Serialize) -> SseEvent {
+    // Serialising these plain structs cannot fail; an empty object would be the fallback.
+    SseEvent::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
+}
