@@ -33,7 +33,8 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument("--template", help="conversation template name (default: from the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8", "int4", "int4-float16", "int4-bfloat16"],
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float16", "bfloat16", "int8", "int4", "int4-float16", "int4-bfloat16"],
                    help="graphs: float32; float16 / bfloat16 (for GPUs: weights, activations and KV cache; norms "
                         "fp32); int8 (vision + decoder, for CPUs); int4 (decoder, vision int8; for CPUs); "
                         "int4-float16 / int4-bfloat16 (for GPUs: the float16 / bfloat16 export with the decoder's "

@@ -228,7 +228,8 @@ def _used(weights, prefixes: tuple[str, ...], layers: int) -> int:
 def _inputs(graph) -> set[str]:
     """The graph inputs `graph` (decoder._Graph) takes, in io_names order."""
     fused = graph.dec.fused
-    names = {"inputs_embeds", *(("seqlens_k", "total_sequence_length") if fused else ("attention_mask", "position_ids"))}
+    names = {"inputs_embeds",
+             *(("seqlens_k", "total_sequence_length") if fused else ("attention_mask", "position_ids"))}
     if graph.long_rope:
         names.add("long_rope")
-    return names | {n for n in io_names(graph.dec.spec.layers)[0][6:]}
+    return names | set(io_names(graph.dec.spec.layers)[0][6:])

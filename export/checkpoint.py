@@ -193,7 +193,8 @@ def hf_config(ckpt: Checkpoint, image_token_id: int):
     FAMILIES[family].fix_config(text, llm)
     text_cfg = AutoConfig.for_model(FAMILIES[family].reference, **text)
     return InternVLConfig(vision_config=vision, text_config=text_cfg.to_dict(), image_token_id=image_token_id,
-                          image_seq_length=int((vision["image_size"] // vision["patch_size"] * c.get("downsample_ratio", 0.5)) ** 2),
+                          image_seq_length=int(
+                              (vision["image_size"] // vision["patch_size"] * c.get("downsample_ratio", 0.5)) ** 2),
                           downsample_ratio=c.get("downsample_ratio", 0.5), projector_hidden_act="gelu",
                           vision_feature_layer=c.get("select_layer", -1), vision_feature_select_strategy="default",
                           tie_word_embeddings=text_cfg.tie_word_embeddings)
@@ -249,7 +250,8 @@ def reference_model(cfg, weights, vision_layers: int, text_layers: int):
 def _reference_tensor(weights, name: str) -> torch.Tensor:
     """A reference-model tensor: Phi-3's transformers model keeps q/k/v and gate/up packed, which `weights`
     holds split (as the graphs use them)."""
-    packed = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
+    packed = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
+              "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
     for suffix, parts in packed.items():
         if name.endswith(suffix) and name not in weights:
             pre = name[: -len(suffix)] + suffix.split(".")[0] + "."

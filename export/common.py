@@ -65,14 +65,13 @@ def release_memory() -> None:
     """Free what the last step left (transformers' modules hold reference cycles, which only the
     collector frees) and hand the heap back to the system (glibc keeps it otherwise), so one step's peak
     does not stay resident through the next."""
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def ort_session(path: Path, threads: int | None = None):

@@ -289,7 +289,7 @@ def step_feed(have: set[str], embeds: np.ndarray, past: dict[str, np.ndarray], p
 
 def empty_past(layers: int, kv_heads: int, head_dim: int, dtype=np.float32, batch: int = 1) -> dict[str, np.ndarray]:
     empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
-    return {n: empty for n in io_names(layers)[0][6:]}
+    return dict.fromkeys(io_names(layers)[0][6:], empty)
 
 
 def graph_module(spec: LlmSpec, weights: writer.GraphWeights, rope: Rope, trace: bool = False) -> nn.Module:

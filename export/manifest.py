@@ -54,8 +54,8 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def write(out_dir: Path, *, name: str, dtype: str, source: dict, vision: dict, embed: dict, decoder: dict, tokenizer: dict,
-          template: dict, image: dict, generation: dict) -> Path:
+def write(out_dir: Path, *, name: str, dtype: str, source: dict, vision: dict, embed: dict, decoder: dict,
+          tokenizer: dict, template: dict, image: dict, generation: dict) -> Path:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,7 +103,7 @@ def pin_output_shapes(graph: Path, shapes: dict[str, list]) -> None:
         shape = outputs[name].type.tensor_type.shape
         if len(shape.dim) != len(dims):
             raise ValueError(f"{graph.name}: output {name} has rank {len(shape.dim)}, expected {len(dims)}")
-        for d, want in zip(shape.dim, dims):
+        for d, want in zip(shape.dim, dims, strict=True):
             if isinstance(want, int):
                 d.Clear()
                 d.dim_value = want

@@ -14,7 +14,7 @@ INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 # InternVL 1.5 / 2 kept their older system prompt "to avoid changes in benchmark performance".
-INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501 (verbatim)
 
 _CHATML_ROLES = ["<|im_start|>user\n", "<|im_start|>assistant\n"]
 

@@ -55,7 +55,8 @@ def write_tokenizer(path: Path, dst: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:  # any conversion failure is one message
-        raise CheckpointError(f"checkpoint {path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {path}: no tokenizer.json and the tokenizer cannot be converted ({e})") from e
     if not getattr(tok, "is_fast", False):
         raise CheckpointError(f"checkpoint {path}: no tokenizer.json and no fast tokenizer conversion")
     tok.backend_tokenizer.save(str(dst))

@@ -212,7 +212,7 @@ def write(module: torch.nn.Module, args: tuple, out: Path, input_names: list[str
     model = trace(module, args, input_names, output_names, dynamic_axes, out.parent)
     g = model.graph
     params = {path: path.rsplit(".", 1)[-1].replace("__", ".") for path, _ in module.named_parameters()}
-    buffers = {path: b for path, b in module.named_buffers()}
+    buffers = dict(module.named_buffers())
     sources = [i.name for i in g.input if i.name in params or i.name in buffers]
     unknown = [i.name for i in g.input if i.name not in input_names and i.name not in sources]
     if unknown:

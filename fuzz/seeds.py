@@ -3,8 +3,9 @@ start each target off inside its format. Fuzzing adds its own files next to them
 
 Usage: .venv/bin/python fuzz/seeds.py [build/fixtures]
 
-The input layouts are those of tests/fuzz_checks/mod.rs: image = the image file itself; manifest / history =
-the file itself; prompt = [flags, model, text with NUL-separated fields]; stream_decode = [model, 3-byte ids].
+The input layouts are those of crates/internvl/tests/fuzz_checks/mod.rs: image = the image file itself;
+manifest / history = the file itself; prompt = [flags, model, text with NUL-separated fields]; stream_decode =
+[model, 3-byte ids].
 Models are indexed in the default order of `model_dirs()`: qwen2, internlm2, llama, phi3, qwen3.
 """
 
@@ -18,8 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tokenizers import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracle.byte_level import bytes_to_unicode
+from export.testing.byte_level import bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"

@@ -1,7 +1,7 @@
 """Export memory benchmark: peak resident memory of `python -m export` per checkpoint shape and dtype.
 
-  .venv/bin/python scripts/bench_export.py                 # 1B shape, every dtype; 8B shape, int4 and float16
-  .venv/bin/python scripts/bench_export.py --shapes 1b --dtypes int8
+  .venv/bin/python -m scripts.bench_export                 # 1B shape, every dtype; 8B shape, int4 and float16
+  .venv/bin/python -m scripts.bench_export --shapes 1b --dtypes int8
 
 Targets (issue 14): the InternVL2.5-1B shape at most 2x its checkpoint's size at any dtype; the
 InternVL2.5-8B shape (InternViT-300M + InternLM2.5-7B, 16 GB of bf16 written sharded as the hub ships it)
@@ -59,7 +59,8 @@ def export(ckpt: Path, dtype: str, out: Path, log: Path) -> tuple[int, float, in
     t0 = time.time()
     with open(log, "w") as f:
         rc = subprocess.run(["/usr/bin/time", "-v", str(PY), "-m", "export", "--checkpoint", str(ckpt), "--out",
-                             str(out), "--dtype", dtype], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+                             str(out), "--dtype", dtype], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            check=False).returncode
     seconds = time.time() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text(errors="replace"))
     return (int(m.group(1)) * 1024 if m else 0), seconds, rc
@@ -68,8 +69,7 @@ def export(ckpt: Path, dtype: str, out: Path, log: Path) -> tuple[int, float, in
 def answer(model: Path) -> str:
     image = ROOT / "build" / "bench-export-448.png"
     if not image.is_file():
-        sys.path.insert(0, str(ROOT / "tests"))
-        from fixtures import make_image
+        from tests.fixtures import make_image
 
         make_image((448, 448), 3).save(image)  # one tile: the run shows the folder answers, not speed
     r = subprocess.run([str(BINARY), "run", "--model", str(model), "--image", str(image), "--prompt",

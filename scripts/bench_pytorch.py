@@ -2,7 +2,7 @@
 checkpoint, same thread count, same run; prints each figure with its ratio to both, and the machine's
 measured limits (GEMM GFLOP/s fp32 / bf16 / int8, memory read GB/s) with how close each figure is.
 
-Usage: .venv/bin/python scripts/bench_pytorch.py --checkpoint build/checkpoints/internvl2_5-1b \\
+Usage: .venv/bin/python -m scripts.bench_pytorch --checkpoint build/checkpoints/internvl2_5-1b \\
            --model models/internvl2_5-1b [--model models/internvl2_5-1b-int8 ...] [--runs 3] [--threads 2]
            [--json out.json]
 Not a timed test: numbers are printed, nothing is asserted.
@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from export.checkpoint import inspect
 from export.templates import template
 from export.testing.golden import reference_query
 from export.testing.pytorch import load
 from export.testing.reference import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def med(xs):
@@ -236,11 +235,13 @@ def main() -> None:
         results[key] = json.loads(out)
         ours_cols.append(key)
         print(f"internvl bench {model} done", flush=True)
-    # Each PyTorch precision in its own process so peak RSS is its own.
-    for name in ("fp32",) + (() if args.skip_bf16 else ("bf16",)):
-        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.argv=['x'];"
+    # Each PyTorch precision in its own process so peak RSS is its own; it imports `scripts` from the working
+    # folder, as this process did (python -m scripts.bench_pytorch).
+    for name in ("fp32", *(() if args.skip_bf16 else ("bf16",))):
+        code = (f"import sys, json; sys.argv=['x'];"
                 f"from scripts.bench_pytorch import bench_torch; import torch;"
-                f"print(json.dumps(bench_torch({args.checkpoint!r}, torch.{'float32' if name == 'fp32' else 'bfloat16'},"
+                f"print(json.dumps(bench_torch({args.checkpoint!r},"
+                f" torch.{'float32' if name == 'fp32' else 'bfloat16'},"
                 f" {args.runs}, {args.threads}, {args.decode_tokens})))")
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
         results[f"pytorch_{name}"] = json.loads(out.strip().splitlines()[-1])

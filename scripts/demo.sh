@@ -13,5 +13,5 @@ model=models/$shape
 [ -f "$model/manifest.json" ] || .venv/bin/python -m export --checkpoint "$ckpt" --out "$model"
 image=build/demo.png
 [ -f "$image" ] || .venv/bin/python -c "
-import sys; sys.path.insert(0, 'tests'); from fixtures import make_image; make_image((1024, 768), 7).save('$image')"
+from tests.fixtures import make_image; make_image((1024, 768), 7).save('$image')"
 target/release/internvl run --model "$model" --image "$image" --prompt "Describe the image." --max-new-tokens 48 --verbose

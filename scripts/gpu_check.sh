@@ -97,7 +97,7 @@ PY
   # PyTorch on the same GPU, each precision in its own process (its peak memory its own).
   for pt in float16 bfloat16; do
     r="$out/$shape-pytorch-cuda-$pt.json"
-    "$py" -c "import sys, json, torch; sys.path.insert(0, '.'); from scripts.bench_pytorch import bench_torch; \
+    "$py" -c "import json, torch; from scripts.bench_pytorch import bench_torch; \
 print(json.dumps(bench_torch('$ck', torch.$pt, 3, 8, 128, device='cuda')))" 2>"$r.err" | tail -1 >"$r" \
       && say "$shape pytorch cuda $pt: $(cat "$r")" || say "$shape pytorch cuda $pt: failed: $(tail -1 "$r.err")"
   done

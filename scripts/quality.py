@@ -7,7 +7,7 @@ teacher-forced with the fp32 model's answer (`run --force-tokens`), so every ste
 same context. Prints, per folder: image-embedding cosine and relative L2 error against fp32 (`internvl
 embed`), top-1 agreement of the next-token choice, max / mean absolute logit difference.
 
-Usage: .venv/bin/python scripts/quality.py --fp32 models/internvl2_5-1b --quant models/internvl2_5-1b-int8 \\
+Usage: .venv/bin/python -m scripts.quality --fp32 models/internvl2_5-1b --quant models/internvl2_5-1b-int8 \\
            [--images a.png b.jpg] [--steps 32] [--attention auto|onnx|amx]
 """
 
@@ -16,21 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
 from export.precision import typed
 from export.testing.golden import reference_query
 from export.testing.reference import load_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPTS = ["Describe the image in detail.", "What objects are in this picture?", "Write a short story about it."]
 
@@ -97,8 +94,9 @@ def runtime_logits(model: Path, image: Path, prompt: str, tokens: list[int], att
 
 
 def main() -> None:
-    from fixtures import make_image
     from tokenizers import Tokenizer
+
+    from tests.fixtures import make_image
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", required=True, type=Path)

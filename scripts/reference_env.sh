@@ -10,20 +10,31 @@
 # peft; timm and einops (the remote code imports them), torchvision (timm imports it; its Python transforms
 # are the model card's preprocessing), accelerate + psutil (4.37's low_cpu_mem_usage=True needs
 # accelerate), requests + urllib3 + certifi + charset-normalizer (transformers 4.x and huggingface-hub 0.x
-# import requests). Idempotent: a stamp with the package list makes a finished venv a ~0.1 s check;
-# a different list (or a broken venv) rebuilds it. Fresh creation of both: about a minute (pip, no build).
+# import requests). The pins: pyproject.toml's dependency groups reference437 / reference455. Idempotent: a
+# stamp with the package list makes a finished venv a ~0.1 s check; a different list (or a broken venv)
+# rebuilds it. Fresh creation of both: about a minute (pip, no build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || { echo "reference_env.sh: the main venv .venv is missing (run scripts/setup.sh)" >&2; exit 1; }
 main_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-common="timm==1.0.15 einops==0.8.1 torchvision==0.29.2 accelerate==1.2.1 psutil==7.2.2 requests==2.32.3
-        urllib3==2.2.3 certifi==2026.10.19.post1 charset-normalizer==3.4.1 peft==0.10.0"
+# A dependency group of pyproject.toml (PEP 735, include-group expanded), space-separated.
+group() {
+  .venv/bin/python - "$1" <<'EOF'
+import sys, tomllib
+with open("pyproject.toml", "rb") as f:
+    groups = tomllib.load(f)["dependency-groups"]
+def expand(name):
+    for r in groups[name]:
+        yield from expand(r["include-group"]) if isinstance(r, dict) else [r]
+print(" ".join(expand(sys.argv[1])))
+EOF
+}
 # modules whose presence (found, not imported) the fast path checks
 modules="transformers tokenizers huggingface_hub timm einops torchvision accelerate requests torch numpy PIL sentencepiece safetensors"
 
 make_env() {
   local dir=$1 want=$2 pkgs
-  pkgs=$(echo "$3 $common" | tr -s ' \n' ' ')
+  pkgs=$(echo "$3" | tr -s ' \n' ' ')
   local stamp="$dir/.reference-env"
   local check="import importlib.util as u, sys; m=[n for n in sys.argv[1:] if u.find_spec(n) is None]; sys.exit('missing: '+' '.join(m) if m else 0)"
   if [[ -f $stamp && "$(cat "$stamp")" == "$pkgs" ]] && "$dir/bin/python" -c "$check" $modules 2>/dev/null; then
@@ -42,9 +53,9 @@ make_env() {
   # A real import of everything the oracle uses, from the right places.
   "$dir/bin/python" - "$want" "$dir" <<'EOF'
 import os, sys
-import accelerate, einops, requests, sentencepiece, timm, tokenizers, torch, torchvision, transformers  # noqa
-from timm.models.layers import DropPath  # noqa: what modeling_intern_vit imports
-import torchvision.transforms as T  # noqa
+import accelerate, einops, requests, sentencepiece, timm, tokenizers, torch, torchvision, transformers
+from timm.models.layers import DropPath  # what modeling_intern_vit imports
+import torchvision.transforms as T  # the model card's transform
 want, venv = sys.argv[1], os.path.realpath(sys.argv[2])
 assert transformers.__version__ == want, f"transformers {transformers.__version__}, wanted {want}"
 for mod in (transformers, tokenizers):
@@ -53,5 +64,7 @@ EOF
   echo "$pkgs" > "$stamp"
 }
 
-make_env .venv-ref437 4.37.2 "transformers==4.37.2 tokenizers==0.15.2 huggingface-hub==0.24.7"
-make_env .venv-ref455 4.55.0 "transformers==4.55.0 tokenizers==0.21.4 huggingface-hub==0.34.4"
+ref437=$(group reference437)
+ref455=$(group reference455)
+make_env .venv-ref437 4.37.2 "$ref437"
+make_env .venv-ref455 4.55.0 "$ref455"

@@ -1,6 +1,6 @@
 """Serving benchmark: `internvl serve` under 1, 2, 4, 8 concurrent streams, through the openai client.
 
-    .venv/bin/python scripts/serve_bench.py --model models/internvl2_5-1b-int8 [--threads 2] [--tokens 128]
+    .venv/bin/python -m scripts.serve_bench --model models/internvl2_5-1b-int8 [--threads 2] [--tokens 128]
 
 Prints, per concurrency: aggregate and per-stream decode tokens/s, time to first token p50 / p95; then a
 text-only request's time to first token while another request's 13-tile image encodes; then, for the
@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from scripts import serving
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import serving
 
 
 def start(binary: Path, model: Path, threads: int, parallel: int, *flags: str):
@@ -92,7 +92,7 @@ def main() -> None:
                 wall = time.time() - t0
             per = [r["decode_tok_s"] for r in res]
             ttft = [r["ttft"] for r in res]
-            changed = sum(r["text"] != solo[p] for r, p in zip(res, prompts[:k]))
+            changed = sum(r["text"] != solo[p] for r, p in zip(res, prompts[:k], strict=True))
             rows.append({"streams": k, "aggregate_tok_s": sum(r["tokens"] for r in res) / wall,
                          "decode_tok_s_sum": sum(per), "per_stream_tok_s": statistics.median(per),
                          "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
@@ -108,11 +108,12 @@ def main() -> None:
         print(json.dumps({"text_ttft_during_13_tile_image_s": text["ttft"], "text_wall_s": text["wall"],
                           "image_ttft_s": image["ttft"]}), flush=True)
         base = rows[0]["decode_tok_s_sum"] if rows else 0
-        print("| streams | decode tok/s, all streams (x one) | per stream | end to end tok/s | TTFT p50 / p95 s | answers != solo |",
-              file=sys.stderr)
+        print("| streams | decode tok/s, all streams (x one) | per stream | end to end tok/s | TTFT p50 / p95 s "
+              "| answers != solo |", file=sys.stderr)
         for r in rows:
             print(f"| {r['streams']} | {r['decode_tok_s_sum']:.1f} ({r['decode_tok_s_sum'] / base:.2f}x) | "
-                  f"{r['per_stream_tok_s']:.1f} | {r['aggregate_tok_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
+                  f"{r['per_stream_tok_s']:.1f} | {r['aggregate_tok_s']:.1f} | "
+                  f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
                   f"{r['answers_differing_from_solo']} of {r['streams']} |", file=sys.stderr)
     finally:
         proc.terminate()

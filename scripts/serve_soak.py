@@ -1,7 +1,7 @@
 """Memory soak: `internvl serve` answers N distinct images (default 1000); RSS is sampled from /metrics
 after each, and the slope of a least-squares line over the second half is reported (bytes per request).
 
-    .venv/bin/python scripts/serve_soak.py --model DIR [--images 1000] [--size 640x480] [--tokens 4]
+    .venv/bin/python -m scripts.serve_soak --model DIR [--images 1000] [--size 640x480] [--tokens 4]
 
 The vision-feature cache is bounded (`--vision-cache-bytes`, 256 MiB by default) and fills first, so the
 slope is measured once it is full; a leak shows as a slope that stays above zero.
@@ -13,12 +13,11 @@ import argparse
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 
+from scripts import serving
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import serving
 
 
 def main() -> None:
@@ -46,8 +45,9 @@ def main() -> None:
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
             uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            client.chat.completions.create(model=model_id, max_tokens=args.tokens, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": f"Image {i}?"}]}])
+            client.chat.completions.create(model=model_id, max_tokens=args.tokens, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                             {"type": "text", "text": f"Image {i}?"}]}])
             text = httpx.get(url + "/metrics", timeout=10).text
             rss.append(next(float(line.split()[-1]) for line in text.splitlines()
                             if line.startswith("internvl_resident_memory_bytes")))

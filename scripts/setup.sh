@@ -8,6 +8,13 @@ if ! .venv/bin/python -c "import torch, transformers, onnx, onnxruntime, PIL, py
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r export/requirements.txt
 fi
+# This checkout's Python package (pyproject.toml: `export`), editable and without dependencies (the pins above
+# are the lock): `import export` then works from any folder, e.g. for tests/fixtures.py, which runs by path.
+# Built offline by the venv's own setuptools (torch requires setuptools>=77). Redone when the venv has none,
+# or one of another checkout.
+if ! .venv/bin/python -I -c "import export, pathlib, sys; sys.exit(pathlib.Path(export.__file__).parent != pathlib.Path(sys.argv[1]).resolve())" export 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+fi
 # libjpeg-turbo (the JPEG decoder Pillow uses) is built from source with CMake: the system's, or the
 # PyPI one in .venv.
 if ! command -v cmake >/dev/null && [ ! -x .venv/bin/cmake ]; then

@@ -18,13 +18,13 @@ cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev
 lane "2/4 setup, lint, unit tests"
 scripts/setup.sh
 command -v cmake >/dev/null || export CMAKE="$PWD/.venv/bin/cmake"  # libjpeg-turbo's build (setup.sh)
-.venv/bin/ruff check export tests fuzz
+.venv/bin/ruff check  # every Python file; the rules are in pyproject.toml
 cargo clippy --release --all-targets --quiet -- -D warnings
 cargo test --release --quiet --workspace --lib --bins
 
 lane "3/4 fixtures, Python tests, Rust integration tests"
 .venv/bin/python tests/fixtures.py build/fixtures
-.venv/bin/python -m pytest -q tests/python
+.venv/bin/python -m pytest -q  # tests/python (pyproject.toml: testpaths)
 cargo test --release --workspace
 
 lane "4/4 the edge bundle in a fresh minimal Debian (debootstrap, about 40 s)"

@@ -7,7 +7,8 @@
   build/fixtures/golden.json   PyTorch greedy token ids for each request (export/testing/golden.py)
 
 Rebuilt when any exporter or fixture source changes (a stamp holds their hash).
-Usage: .venv/bin/python tests/fixtures.py [OUT_DIR]
+Usage: .venv/bin/python tests/fixtures.py [OUT_DIR]   (from any folder: it imports only `export`, which
+scripts/setup.sh installs in .venv; also `python -m tests.fixtures` from the root, or `from tests import fixtures`)
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # `export` is installed in .venv (scripts/setup.sh)
 
 IMAGES = {"a": ((448, 448), 1), "b": ((448, 448), 2), "c": ((800, 600), 3), "d": ((600, 900), 4),
           "e": ((1600, 1000), 5)}
@@ -164,4 +164,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    import importlib.util
+
+    if importlib.util.find_spec("export") is None:
+        sys.exit(f"tests/fixtures.py: `export` is not installed in {sys.prefix} (run scripts/setup.sh)")
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build" / "fixtures")

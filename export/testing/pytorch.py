@@ -53,7 +53,8 @@ def load(ckpt: Checkpoint, image_token_id: int):
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"checkpoint {ckpt.path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
         if cfg.tie_word_embeddings:
             model.tie_weights()
         # Buffers (the rotary frequencies) were made on the meta device: build that module for real.

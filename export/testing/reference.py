@@ -4,7 +4,7 @@
 Python `set` iteration order they depend on included). `build_transform` is replaced by
 `to_tensor_normalize`, which performs the same float32 operations as torchvision's
 `Resize((s, s), BICUBIC)` (a no-op copy on the s x s tiles) + `ToTensor()` + `Normalize(mean,
-std)`, so torchvision is not needed. The Rust runtime (`src/image/`) must reproduce
+std)`, so torchvision is not needed. The Rust runtime (`crates/internvl/src/media/image/`) must reproduce
 `load_image` bit for bit, and the golden scripts take their pixels from here.
 """
 

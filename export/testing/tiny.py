@@ -411,7 +411,8 @@ def make_sharded_checkpoint(out: Path, shape: str, family: str, seed: int = 0,
                     base = 1.0 if "norm" in name or name.endswith(("ls1", "ls2")) else 0.0
                     t = base + 0.1 * torch.randn(shape_, generator=gen)
                 else:
-                    t = torch.randn(shape_, generator=gen) / (shape_[-1] if len(shape_) == 2 else shape_[1:].numel()) ** 0.5
+                    fan_in = shape_[-1] if len(shape_) == 2 else shape_[1:].numel()
+                    t = torch.randn(shape_, generator=gen) / fan_in ** 0.5
                 tensors[name] = t.to(torch.bfloat16)
                 weight_map[name] = file
             save_file(tensors, out / file, metadata={"format": "pt"})

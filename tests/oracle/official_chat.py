@@ -4,7 +4,7 @@ original OpenGVLab layout, exactly as a user runs it (model card), in the enviro
 Run with `.venv-ref437/bin/python` (the `internvl_chat` code: Qwen2, Llama, InternLM2, Phi-3 LLMs) or
 `.venv-ref455/bin/python` (the InternVL3.5 code: Qwen3 LLMs); `scripts/reference_env.sh` makes both.
 
-    official_chat.py --checkpoint DIR --cases cases.json --out golden.json
+    python -m tests.oracle.official_chat --checkpoint DIR --cases cases.json --out golden.json   (from the root)
 
 The checkpoint folder is copied with the remote code's .py files beside config.json (as hub checkpoints
 ship them); nothing else changes. cases.json: a list of {"name", "question", "images": [paths, relative
@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.oracle.model_card import load_image, load_video
 
-from model_card import load_image, load_video
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def reference_code() -> Path:

@@ -2,7 +2,7 @@
 tokenizer (`use_fast=False`, its remote code for InternLM2), `batch_decode(ids, skip_special_tokens=...)`,
 then `.split(sep)[0].strip()`. Run in the reference venv (scripts/reference_env.sh).
 
-    slow_decode.py --checkpoint DIR --ids ids.json --split SEP [--keep-special] --out texts.json
+    python -m tests.oracle.slow_decode --checkpoint DIR --ids ids.json --split SEP [--keep-special] --out texts.json
 """
 
 from __future__ import annotations
@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from official_chat import reference_code
+from tests.oracle.official_chat import reference_code
 
 
 def main() -> None:

@@ -5,7 +5,10 @@ average fps. Animated GIF / WebP cases ("pillow": true) read the frames with Pil
 no animated WebP): every frame `convert('RGB')`, the rate from the frames' durations, the same
 `get_index` and transform. A codec decord's bundled FFmpeg 4 cannot open (AV1) is read through PyAV
 (a current FFmpeg) behind decord's interface: frames by index in presentation order, the packet count,
-the stream's average rate. Runs in .venv-ref437 (torchvision for the card's transform)."""
+the stream's average rate. Runs in .venv-ref437 (torchvision for the card's transform), from the root:
+
+    python -m tests.oracle.video_frames cases.json
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import numpy as np
-from model_card import build_transform, dynamic_preprocess, get_index, load_video
+
+from tests.oracle.model_card import build_transform, dynamic_preprocess, get_index, load_video
 
 
 def pillow_frames(case: dict) -> tuple[np.ndarray, list[int], int, float]:

@@ -46,7 +46,7 @@ def sequences(model: Path, tmp: Path, seed: int) -> list[list[int]]:
     added = [t["id"] for t in tok["added_tokens"]]
     rng = np.random.default_rng(seed)
     out = []
-    for n in range(300):
+    for _n in range(300):
         ids = []
         for _ in range(int(rng.integers(1, 24))):
             r = rng.random()
@@ -65,12 +65,13 @@ def test_decoded_answers_equal_the_reference_tokenizer(tmp_path, family):
     seqs = sequences(model, tmp_path, seed=len(family))
     (tmp_path / "ids.json").write_text(json.dumps(seqs))
     split = json.loads((model / "manifest.json").read_text())["tokenizer"]["answer"]["split_at"]
-    cmd = [str(ROOT / env / "bin" / "python"), str(ROOT / "tests" / "oracle" / "slow_decode.py"), "--checkpoint",
+    cmd = [str(ROOT / env / "bin" / "python"), "-m", "tests.oracle.slow_decode", "--checkpoint",
            str(FIXTURES / "checkpoints" / family), "--ids", str(tmp_path / "ids.json"), "--split", split,
-           "--out", str(tmp_path / "want.json")] + (["--keep-special"] if keep_special else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+           "--out", str(tmp_path / "want.json"), *(["--keep-special"] if keep_special else [])]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     want = json.loads((tmp_path / "want.json").read_text())
     got = json.loads(cli("tokenize", "--model", str(model), "--decode", str(tmp_path / "ids.json")))
-    bad = [(ids, g["answer"], w["answer"]) for ids, g, w in zip(seqs, got, want) if g["answer"] != w["answer"]]
+    bad = [(ids, g["answer"], w["answer"]) for ids, g, w in zip(seqs, got, want, strict=True)
+           if g["answer"] != w["answer"]]
     assert not bad, f"{len(bad)} of {len(seqs)} answers differ; first: {bad[:3]}"

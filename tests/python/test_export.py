@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
 from export.checkpoint import inspect, map_original
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
 from export.testing.pytorch import load
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +176,8 @@ def test_pixel_shuffle_v1_and_select_layer(fixtures):
         # InternVLChatModel.pixel_shuffle with ps_version 'v1': no final permute.
         x = x.view(n, 32, 16, c * 2).permute(0, 2, 1, 3).contiguous().view(n, 16, 16, c * 4)
         want = ref.model.multi_modal_projector(x.reshape(n, -1, c * 4)).numpy()
-    got = ort_session(fixtures / "models" / "qwen2-v1-layer-2" / "vision.onnx").run(None, {"pixel_values": pv.numpy()})[0]
+    vision = ort_session(fixtures / "models" / "qwen2-v1-layer-2" / "vision.onnx")
+    got = vision.run(None, {"pixel_values": pv.numpy()})[0]
     diff = float(np.abs(got - want).max())
     print(f"vision v1 / layer -2: max abs diff {diff:.2e}")
     assert diff < 1e-4
@@ -199,7 +198,8 @@ def test_quantized_export_runs(fixtures, tmp_path, dtype):
     fp32_bytes = (fixtures / "model" / "decoder.onnx.data").stat().st_size
     assert (out / "decoder.onnx.data").stat().st_size < fp32_bytes / (3 if dtype == "int8" else 5)
     binary = ROOT / "target" / "release" / "internvl"
-    run = subprocess.run([str(binary), "run", "--model", str(out), "--image", str(fixtures / "images" / "448x448_1.png"),
+    run = subprocess.run([str(binary), "run", "--model", str(out),
+                          "--image", str(fixtures / "images" / "448x448_1.png"),
                           "--prompt", "Describe the image.", "--max-new-tokens", "8", "--json"],
                          check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "build" / "fixtures"
-ORACLE = ROOT / "tests" / "oracle" / "official_chat.py"
+ORACLE = "tests.oracle.official_chat"  # run with -m from ROOT, in the reference venvs
 
 # family fixture -> the environment its remote code runs in
 FAMILIES = {
@@ -73,7 +73,7 @@ def cases(img: dict[str, Path]) -> list[dict]:
 def goldens(tmp_path_factory) -> tuple[Path, dict[str, dict[str, dict]], list[dict]]:
     subprocess.run([str(ROOT / "scripts" / "reference_env.sh")], check=True, timeout=900)
     work = tmp_path_factory.mktemp("official")
-    from videos import make_video
+    from tests.videos import make_video
 
     media = {**photos(work), "video": make_video(work / "clip.mp4", "libx264", 48, Fraction(24), (320, 240))}
     all_cases = [{**c, "max_new_tokens": MAX_NEW} for c in cases(media)]
@@ -81,9 +81,9 @@ def goldens(tmp_path_factory) -> tuple[Path, dict[str, dict[str, dict]], list[di
     out = {}
     for family, env in FAMILIES.items():
         dest = work / f"{family}.json"
-        r = subprocess.run([str(ROOT / env / "bin" / "python"), str(ORACLE), "--checkpoint",
+        r = subprocess.run([str(ROOT / env / "bin" / "python"), "-m", ORACLE, "--checkpoint",
                             str(FIXTURES / "checkpoints" / family), "--cases", str(work / "cases.json"),
-                            "--out", str(dest)], capture_output=True, text=True, timeout=900, check=False)
+                            "--out", str(dest)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
         out[family] = {g["name"]: g for g in json.loads(dest.read_text())}
     return work, out, all_cases

@@ -12,14 +12,13 @@ import onnx
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 from export.checkpoint import inspect
 from export.common import ort_session
 from export.decoder import empty_past, step_feed
 from export.precision import typed
 from export.testing.pytorch import load
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,8 @@ def test_tensorrt_vision_variant_is_plain_operators_with_the_same_numbers(fixtur
     assert diff < (1e-4 if folder == "model" else 2e-2) * max(1.0, float(np.abs(want).max()))
 
 
-@pytest.mark.parametrize(("k", "n", "block", "seed"), [(64, 40, 32, 1), (72, 24, 32, 2), (256, 16, 128, 3), (96, 8, 32, 4)])
+@pytest.mark.parametrize(("k", "n", "block", "seed"),
+                         [(64, 40, 32, 1), (72, 24, 32, 2), (256, 16, 128, 3), (96, 8, 32, 4)])
 def test_int4_blocks_are_onnxruntime_quantizer_bytes_and_its_kernel_agrees(k, n, block, seed):
     """The GPU int4 weights (`quantize.int4_blocks`, written by hand for bfloat16's sake) against ONNX
     Runtime's own MatMulNBitsQuantizer on float16 (same scales, same nibbles within K; K = 72 and 96 pad
@@ -208,7 +208,8 @@ def test_gpu_int4_export(fixtures, tmp_path, dtype):
     fp16 = (fixtures / "model-float16" / "decoder.onnx.data").stat().st_size
     assert (out / "decoder.onnx.data").stat().st_size < fp16 / 3
     binary = ROOT / "target" / "release" / "internvl"
-    run = subprocess.run([str(binary), "run", "--model", str(out), "--image", str(fixtures / "images" / "448x448_1.png"),
+    run = subprocess.run([str(binary), "run", "--model", str(out),
+                          "--image", str(fixtures / "images" / "448x448_1.png"),
                           "--prompt", "Describe the image.", "--max-new-tokens", "8", "--json", "--device", "cpu"],
                          check=False, capture_output=True, text=True)
     if half == "float16":

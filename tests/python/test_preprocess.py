@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,14 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 from export.testing import reference
+from tests.oracle.model_card import dynamic_preprocess as oracle_dynamic_preprocess
+from tests.oracle.model_card import find_closest_aspect_ratio as oracle_find_closest_aspect_ratio
 
-sys.path.insert(0, str(ROOT / "tests" / "oracle"))
-from model_card import dynamic_preprocess as oracle_dynamic_preprocess
-from model_card import find_closest_aspect_ratio as oracle_find_closest_aspect_ratio
+ROOT = Path(__file__).resolve().parents[2]
 
 STD255 = np.array(reference.IMAGENET_STD, dtype=np.float32) * 255
 
@@ -227,7 +223,7 @@ def test_reference_tiles_match_model_card(size, minmax):
         img, min_num=mn, max_num=mx, image_size=448, use_thumbnail=True
     )
     assert len(ours) == len(oracle)
-    for a, b in zip(ours, oracle):
+    for a, b in zip(ours, oracle, strict=True):
         assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -275,7 +271,7 @@ def test_png_bit_exact(binary, tmp_path, size, max_tiles):
 
 
 @pytest.mark.parametrize(
-    "size,max_tiles", [((4000, 3000), 12), ((4000, 3000), 40), ((5000, 2000), 12)]
+    ("size", "max_tiles"), [((4000, 3000), 12), ((4000, 3000), 40), ((5000, 2000), 12)]
 )
 def test_large_png_bit_exact(binary, tmp_path, size, max_tiles):
     w, h = size
@@ -294,7 +290,7 @@ def test_8000x6000_works(binary, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "minmax,size,grid",
+    ("minmax", "size", "grid"),
     [
         ((2, 2), (500, 400), (1, 2)),
         ((2, 2), (2000, 1600), (2, 1)),
@@ -450,7 +446,7 @@ def _jpeg_cases():
 
 
 @pytest.mark.parametrize(
-    "size,content,quality,subsampling,progressive",
+    ("size", "content", "quality", "subsampling", "progressive"),
     _jpeg_cases(),
     ids=[
         f"{s[0]}x{s[1]}-{c}-q{q}-{sub.replace(':', '')}{'-prog' if p else ''}"
@@ -508,7 +504,7 @@ def test_truncated_jpeg_refused_like_pillow(binary, tmp_path, cut, progressive):
     end = int(len(data) * cut) if isinstance(cut, float) else len(data) + cut
     cut_path = tmp_path / "cut.jpg"
     cut_path.write_bytes(data[:end])
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011 (any refusal: Pillow's messages vary by decoder)
         Image.open(cut_path).convert("RGB")
     out = tmp_path / "out.npy"
     r = run_cli(binary, cut_path, out)
@@ -634,7 +630,7 @@ def test_bad_input_errors(binary, tmp_path, name):
     assert not out.exists()
     if name in ("truncated_png", "truncated_jpeg", "jpeg_without_eoi", "text", "empty"):
         # Pillow refuses these too (unless ImageFile.LOAD_TRUNCATED_IMAGES).
-        with pytest.raises(OSError):
+        with pytest.raises(OSError):  # noqa: PT011 (any refusal: Pillow's messages vary by decoder)
             Image.open(path).convert("RGB")
     if name == "too_large":
         assert "20000x10000" in lines[0]

@@ -105,7 +105,7 @@ CASES = [("Describe the image.", ["448x448_1.png"]), ("What is in these pictures
          ("Tell me a story.", []), ("Hello, who are you?", [])]
 
 
-@pytest.mark.parametrize("prompt,images", CASES)
+@pytest.mark.parametrize(("prompt", "images"), CASES)
 def test_answers_equal_internvl_run(server, binary, model, fixtures, prompt, images):
     paths = [fixtures / "images" / p for p in images]
     streamed, text, prompt_tokens = solo(binary, model, prompt, paths, 24)
@@ -160,7 +160,7 @@ def test_eight_concurrent_streams_each_equal_their_solo_answer(server, binary, m
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, jobs))
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"stream {i} differs from its solo answer"
 
 
@@ -192,14 +192,16 @@ def test_errors_are_openai_errors(server, binary, model, fixtures):
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, {"type": "text", "text": "x"}]}]},
          "base64"),
         (openai.BadRequestError, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}},
+            {"type": "image_url",
+             "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}},
             {"type": "text", "text": "x"}]}]}, "image"),
         (openai.BadRequestError, {"messages": user("x", fixtures / "images" / "448x448_1.png"),
                                       "extra_body": {"max_dynamic_patch": 99}}, "max_dynamic_patch"),
         (openai.BadRequestError, {"messages": user("word " * 40000)}, "context"),
         (openai.BadRequestError, {"messages": user("x"), "n": 2}, "n"),
         (openai.BadRequestError, {"messages": user("x"), "logprobs": True}, "logprobs"),
-        (openai.BadRequestError, {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (openai.BadRequestError, {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+         "tools"),
         (openai.BadRequestError, {"messages": [{"role": "assistant", "content": "hi"}]}, "user"),
         (openai.PermissionDeniedError, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, {"type": "text", "text": "x"}]}]}, "file://"),
@@ -270,7 +272,8 @@ def test_remote_images_only_as_allowed(binary, model, fixtures, image_host, serv
     finally:
         public_only.stop()
         lan.stop()
-    listed = Server(binary, model, "--allow-remote-media", "--allow-private-media", "--allow-media-host", "images.example")
+    listed = Server(binary, model, "--allow-remote-media", "--allow-private-media", "--allow-media-host",
+                    "images.example")
     try:
         with pytest.raises(openai.PermissionDeniedError, match="allow-media-host"):
             ask(listed.client(), image_host + "/img.png")
@@ -396,7 +399,7 @@ def test_video_url_answers_equal_internvl_run(binary, model, fixtures, tmp_path)
     as a file:// URL under --media-root: the answer `internvl run --video` gives."""
     from fractions import Fraction
 
-    from videos import make_video
+    from tests.videos import make_video
 
     clip = make_video(tmp_path / "clip.mp4", "libx264", 30, Fraction(15), (160, 120))
     prompt = "What happens in the video?"

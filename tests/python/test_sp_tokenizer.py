@@ -13,18 +13,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_tokenizer import CORPUS
 
 from export.common import CheckpointError
 from export.testing.reference_tokenizer import Slow437
 from export.testing.tiny_tokenizer import make_sp_tokenizer
 from export.tokenizer import write_tokenizer
+from tests.python.test_tokenizer import CORPUS
 
 ROOT = Path(__file__).resolve().parents[2]
 SPIECE = "▁"
 
 SP_CORPUS = CORPUS + [
-    "<|system|>\nYou are helpful.<|end|>\n<|user|>\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is this?<|end|>\n<|assistant|>\n",
+    "<|system|>\nYou are helpful.<|end|>\n<|user|>\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is this?<|end|>\n"
+    "<|assistant|>\n",
     "<|user|>  spaces after a role token and before <|end|>  \n\n<|assistant|>  answer",
     " <|system|> a leading space before a special token",
     "▁<|user|>x", "▁", " ", "   ", "\n", "\n\n", "<s>", "<s> hi </s> there", "a</s>b", "<|endoftext|>",

@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from oracle.byte_level import bytes_to_unicode
+
+from export.testing.byte_level import bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,8 @@ class SlowQwen2:
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tok["model"]["merges"]]
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.added = {t["content"]: t["id"] for t in tok["added_tokens"]}
-        self.split_added = regex.compile("(" + "|".join(regex.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+        longest_first = sorted(self.added, key=len, reverse=True)
+        self.split_added = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
         self.pat = regex.compile(PRETOKENIZE)
         self.byte_map = bytes_to_unicode()
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from videos import make_animation, make_video
+
+from tests.videos import make_animation, make_video
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = ROOT / "target" / "release" / "internvl"
-ORACLE = ROOT / "tests" / "oracle" / "video_frames.py"
+ORACLE = "tests.oracle.video_frames"  # run with -m from ROOT, in .venv-ref437
 
 # name -> (encoder, container suffix, frames, rate, size)
 CODECS = {
@@ -58,15 +59,16 @@ def cases(tmp_path_factory):
     for c in todo:
         c["out"] = str(work / f"{c['name']}-ref.npy")
     (work / "cases.json").write_text(json.dumps(todo))
-    r = subprocess.run([str(ROOT / ".venv-ref437" / "bin" / "python"), str(ORACLE), str(work / "cases.json")],
-                       capture_output=True, text=True, timeout=900, check=False)
+    r = subprocess.run([str(ROOT / ".venv-ref437" / "bin" / "python"), "-m", ORACLE, str(work / "cases.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     refs = [json.loads(line) for line in r.stdout.splitlines()]
     results = {}
     for c, ref in zip(todo, refs, strict=True):
         got = ours(Path(c["video"]), c["frames"], work / f"{c['name']}-ours.npy", c.get("bound"))
         assert got.returncode == 0, got.stderr
-        results[c["name"]] = (c, ref, json.loads(got.stdout), np.load(c["out"]), np.load(work / f"{c['name']}-ours.npy"))
+        results[c["name"]] = (c, ref, json.loads(got.stdout), np.load(c["out"]),
+                              np.load(work / f"{c['name']}-ours.npy"))
     return results
 
 
