@@ -7,7 +7,8 @@
 //! model   (Model: manifest, tokenizer and the stages: vision, token embeddings, decoder + KV cache)
 //! engine  (Engine: sequences stepped together; scheduler = pure decisions, vision worker, Sequence)
 //! ```
-//! [`Model`] is loaded once and shared (`&self`); [`Model::start`] turns a request into a [`Sequence`];
+//! [`Model`] is loaded once and shared (`&self`); [`Model::prepare`] checks and tokenises a request, and
+//! [`Sequence::new`] makes it a [`Sequence`];
 //! an [`Engine`] steps sequences together (continuous batching). [`limits`] holds every request bound
 //! the command line, the server and the engine check; [`notice`] carries what a front end may want to
 //! show (the library never prints). The command line is the `internvl-cli` crate, the HTTP server

@@ -10,7 +10,8 @@ pub mod token_embeddings;
 pub mod vision;
 
 pub use inputs::ImageRows;
-pub use request::{Content, ImageSource, Params, Prepared, PreparedImage};
+pub use request::{Content, Params, Prepared};
+pub(crate) use request::{ImageSource, PreparedImage};
 
 use std::path::Path;
 use std::sync::Mutex;

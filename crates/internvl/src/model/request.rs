@@ -64,34 +64,35 @@ impl Params {
 /// One image of a prepared request: where its `tiles * tokens_per_tile` rows go in the prompt, and what
 /// there is of it so far.
 #[derive(Debug, Clone)]
-pub struct PreparedImage {
-    pub key: MediaKey,
-    pub tiles: usize,
+pub(crate) struct PreparedImage {
+    pub(crate) key: MediaKey,
+    pub(crate) tiles: usize,
     /// Index in the prompt ids of this image's first `<IMG_CONTEXT>`.
-    pub first: usize,
-    pub source: ImageSource,
+    pub(crate) first: usize,
+    pub(crate) source: ImageSource,
 }
 
 #[derive(Debug, Clone)]
-pub enum ImageSource {
+pub(crate) enum ImageSource {
     /// Decoded pixels, still to be tiled and encoded.
     Pixels(Arc<RgbImage>),
     /// Features encoded before (a cache hit, or an earlier turn's), and the media as the request gave it.
     Encoded { features: Arc<EncodedImage>, original: Media },
 }
 
-/// A checked, tokenised request ready for an engine.
+/// A checked, tokenised request ready for an engine ([`crate::Sequence::new`]). Only [`Model::prepare`]
+/// makes one: the engine relies on what it checked (budget within the context, forced ids, image places).
 #[derive(Debug)]
 pub struct Prepared {
-    pub params: Params,
+    pub(crate) params: Params,
     /// Prompt ids, image tokens included.
-    pub ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     /// Most ids to generate: `max_new_tokens` (or the forced ids), bounded by the context.
-    pub budget: usize,
-    pub images: Vec<PreparedImage>,
+    pub(crate) budget: usize,
+    pub(crate) images: Vec<PreparedImage>,
     /// How its images are tiled.
-    pub image_cfg: ImageConfig,
-    pub started: Instant,
+    pub(crate) image_cfg: ImageConfig,
+    pub(crate) started: Instant,
 }
 
 impl Model {
