@@ -18,13 +18,20 @@ pub struct Reply {
     pub tokens_per_tile: usize,
 }
 
+/// The fields every completion and chunk begins with.
 #[derive(Serialize)]
-pub struct ChatCompletion<'a> {
+pub struct Head<'a> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
     pub system_fingerprint: String,
+}
+
+#[derive(Serialize)]
+pub struct ChatCompletion<'a> {
+    #[serde(flatten)]
+    pub head: Head<'a>,
     pub choices: [Choice; 1],
     pub usage: Usage,
     pub timings: Timings,
@@ -46,11 +53,8 @@ pub struct Message {
 
 #[derive(Serialize)]
 pub struct ChatCompletionChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub system_fingerprint: String,
+    #[serde(flatten)]
+    pub head: Head<'a>,
     pub choices: Vec<ChunkChoice>,
     pub usage: Option<Usage>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,11 +176,7 @@ impl Timings {
 impl Reply {
     pub fn completion(&self, out: &Output) -> ChatCompletion<'_> {
         ChatCompletion {
-            id: &self.id,
-            object: "chat.completion",
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: fingerprint(),
+            head: self.head("chat.completion"),
             choices: [Choice {
                 index: 0,
                 message: Message { role: "assistant", content: out.text.clone() },
@@ -205,15 +205,82 @@ impl Reply {
         usage: Option<Usage>,
         timings: Option<Timings>,
     ) -> ChatCompletionChunk<'_> {
-        ChatCompletionChunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: fingerprint(),
-            choices,
-            usage,
-            timings,
+        ChatCompletionChunk { head: self.head("chat.completion.chunk"), choices, usage, timings }
+    }
+
+    fn head(&self, object: &'static str) -> Head<'_> {
+        Head { id: &self.id, object, created: self.created, model: &self.model, system_fingerprint: fingerprint() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn reply() -> Reply {
+        Reply { id: "chatcmpl-1".into(), created: 7, model: "m".into(), tokens_per_tile: 256 }
+    }
+
+    fn output() -> Output {
+        Output {
+            text: "hi".into(),
+            token_ids: vec![1, 2],
+            prompt_tokens: 300,
+            cached_tokens: 10,
+            generated_tokens: 2,
+            tiles: 1,
+            finish_reason: FinishReason::Stop,
+            timings: internvl::engine::Timings {
+                load_ms: 1.0,
+                preprocess_ms: 2.0,
+                vision_ms: 3.0,
+                prefill_ms: 4.0,
+                first_token_ms: 5.0,
+                decode_ms: 0.0,
+                prefill_tokens_per_s: 10.0,
+                decode_tokens_per_s: f64::INFINITY,
+            },
+            logits: Vec::new(),
+            media: Vec::new(),
         }
+    }
+
+    fn value(v: &impl Serialize) -> Value {
+        serde_json::to_value(v).unwrap()
+    }
+
+    #[test]
+    fn chunks_carry_the_api_fields_and_nulls() {
+        let r = reply();
+        let first = value(&r.chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None));
+        assert_eq!(
+            first,
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                   "system_fingerprint": fingerprint(), "usage": null,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                                "finish_reason": null}]})
+        );
+        let last = value(&r.chunk(Delta::default(), Some("stop")));
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert!(last.get("timings").is_none());
+        let usage = value(&r.usage_chunk(&output()));
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["prompt_tokens_details"], json!({"cached_tokens": 10, "image_tokens": 256}));
+        assert_eq!(usage["timings"]["decode_tokens_per_s"], 0.0, "a rate over no time is sent as 0");
+    }
+
+    #[test]
+    fn a_completion_has_one_choice_usage_and_timings() {
+        let v = value(&reply().completion(&output()));
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(
+            v["choices"],
+            json!([{"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": null,
+                    "finish_reason": "stop"}])
+        );
+        assert_eq!(v["usage"]["total_tokens"], 302);
+        assert_eq!(v["timings"]["tiles"], 1);
     }
 }
