@@ -111,12 +111,6 @@ def run_ours(binary: Path, family: str, case: dict, work: Path, json_out: bool) 
     return r
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    subprocess.run(["cargo", "build", "--release", "--bin", "internvl"], cwd=ROOT, check=True)
-    return ROOT / "target" / "release" / "internvl"
-
-
 NAMES = [c["name"] for c in cases({k: Path(k) for k in ("baseline", "progressive444", "cmyk", "gray", "video")})
          if "follow_ups" not in c]
 

@@ -11,7 +11,6 @@ The binary is `target/release/internvl` (rebuilt with `cargo build --release` fi
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import zlib
@@ -60,20 +59,6 @@ def oracle_grid(width, height, min_num, max_num, image_size=448):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def binary() -> Path:
-    env = os.environ.get("INTERNVL_BIN")
-    if env:
-        path = Path(env)
-    else:
-        subprocess.run(
-            ["cargo", "build", "--release", "--bin", "internvl"], cwd=ROOT, check=True
-        )
-        path = ROOT / "target" / "release" / "internvl"
-    assert path.is_file(), f"internvl binary not found at {path}"
-    return path
 
 
 def run_cli(

@@ -25,12 +25,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    subprocess.run(["cargo", "build", "--release", "--bin", "internvl"], cwd=ROOT, check=True)
-    return ROOT / "target" / "release" / "internvl"
-
-
 class Server:
     def __init__(self, binary: Path, model: Path, *flags: str):
         self.proc = subprocess.Popen([str(binary), "serve", "--model", str(model), "--port", "0", *flags],

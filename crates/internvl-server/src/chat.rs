@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -25,17 +24,13 @@ use crate::state::AppState;
 use crate::types::{self, Delta, Reply};
 use crate::{fetch, openai};
 
-pub(crate) async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub(crate) async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     metrics::counter!("internvl_http_requests_total", "route" => "chat_completions").increment(1);
     match chat(state, headers, body).await {
         Ok(r) => r,
         Err(e) => {
             let mut r = e.into_response();
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            if matches!(r.status(), StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED) {
                 // The unread rest of the body is still on the connection, which the server then drops:
                 // saying so keeps a client from sending its next request on it.
                 r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -45,25 +40,11 @@ pub(crate) async fn chat_completions(
     }
 }
 
-async fn chat(
-    state: Arc<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    // Who asks and how much they send are checked from the headers, before a byte of the body is read.
     authorized(&state, &headers)?;
     let model = Arc::clone(state.model()?);
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("the request body is over the limit of {} bytes", state.cfg.body_limit),
-            )
-            .code("request_too_large")
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {r}"))
-        }
-    })?;
+    let body = read_body(body, &headers, state.cfg.body_limit).await?;
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
     if let Some(name) = body.get("model").and_then(Value::as_str) {
@@ -130,7 +111,7 @@ async fn chat(
                 (other, _) => other,
             };
             let side = u64::from(model.manifest.image.image_size);
-            admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
+            admission.reserve_pixels(v.sampling.frames as u64 * side * side + decode_canvas(&source))?;
             Some((source, v.sampling))
         }
     };
@@ -161,6 +142,44 @@ async fn chat(
     } else {
         complete(reply, rx, admission).await
     }
+}
+
+/// Pixels (of the budget's 3 bytes) an animated GIF / WebP holds while it decodes, from its header: the
+/// canvas every frame is composited onto (RGBA) and the frame handed out (RGBA), 8 bytes a canvas pixel.
+/// Other videos (FFmpeg's) hold one frame of their own size, known only once probed.
+fn decode_canvas(source: &openai::ImageSource) -> u64 {
+    let openai::ImageSource::Bytes(bytes) = source else { return 0 };
+    match internvl::media::image::dimensions_of(bytes) {
+        Ok((w, h)) => (u64::from(w) * u64::from(h) * 8).div_ceil(3),
+        Err(_) => 0,
+    }
+}
+
+/// The request body, at most `limit` bytes: a `Content-Length` over it is refused before reading, and a
+/// body that grows past it (chunked, or a lying length) as soon as it does.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is over the limit of {limit} bytes"),
+        )
+        .code("request_too_large")
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            cause = c.source();
+        }
+        ApiError::invalid(format!("cannot read the request body: {e}"))
+    })
 }
 
 async fn complete(

@@ -34,7 +34,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -131,7 +130,6 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route").code("not_found")
         })
-        .layer(DefaultBodyLimit::max(state.cfg.body_limit))
         .with_state(Arc::clone(&state));
     on_listening(addr);
 

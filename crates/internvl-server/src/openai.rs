@@ -182,6 +182,7 @@ fn messages(body: &Value, policy: &MediaPolicy) -> Result<Messages, ApiError> {
         .and_then(Value::as_array)
         .filter(|l| !l.is_empty())
         .ok_or_else(|| ApiError::invalid("messages must be a non-empty list").param("messages"))?;
+    count_media(list)?;
     let mut system: Option<String> = None;
     let mut turns: Vec<Turn> = Vec::new();
     let mut pending_user: Option<String> = None;
@@ -239,6 +240,25 @@ fn messages(body: &Value, policy: &MediaPolicy) -> Result<Messages, ApiError> {
         return Err(ApiError::invalid("a request with a video_url cannot also carry images").param("video_url"));
     }
     Ok((Content { system, history: turns, question, images: Vec::new() }, images, video))
+}
+
+/// Refuses more images or videos than a request may carry, counted over every message before any
+/// `file://` is read or `data:` decoded (a 26 KB body can name hundreds of files).
+fn count_media(messages: &[Value]) -> Result<(), ApiError> {
+    let parts = messages.iter().filter_map(|m| m.get("content")?.as_array()).flatten();
+    let (mut images, mut videos) = (0usize, 0usize);
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("image_url") => images += 1,
+            Some("video_url") => videos += 1,
+            _ => {}
+        }
+    }
+    limits::check_image_count(images).map_err(|e| ApiError::invalid(format!("{e:#}")).code("too_many_images"))?;
+    if videos > 1 {
+        return Err(ApiError::invalid("a request may carry one video").param("video_url"));
+    }
+    Ok(())
 }
 
 fn text_only(content: &Value, i: usize) -> Result<String, ApiError> {

@@ -15,6 +15,10 @@ use super::{check_size, distinct, frame_index, in_order, to_tile, FrameSampling,
 
 /// Frames an animation may have (each is decoded once per pass).
 const MAX_ANIMATION_FRAMES: usize = 100_000;
+/// Canvas pixels composited per pass, over all frames: every frame, however small, is composited onto the
+/// whole canvas, so a 500-byte GIF of 1x1 frames on a 9000x9000 canvas costs seconds per frame count.
+/// About a second of compositing: 3500 frames of 448x448, 340 of 1920x1080.
+const MAX_ANIMATION_PIXELS: u64 = 4 * crate::media::image::MAX_IMAGE_PIXELS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -55,15 +59,21 @@ fn frames(path: &Path, kind: Kind) -> Result<(u32, u32, image::Frames<'static>)>
 
 pub(super) fn load(path: &Path, kind: Kind, sampling: &FrameSampling, size: u32) -> Result<Video> {
     let (width, height, all) = frames(path, kind)?;
+    // Frames that fit the compositing budget: checked before each is decoded.
+    let canvas = u64::from(width) * u64::from(height);
+    let most = MAX_ANIMATION_FRAMES.min(usize::try_from(MAX_ANIMATION_PIXELS / canvas).unwrap_or(usize::MAX));
     let (mut count, mut millis) = (0usize, 0f64);
     for frame in all {
+        count += 1;
+        if count > most {
+            return Err(anyhow!(
+                "more than {most} frames on a {width}x{height} canvas (at most {MAX_ANIMATION_FRAMES} frames and \
+                 {MAX_ANIMATION_PIXELS} canvas pixels composited in all)"
+            ));
+        }
         let frame = frame.context("a damaged frame")?;
         let (n, d) = frame.delay().numer_denom_ms();
         millis += f64::from(n) / f64::from(d.max(1));
-        count += 1;
-        if count > MAX_ANIMATION_FRAMES {
-            return Err(anyhow!("more than {MAX_ANIMATION_FRAMES} frames"));
-        }
     }
     let fps = if millis > 0.0 { count as f64 * 1000.0 / millis } else { 0.0 };
     let indices = frame_index::frame_indices(sampling.bound, fps, count, sampling.frames)?;

@@ -1,0 +1,95 @@
+"""`internvl serve` against clients that make it pay before it may: raw sockets and bodies built by hand, on
+loopback, each bounded in time. Each test names the cost that must be refused before it is paid, and checks
+that the server still answers afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+
+import httpx
+
+from tests.python.test_serve import Server
+
+
+def raw_request(url: str, head: str, timeout: float = 10.0) -> str:
+    """Sends `head` (request line and headers, no body) and returns the status line of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head.encode())
+        answer = s.recv(4096).decode(errors="replace")
+    return answer.split("\r\n", 1)[0]
+
+
+def post_head(length: int, key: str | None = None) -> str:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"{auth}Content-Length: {length}\r\n\r\n")
+
+
+def test_auth_and_the_body_limit_come_before_the_body(binary, fixtures):
+    # A 60 MB Content-Length whose body never comes: the answer must not wait for it (it used to, forever).
+    s = Server(binary, fixtures / "model", "--api-key", "k", "--body-limit", "1000000")
+    try:
+        assert raw_request(s.url, post_head(60_000_000)).startswith("HTTP/1.1 401")
+        assert raw_request(s.url, post_head(60_000_000, key="wrong")).startswith("HTTP/1.1 401")
+        assert raw_request(s.url, post_head(60_000_000, key="k")).startswith("HTTP/1.1 413")
+        # A body that grows past the limit while it streams in (chunked, no length) is cut at the limit.
+        r = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                       content=iter([b"x" * 600_000, b"x" * 600_000]), timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_media_references_are_counted_before_any_is_read(binary, fixtures, tmp_path):
+    # 65 references, the last to a file that is not there: refused for their number before any is opened
+    # (before, every file was read first, and the missing one answered 403).
+    image = tmp_path / "a.png"
+    image.write_bytes((fixtures / "images" / "448x448_1.png").read_bytes())
+    parts = [{"type": "image_url", "image_url": {"url": f"file://{image}"}}] * 64
+    parts.append({"type": "image_url", "image_url": {"url": f"file://{tmp_path}/missing.png"}})
+    s = Server(binary, fixtures / "model", "--media-root", str(tmp_path))
+    try:
+        body = {"model": "model", "max_tokens": 2,
+                "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "x"}]}]}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "too_many_images" and "at most 64" in r.json()["error"]["message"]
+        assert s.metric("internvl_requests_admitted") == 0
+    finally:
+        s.stop()
+
+
+def canvas_bomb(width: int, height: int, frames: int) -> bytes:
+    """A GIF whose frames are 1x1 pixels on a `width` x `height` canvas: a few bytes a frame, each frame
+    composited onto the whole canvas when decoded."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff")
+    for _ in range(frames):
+        out += b"\x21\xf9\x04\x04\x0a\x00\x00\x00"  # graphic control: 100 ms, keep the canvas
+        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"  # one pixel
+    return bytes(out + b"\x3b")
+
+
+def test_an_animated_canvas_bomb_is_refused_for_its_compositing_cost(binary, fixtures):
+    gif = canvas_bomb(9000, 9000, 40)
+    assert len(gif) < 2000
+    s = Server(binary, fixtures / "model")
+    try:
+        url = "data:image/gif;base64," + base64.b64encode(gif).decode()
+        body = {"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url, "num_frames": 2}}, {"type": "text", "text": "x"}]}]}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "frames on a 9000x9000 canvas" in r.json()["error"]["message"]
+        # A small animation of the same kind still answers.
+        body["messages"][0]["content"][0]["video_url"]["url"] = (
+            "data:image/gif;base64," + base64.b64encode(canvas_bomb(64, 64, 40)).decode())
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert s.metric("internvl_requests_admitted") == 0
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        s.stop()
