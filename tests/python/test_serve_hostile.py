@@ -6,8 +6,12 @@ that the server still answers afterwards.
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import socket
 import struct
+import time
+from pathlib import Path
 
 import httpx
 
@@ -89,6 +93,41 @@ def test_an_animated_canvas_bomb_is_refused_for_its_compositing_cost(binary, fix
         body["messages"][0]["content"][0]["video_url"]["url"] = (
             "data:image/gif;base64," + base64.b64encode(canvas_bomb(64, 64, 40)).decode())
         assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert s.metric("internvl_requests_admitted") == 0
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        s.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_decoding_stops_when_its_client_leaves(binary, fixtures):
+    # A 4000x4000 animation of 40 frames takes seconds of compositing. Asked for and abandoned after half a
+    # second, its decoding must stop at the next frame (it used to run to the end for nobody), and what it
+    # held must be given back once it has stopped.
+    gif = canvas_bomb(4000, 4000, 40)
+    s = Server(binary, fixtures / "model", "--parallel", "1", "--queue", "0")
+    try:
+        url = "data:image/gif;base64," + base64.b64encode(gif).decode()
+        body = {"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url, "num_frames": 8}}, {"type": "text", "text": "x"}]}]}
+        start = cpu_seconds(s.proc.pid)
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+        whole = cpu_seconds(s.proc.pid) - start
+        assert whole > 1.0, f"the decoding took only {whole:.2f} s of CPU: too little to tell a stop from the end"
+        start = cpu_seconds(s.proc.pid)
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.time() + whole * 2 + 5
+        while s.metric("internvl_requests_admitted") != 0 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(whole)  # the work it would have done, had it gone on
+        abandoned = cpu_seconds(s.proc.pid) - start
+        assert abandoned < 0.5 * whole, f"abandoned request used {abandoned:.2f} s of CPU, the whole one {whole:.2f} s"
         assert s.metric("internvl_requests_admitted") == 0
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
     finally:

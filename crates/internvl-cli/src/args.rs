@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
+use internvl::cancel::Cancel;
 use internvl::error::{ErrorKind, WithKind};
 use internvl::limits::{self, MAX_FRAMES, MAX_NEW_TOKENS, MAX_PREFILL_CHUNK, MAX_THREADS, MAX_TILES, MAX_VISION_BATCH};
 use internvl::manifest::Manifest;
@@ -121,7 +122,7 @@ impl VideoArgs {
         let Some(path) = &self.video else { return Ok(None) };
         let sampling = self.sampling()?;
         limits::check_video_fits(self.frames, m).map_err(|e| e.context(format!("--frames {}", self.frames)))?;
-        video::load(path, &sampling, m.image.image_size).map(Some)
+        video::load(path, &sampling, m.image.image_size, &Cancel::new()).map(Some)
     }
 }
 

@@ -16,6 +16,8 @@ use internvl::engine::{Event, Sequence};
 use serde_json::Value;
 use tokio::sync::mpsc as tmpsc;
 
+use internvl::cancel::{Cancel, CancelOnDrop};
+
 use crate::admission::Admission;
 use crate::auth::authorized;
 use crate::engine_thread::ChannelSink;
@@ -78,6 +80,10 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
         return Err(e);
     }
     let mut admission = Admission { state: Arc::clone(&state), pixels: 0 };
+    // However this handler ends (its client gone included), the work it started stops at its next check;
+    // what that work holds stays admitted until it has really stopped (the worker keeps an Arc of it).
+    let cancel = Cancel::new();
+    let _stop_work = CancelOnDrop(cancel.clone());
 
     let (tx, rx) = tmpsc::unbounded_channel();
     let openai::ChatRequest { mut content, params, stream, include_usage, images, video } = req;
@@ -115,12 +121,16 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
             Some((source, v.sampling))
         }
     };
-    let worker = Arc::clone(&model);
+    let admission = Arc::new(admission);
+    let (worker, held) = (Arc::clone(&model), Arc::clone(&admission));
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
+        let _held = held;
         if let Some((source, sampling)) = video {
-            openai::decode_video(&mut content, source, &sampling, worker.manifest.image.image_size)?;
+            let size = worker.manifest.image.image_size;
+            openai::decode_video(&mut content, source, &sampling, size, &cancel)?;
         }
-        openai::decode_images(&mut content, image_bytes)?;
+        openai::decode_images(&mut content, image_bytes, &cancel)?;
+        cancel.check().map_err(|e| ApiError::from_library(&e))?;
         let request = worker.prepare(content, params).map_err(|e| ApiError::from_library(&e))?;
         Ok(Sequence::new(&worker, request, Box::new(ChannelSink(tx))))
     })
@@ -185,7 +195,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 async fn complete(
     reply: Reply,
     mut rx: tmpsc::UnboundedReceiver<Event>,
-    admission: Admission,
+    admission: Arc<Admission>,
 ) -> Result<Response, ApiError> {
     let _admission = admission;
     while let Some(event) = rx.recv().await {
@@ -202,7 +212,7 @@ fn stream_response(
     reply: Reply,
     mut rx: tmpsc::UnboundedReceiver<Event>,
     include_usage: bool,
-    admission: Admission,
+    admission: Arc<Admission>,
     keep_alive: u64,
 ) -> Response {
     let (tx, sse) = tmpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);

@@ -7,6 +7,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use internvl::cancel::Cancel;
 use internvl::engine::{Content, Params};
 use internvl::limits;
 use internvl::media::video::FrameSampling;
@@ -410,8 +411,9 @@ pub fn image_pixels(bytes: &[Vec<u8>]) -> Result<u64, ApiError> {
 }
 
 /// Decodes the images (checked by [`image_pixels`]) into the content.
-pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>) -> Result<(), ApiError> {
+pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>, cancel: &Cancel) -> Result<(), ApiError> {
     for (k, b) in bytes.into_iter().enumerate() {
+        cancel.check().map_err(|e| ApiError::from_library(&e))?;
         let media = Media::decode(&b, false).map_err(|e| {
             ApiError::invalid(format!("image {}: {e:#}", k + 1)).param("image_url").code("invalid_image")
         })?;
@@ -426,10 +428,11 @@ pub fn decode_video(
     source: ImageSource,
     sampling: &FrameSampling,
     size: u32,
+    cancel: &Cancel,
 ) -> Result<(), ApiError> {
     let video = match source {
-        ImageSource::Bytes(b) => internvl::media::video::load_bytes(&b, sampling, size),
-        ImageSource::Path(p) => internvl::media::video::load(&p, sampling, size),
+        ImageSource::Bytes(b) => internvl::media::video::load_bytes(&b, sampling, size, cancel),
+        ImageSource::Path(p) => internvl::media::video::load(&p, sampling, size, cancel),
         ImageSource::Remote(_) => return Err(ApiError::invalid("video_url: not fetched").param("video_url")),
     };
     let video = video.map_err(|e| {

@@ -14,6 +14,7 @@
 //! show (the library never prints). The command line is the `internvl-cli` crate, the HTTP server
 //! `internvl-server`.
 
+pub mod cancel;
 pub mod engine;
 pub mod error;
 pub mod files;

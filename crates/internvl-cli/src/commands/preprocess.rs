@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use internvl::cancel::Cancel;
 use internvl::error::{ErrorKind, WithKind};
 use internvl::files::{self, OutputRules};
 use internvl::media::image::{load_image, preprocess as tiles_of, tile_images, ImageConfig};
@@ -85,7 +86,7 @@ pub fn preprocess(a: PreprocessArgs) -> Result<()> {
 fn preprocess_video(a: &PreprocessArgs) -> Result<()> {
     let cfg = ImageConfig { max_tiles: 1, min_tiles: 1, ..ImageConfig::default() };
     let path = a.video.video.as_deref().context("--video")?;
-    let v = video::load(path, &a.video.sampling()?, cfg.image_size)?;
+    let v = video::load(path, &a.video.sampling()?, cfg.image_size, &Cancel::new())?;
     let mut data = Vec::new();
     for frame in &v.frames {
         data.extend(tiles_of(frame, &cfg)?.data);

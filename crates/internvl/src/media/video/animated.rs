@@ -11,6 +11,8 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use image::{AnimationDecoder, ImageDecoder, RgbImage};
 
+use crate::cancel::Cancel;
+
 use super::{check_size, distinct, frame_index, in_order, to_tile, FrameSampling, Video, VideoInfo};
 
 /// Frames an animation may have (each is decoded once per pass).
@@ -57,13 +59,14 @@ fn frames(path: &Path, kind: Kind) -> Result<(u32, u32, image::Frames<'static>)>
     Ok((w, h, frames))
 }
 
-pub(super) fn load(path: &Path, kind: Kind, sampling: &FrameSampling, size: u32) -> Result<Video> {
+pub(super) fn load(path: &Path, kind: Kind, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     let (width, height, all) = frames(path, kind)?;
     // Frames that fit the compositing budget: checked before each is decoded.
     let canvas = u64::from(width) * u64::from(height);
     let most = MAX_ANIMATION_FRAMES.min(usize::try_from(MAX_ANIMATION_PIXELS / canvas).unwrap_or(usize::MAX));
     let (mut count, mut millis) = (0usize, 0f64);
     for frame in all {
+        cancel.check()?;
         count += 1;
         if count > most {
             return Err(anyhow!(
@@ -81,6 +84,7 @@ pub(super) fn load(path: &Path, kind: Kind, sampling: &FrameSampling, size: u32)
     let mut decoded = Vec::with_capacity(wanted.len());
     let (_, _, all) = frames(path, kind)?;
     for (i, frame) in all.enumerate().take(wanted.last().map_or(0, |l| l + 1)) {
+        cancel.check()?;
         let frame = frame.context("a damaged frame")?;
         if wanted.binary_search(&i).is_ok() {
             let rgb: RgbImage = image::DynamicImage::ImageRgba8(frame.into_buffer()).to_rgb8();

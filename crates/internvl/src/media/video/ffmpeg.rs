@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use anyhow::{anyhow, Context, Result};
 use image::RgbImage;
 
+use crate::cancel::Cancel;
+
 use super::{check_size, distinct, frame_index, in_order, to_tile, FrameSampling, Video, VideoInfo};
 
 /// `name` from `$INTERNVL_FFMPEG_DIR`, else beside this binary (an edge bundle may carry it), else PATH.
@@ -71,7 +73,7 @@ fn rate(text: &str) -> f64 {
     }
 }
 
-pub(super) fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<Video> {
+pub(super) fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     let p = probe(path)?;
     check_size(p.width, p.height)?;
     let indices = frame_index::frame_indices(sampling.bound, p.fps, p.frames, sampling.frames)?;
@@ -100,7 +102,7 @@ pub(super) fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<V
     let mut buf = vec![0u8; bytes];
     let mut decoded = Vec::with_capacity(wanted.len());
     while decoded.len() < wanted.len() {
-        if stdout.read_exact(&mut buf).is_err() {
+        if cancel.is_cancelled() || stdout.read_exact(&mut buf).is_err() {
             break;
         }
         let frame = RgbImage::from_raw(p.width, p.height, std::mem::take(&mut buf)).context("frame size")?;
@@ -108,11 +110,12 @@ pub(super) fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<V
         buf = frame.into_raw();
     }
     drop(stdout);
-    if decoded.len() == wanted.len() {
+    if decoded.len() == wanted.len() || cancel.is_cancelled() {
         let _ = child.kill(); // the rest of the video is not needed
     }
     let status = child.wait().context("waiting for ffmpeg")?;
     let errors = errors.join().unwrap_or_default();
+    cancel.check()?;
     if decoded.len() < wanted.len() {
         let why = if status.success() { "the file ends early".to_string() } else { last_line(&errors) };
         return Err(anyhow!(

@@ -22,6 +22,7 @@ use anyhow::{anyhow, Result};
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::cancel::Cancel;
 use crate::error::{ErrorKind, WithKind};
 use crate::limits::MAX_FRAMES;
 use crate::media::image::resize_bicubic;
@@ -83,13 +84,14 @@ pub struct VideoInfo {
 
 /// Reads the frames `sampling` picks from `path`, each resized to `size` x `size` as Pillow's
 /// `Image.resize` does. Errors name the file and are [`ErrorKind::Input`] (FFmpeg missing included).
-pub fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<Video> {
+/// `cancel` is checked between frames (FFmpeg is killed when it is set).
+pub fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     sampling.validate().kind(ErrorKind::Usage)?;
     let head = read_head(path).kind(ErrorKind::Input)?;
     let named = |e: anyhow::Error| anyhow!("video {}: {}", path.display(), format!("{e:#}").replace('\n', " "));
     let video = match animated::kind(&head) {
-        Some(kind) => animated::load(path, kind, sampling, size),
-        None => ffmpeg::load(path, sampling, size),
+        Some(kind) => animated::load(path, kind, sampling, size, cancel),
+        None => ffmpeg::load(path, sampling, size, cancel),
     };
     video.map_err(named).kind(ErrorKind::Input)
 }
@@ -97,7 +99,7 @@ pub fn load(path: &Path, sampling: &FrameSampling, size: u32) -> Result<Video> {
 /// [`load`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
 /// seekable file (an MP4's index may sit at its end), so the bytes go to a private temporary file that is
 /// removed when this returns.
-pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32) -> Result<Video> {
+pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     use std::io::Write;
     struct Removed(std::path::PathBuf);
     impl Drop for Removed {
@@ -115,7 +117,7 @@ pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32) -> Result<V
         .map_err(|e| anyhow!("cannot write a temporary file for the video: {e}"))
         .kind(ErrorKind::Internal)?;
     drop(file);
-    load(&guard.0, sampling, size).or_else(|e| {
+    load(&guard.0, sampling, size, cancel).or_else(|e| {
         let text = format!("{e:#}").replace(&guard.0.display().to_string(), "(request)");
         Err(anyhow!("{text}")).kind(ErrorKind::of(&e))
     })
