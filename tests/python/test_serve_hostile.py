@@ -132,3 +132,28 @@ def test_decoding_stops_when_its_client_leaves(binary, fixtures):
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
     finally:
         s.stop()
+
+
+def test_malformed_fields_are_named_and_paths_are_not_echoed(binary, fixtures, tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"not a video at all")
+    s = Server(binary, fixtures / "model", "--media-root", str(tmp_path), "--api-key", "k")
+    try:
+        def post(body):
+            return httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
+                              timeout=60)
+
+        text = [{"role": "user", "content": "x"}]
+        for extra, param in [({"model": 5}, "model"), ({"stream_options": 5}, "stream_options"),
+                             ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
+                             ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                             ({"repetition_penalty": 0}, "repetition_penalty")]:
+            r = post({"messages": text, "max_tokens": 2, **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        clip = {"type": "video_url", "video_url": {"url": f"file://{tmp_path}/clip.mp4"}}
+        r = post({"messages": [{"role": "user", "content": [clip, {"type": "text", "text": "x"}]}], "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert str(tmp_path) not in r.text and "<media-root>" in r.text, r.text
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": text}, timeout=10)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    finally:
+        s.stop()

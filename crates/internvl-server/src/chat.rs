@@ -49,7 +49,12 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     let body = read_body(body, &headers, state.cfg.body_limit).await?;
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    if let Some(name) = body.get("model").and_then(Value::as_str) {
+    let name = match body.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(name.as_str()),
+        Some(_) => return Err(ApiError::invalid("model must be a string").param("model")),
+    };
+    if let Some(name) = name {
         if name != model.name() && !name.is_empty() {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -122,12 +127,12 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
         }
     };
     let admission = Arc::new(admission);
-    let (worker, held) = (Arc::clone(&model), Arc::clone(&admission));
+    let (worker, held, root) = (Arc::clone(&model), Arc::clone(&admission), state.media_root.clone());
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
         let _held = held;
         if let Some((source, sampling)) = video {
             let size = worker.manifest.image.image_size;
-            openai::decode_video(&mut content, source, &sampling, size, &cancel)?;
+            openai::decode_video(&mut content, source, &sampling, size, &cancel, root.as_deref())?;
         }
         openai::decode_images(&mut content, image_bytes, &cancel)?;
         cancel.check().map_err(|e| ApiError::from_library(&e))?;

@@ -72,6 +72,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("internvl_http_errors_total", "status" => self.status.as_u16().to_string()).increment(1);
         let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: say which scheme the key goes in.
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(secs) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);

@@ -12,7 +12,7 @@ use internvl::engine::{Content, Params};
 use internvl::limits;
 use internvl::media::video::FrameSampling;
 use internvl::media::Media;
-use internvl::sampling::SamplingOptions;
+use internvl::sampling::{self, SamplingOptions};
 use internvl::text::prompt::{self, Turn};
 
 /// Where images may come from, as the server was started.
@@ -116,13 +116,20 @@ pub fn parse(
     let max_tokens = uint(body, "max_completion_tokens", 1, limit)?.or(uint(body, "max_tokens", 1, limit)?);
     let mut sampling = SamplingOptions::default();
     // Greedy unless asked: answers equal `internvl run` (and the reference `chat()` defaults).
-    if let Some(t) = float(body, "temperature")? {
+    let checked = |name: &'static str, rule: fn(f32) -> anyhow::Result<()>| -> Result<Option<f32>, ApiError> {
+        let v = float(body, name)?;
+        if let Some(x) = v {
+            rule(x).map_err(|e| ApiError::invalid(e.to_string()).param(name))?;
+        }
+        Ok(v)
+    };
+    if let Some(t) = checked("temperature", sampling::check_temperature)? {
         sampling.temperature = t;
     }
-    if let Some(p) = float(body, "top_p")? {
+    if let Some(p) = checked("top_p", sampling::check_top_p)? {
         sampling.top_p = p;
     }
-    if let Some(r) = float(body, "repetition_penalty")? {
+    if let Some(r) = checked("repetition_penalty", sampling::check_repetition_penalty)? {
         sampling.repetition_penalty = r;
     }
     if let Some(k) = uint(body, "top_k", 0, 1 << 20)? {
@@ -152,8 +159,16 @@ pub fn parse(
         None => false,
         Some(v) => v.as_bool().ok_or_else(|| ApiError::invalid("stream must be a boolean").param("stream"))?,
     };
-    let include_usage =
-        field(body, "stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = match field(body, "stream_options") {
+        None => false,
+        Some(o) if o.is_object() => match field(o, "include_usage") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                ApiError::invalid("stream_options.include_usage must be a boolean").param("stream_options")
+            })?,
+        },
+        Some(_) => return Err(ApiError::invalid("stream_options must be an object").param("stream_options")),
+    };
 
     // vLLM's spelling: keep generating past end-of-turn tokens (benchmarks of a fixed length).
     let ignore_eos = match field(body, "ignore_eos") {
@@ -429,6 +444,7 @@ pub fn decode_video(
     sampling: &FrameSampling,
     size: u32,
     cancel: &Cancel,
+    media_root: Option<&Path>,
 ) -> Result<(), ApiError> {
     let video = match source {
         ImageSource::Bytes(b) => internvl::media::video::load_bytes(&b, sampling, size, cancel),
@@ -436,7 +452,10 @@ pub fn decode_video(
         ImageSource::Remote(_) => return Err(ApiError::invalid("video_url: not fetched").param("video_url")),
     };
     let video = video.map_err(|e| {
-        let text = format!("{e:#}").replace('\n', " ");
+        let mut text = format!("{e:#}").replace('\n', " ");
+        if let Some(root) = media_root {
+            text = text.replace(root.to_string_lossy().as_ref(), "<media-root>");
+        }
         match internvl::error::ErrorKind::of(&e) {
             internvl::error::ErrorKind::Internal => {
                 ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", text)
