@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Server:
-    def __init__(self, binary: Path, model: Path, *flags: str):
+    def __init__(self, binary: Path, model: Path, *flags: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([str(binary), "serve", "--model", str(model), "--port", "0", *flags],
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self.url = None
         deadline = time.time() + 60

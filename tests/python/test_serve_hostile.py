@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -155,5 +157,38 @@ def test_malformed_fields_are_named_and_paths_are_not_echoed(binary, fixtures, t
         assert str(tmp_path) not in r.text and "<media-root>" in r.text, r.text
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": text}, timeout=10)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    finally:
+        s.stop()
+
+
+def test_shutdown_keeps_its_grace_period_and_leaves_no_temporary_files(binary, fixtures, tmp_path):
+    # Left by a killed server (a pid that is gone): swept at start; one of a live process: kept.
+    dead = next(p for p in range(4_000_000, 4_100_000) if not Path(f"/proc/{p}").exists())
+    (tmp_path / f"internvl-video-{dead}-0123").write_bytes(b"x")
+    (tmp_path / f"internvl-video-{os.getpid()}-0123").write_bytes(b"x")
+    s = Server(binary, fixtures / "model", "--grace-period", "0", env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("internvl-video-"))
+        assert left == [f"internvl-video-{os.getpid()}-0123"], left
+        # A decode of seconds (a 4000x4000 animation) is running when SIGTERM comes: the process ends within
+        # the grace period and a little, not when the decode would have (it used to wait for it).
+        url = "data:image/gif;base64," + base64.b64encode(canvas_bomb(4000, 4000, 40)).decode()
+        body = {"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url, "num_frames": 8}}, {"type": "text", "text": "x"}]}]}
+        def ask():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+
+        threading.Thread(target=ask, daemon=True).start()
+        deadline = time.time() + 10
+        while not any(p.name.startswith(f"internvl-video-{s.proc.pid}-") for p in tmp_path.iterdir()):
+            assert time.time() < deadline, "the video never reached its decoder"
+            time.sleep(0.02)
+        signalled = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(30)
+        took = time.time() - signalled
+        assert took < 3.0, f"exit took {took:.1f} s after SIGTERM with --grace-period 0"
+        assert not any(p.name.startswith(f"internvl-video-{s.proc.pid}-") for p in tmp_path.iterdir())
     finally:
         s.stop()

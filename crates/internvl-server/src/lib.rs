@@ -95,7 +95,17 @@ pub fn serve(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(cfg, on_listening))
+    let swept = internvl::media::video::sweep_temporary_files();
+    if swept > 0 {
+        eprintln!("internvl serve: removed {swept} temporary video file(s) left by a process that was killed");
+    }
+    let served = runtime.block_on(run(cfg, on_listening));
+    // The grace period is over (or serving failed): whatever still runs (a video decode on the blocking
+    // pool, a decoder step) is abandoned, not waited for, so the process ends within the grace period; its
+    // temporary files go with it.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    internvl::media::video::remove_temporary_files();
+    served
 }
 
 async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {

@@ -98,21 +98,14 @@ pub fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -
 
 /// [`load`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
 /// seekable file (an MP4's index may sit at its end), so the bytes go to a private temporary file that is
-/// removed when this returns.
+/// removed when this returns, or by [`remove_temporary_files`] if the process ends first.
 pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     use std::io::Write;
-    struct Removed(std::path::PathBuf);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let path =
-        std::env::temp_dir().join(format!("internvl-video-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let path = temp_dir().join(format!("{TEMP_PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>()));
     let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
     let mut file =
         file.map_err(|e| anyhow!("cannot write a temporary file for the video: {e}")).kind(ErrorKind::Internal)?;
-    let guard = Removed(path);
+    let guard = TempFile::new(path);
     file.write_all(bytes)
         .map_err(|e| anyhow!("cannot write a temporary file for the video: {e}"))
         .kind(ErrorKind::Internal)?;
@@ -121,6 +114,60 @@ pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32, cancel: &Ca
         let text = format!("{e:#}").replace(&guard.0.display().to_string(), "(request)");
         Err(anyhow!("{text}")).kind(ErrorKind::of(&e))
     })
+}
+
+/// Temporary video files are `internvl-video-<pid>-<random>` in the temporary folder.
+const TEMP_PREFIX: &str = "internvl-video-";
+
+fn temp_dir() -> std::path::PathBuf {
+    std::env::temp_dir()
+}
+
+/// The temporary files this process has open, so that a shutdown that cannot wait for their decodes
+/// still removes them.
+static TEMP_FILES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A temporary file, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(path: std::path::PathBuf) -> Self {
+        TEMP_FILES.lock().unwrap_or_else(|p| p.into_inner()).push(path.clone());
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        TEMP_FILES.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| p != &self.0);
+    }
+}
+
+/// Removes this process's temporary video files (a server calls it as it exits, whatever is running).
+pub fn remove_temporary_files() {
+    for path in TEMP_FILES.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Removes temporary video files left by processes that are gone (killed before they could clean up);
+/// returns how many. Files of running processes (another server on this machine) are kept.
+pub fn sweep_temporary_files() -> usize {
+    let Ok(entries) = std::fs::read_dir(temp_dir()) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)?.split('-').next()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && entry.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn read_head(path: &Path) -> Result<Vec<u8>> {
