@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use http_body_util::BodyExt;
 use internvl::engine::{Event, Sequence};
 use serde_json::Value;
 use tokio::sync::mpsc as tmpsc;
@@ -32,7 +33,10 @@ pub(crate) async fn chat_completions(State(state): State<Arc<AppState>>, headers
         Ok(r) => r,
         Err(e) => {
             let mut r = e.into_response();
-            if matches!(r.status(), StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED) {
+            if matches!(
+                r.status(),
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED | StatusCode::REQUEST_TIMEOUT
+            ) {
                 // The unread rest of the body is still on the connection, which the server then drops:
                 // saying so keeps a client from sending its next request on it.
                 r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -46,7 +50,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     // Who asks and how much they send are checked from the headers, before a byte of the body is read.
     authorized(&state, &headers)?;
     let model = Arc::clone(state.model()?);
-    let body = read_body(body, &headers, state.cfg.body_limit).await?;
+    let body = read_body(body, &headers, state.cfg.body_limit, state.cfg.timeouts.body).await?;
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
     let name = match body.get("model") {
@@ -153,7 +157,8 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     let reply =
         Reply { id, created, model: model.name().to_string(), tokens_per_tile: model.manifest.vision.tokens_per_tile };
     if stream {
-        Ok(stream_response(reply, rx, include_usage, admission, state.cfg.keep_alive))
+        let (keep_alive, send_timeout) = (state.cfg.keep_alive, state.cfg.timeouts.send);
+        Ok(stream_response(reply, rx, include_usage, admission, keep_alive, send_timeout))
     } else {
         complete(reply, rx, admission).await
     }
@@ -170,9 +175,10 @@ fn decode_canvas(source: &openai::ImageSource) -> u64 {
     }
 }
 
-/// The request body, at most `limit` bytes: a `Content-Length` over it is refused before reading, and a
-/// body that grows past it (chunked, or a lying length) as soon as it does.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// The request body, at most `limit` bytes: a `Content-Length` over it is refused before reading, a body
+/// that grows past it (chunked, or a lying length) as soon as it does, and one that stops arriving for
+/// `idle` is answered 408.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -185,16 +191,29 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(c) = cause {
-            if c.is::<http_body_util::LengthLimitError>() {
-                return too_large();
+    let mut body = body;
+    let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                let secs = idle.as_secs_f64();
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!("the request body stopped arriving (nothing for {secs} s)"),
+                )
+                .code("request_timeout"));
             }
-            cause = c.source();
+            Ok(None) => return Ok(Bytes::from(bytes)),
+            Ok(Some(frame)) => frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?,
+        };
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&data);
         }
-        ApiError::invalid(format!("cannot read the request body: {e}"))
-    })
+    }
 }
 
 async fn complete(
@@ -219,14 +238,21 @@ fn stream_response(
     include_usage: bool,
     admission: Arc<Admission>,
     keep_alive: u64,
+    send_timeout: Duration,
 ) -> Response {
     let (tx, sse) = tmpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
+    // A chunk the client does not take within `send_timeout` (it stopped reading: the channel and the
+    // socket's buffers are full) ends the stream like a disconnect: the request is cancelled, its slot freed.
+    let send = move |tx: &tmpsc::Sender<_>, e: SseEvent| {
+        let tx = tx.clone();
+        async move { matches!(tokio::time::timeout(send_timeout, tx.send(Ok(e))).await, Ok(Ok(()))) }
+    };
     // Forwards the engine's events as SSE; when the client goes away the SSE receiver is dropped, this task
     // ends and drops the engine's receiver: the engine sees the sequence's sink closed and cancels it.
     tokio::spawn(async move {
         let _admission = admission;
         let first = Delta { role: Some("assistant"), content: Some(String::new()) };
-        if tx.send(Ok(json_event(&reply.chunk(first, None)))).await.is_err() {
+        if !send(&tx, json_event(&reply.chunk(first, None))).await {
             return;
         }
         loop {
@@ -254,7 +280,8 @@ fn stream_response(
                 }
             };
             for e in events {
-                if tx.send(Ok(e)).await.is_err() {
+                if !send(&tx, e).await {
+                    metrics::counter!("internvl_streams_cut_total").increment(1);
                     return;
                 }
             }

@@ -21,12 +21,12 @@ mod chat;
 mod engine_thread;
 pub mod error;
 pub mod fetch;
+mod listener;
 pub mod openai;
 mod probes;
 mod state;
 pub mod types;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +42,7 @@ use internvl::runtime::RuntimeOptions;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use error::ApiError;
+use listener::ConnectionLimits;
 use state::AppState;
 
 /// Default request body limit: a few photos as base64 (a 12 MP JPEG is about 5 MB, 6.7 MB encoded).
@@ -73,6 +74,21 @@ pub struct ServeConfig {
     /// Decoded image pixels all admitted requests may hold at once (3 bytes each); a request that would
     /// pass it gets 429. Bounds what queued requests' images cost, whatever their files compress to.
     pub max_pixels_in_flight: u64,
+    /// Connections open at once (lowered to what the open-file limit allows).
+    pub max_connections: usize,
+    pub timeouts: Timeouts,
+}
+
+/// How long a client may keep the server waiting at each point of an exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a request's headers, and for the next request on an idle keep-alive connection.
+    pub header: Duration,
+    /// Without a byte of the request body arriving.
+    pub body: Duration,
+    /// A stream's next chunk waiting for the client to read the ones before it; then the stream is cut
+    /// and its request cancelled.
+    pub send: Duration,
 }
 
 fn recorder() -> Result<PrometheusHandle> {
@@ -114,6 +130,14 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         .with_context(|| format!("--host / --port: cannot listen on {}", cfg.addr))
         .kind(ErrorKind::Usage)?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let room = listener::connection_room();
+    let max_connections = cfg.max_connections.min(room);
+    if max_connections < cfg.max_connections {
+        eprintln!(
+            "internvl serve: --max-connections {} lowered to {max_connections} (the open-file limit leaves room for no more)",
+            cfg.max_connections
+        );
+    }
     let media_root = match &cfg.media_root {
         Some(dir) => Some(std::fs::canonicalize(dir).with_context(|| format!("--media-root {}", dir.display()))?),
         None => None,
@@ -150,11 +174,11 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         let _ = loaded_tx.send(engine_thread::start_engine(&loader));
     });
     let shutdown = Arc::clone(&state);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = state.cfg.grace_period;
     // Draining: new requests get 503 (so does readiness) while the in-flight ones finish, for at most the
-    // grace period; then the listener closes.
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    // grace period; then the listener closes and open connections get a second.
+    tokio::spawn(async move {
         signal().await;
         shutdown.draining.store(true, Ordering::Relaxed);
         let n = shutdown.in_flight.load(Ordering::Relaxed);
@@ -169,17 +193,8 @@ async fn run(cfg: ServeConfig, on_listening: impl FnOnce(SocketAddr)) -> Result<
         }
         let _ = stop_tx.send(true);
     });
-    let server = async move {
-        let graceful = server.into_future();
-        tokio::pin!(graceful);
-        tokio::select! {
-            r = &mut graceful => r.context("serving"),
-            () = async {
-                let _ = stop_rx.wait_for(|&s| s).await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            } => Ok(()),
-        }
-    };
+    let limits = ConnectionLimits { max_connections, header_timeout: state.cfg.timeouts.header };
+    let server = listener::serve(listener, app, limits, stop_rx, Duration::from_secs(1));
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r,

@@ -1,6 +1,7 @@
 //! `internvl serve`: the flags of the OpenAI-compatible server (the `internvl-server` crate).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
@@ -67,6 +68,19 @@ pub struct ServeArgs {
     /// Seconds between SSE keep-alive comments (while an image encodes, for example).
     #[arg(long, allow_negative_numbers = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub keep_alive: u64,
+    /// Connections open at once; more wait to be accepted (lowered to what the open-file limit allows).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1024, value_parser = positive(1 << 20))]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and an idle keep-alive connection to start its
+    /// next request; then the connection is closed.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+    /// Seconds a request body may go without a byte arriving; then 408.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+    /// Seconds a stream may wait for its client to read; then it is cut and its request cancelled.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub send_timeout: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Quantised models: every answer equal to its solo `internvl run` (decode steps one request per call
@@ -110,6 +124,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         media_cache_bytes: a.vision_cache_bytes,
         grace_period: a.grace_period,
         keep_alive: a.keep_alive,
+        max_connections: a.max_connections,
+        timeouts: internvl_server::Timeouts {
+            header: Duration::from_secs(a.header_timeout),
+            body: Duration::from_secs(a.body_timeout),
+            send: Duration::from_secs(a.send_timeout),
+        },
         exact: a.exact,
         max_pixels_in_flight: a.max_pixels_in_flight,
         remote_media: a.allow_remote_media.then(|| internvl_server::fetch::RemoteMedia {
