@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -232,4 +233,35 @@ def test_idle_slow_and_excess_connections_are_bounded(binary, fixtures):
     finally:
         for sock in sockets:
             sock.close()
+        s.stop()
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(binary, fixtures):
+    # A client asks for a long stream and never reads. Loopback buffers take about 4 MB first (some 12,000
+    # tokens of chunks from the tiny model, half a minute); then, --send-timeout later, the stream is cut and
+    # the request cancelled, long before its 30,000 tokens. (Before, the slot was held for ever.)
+    s = Server(binary, fixtures / "model", "--send-timeout", "2", "--parallel", "1", "--queue", "0")
+    host, port = s.url.removeprefix("http://").split(":")
+    stalled = socket.socket()
+    try:
+        body = json.dumps({"model": "model", "max_tokens": 30000, "stream": True, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": "Tell me a story."}]})
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host, int(port)))
+        stalled.sendall((post_head(len(body)) + body).encode())
+        deadline = time.time() + 10
+        while s.metric("internvl_requests_admitted") != 1:
+            assert time.time() < deadline, "the stream never started"
+            time.sleep(0.05)
+        deadline = time.time() + 90
+        while s.metric("internvl_requests_admitted") != 0:
+            assert time.time() < deadline, "a stream nobody reads still holds its slot"
+            time.sleep(0.5)
+        assert s.metric("internvl_streams_cut_total") == 1
+        assert s.metric("internvl_generated_tokens_total") < 30000
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200, "the freed slot does not answer the next client"
+    finally:
+        stalled.close()
         s.stop()
