@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -264,4 +265,42 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(binary, f
         assert r.status_code == 200, "the freed slot does not answer the next client"
     finally:
         stalled.close()
+        s.stop()
+
+
+def test_a_video_frame_size_is_admitted_before_it_is_decoded(binary, fixtures, tmp_path):
+    # --max-pixels-in-flight 50 M pixels. A 4000x4000 animation is decoding (its canvas and frames: 44 M);
+    # a 3840x2160 video asked meanwhile needs 8 frames' tiles (1.6 M, which fit) and its own 4K frame while
+    # FFmpeg decodes it (16.6 M, which does not): 429, as soon as ffprobe told its size. (Before, only the
+    # tiles were counted and it was admitted.)
+    from tests.videos import make_video
+
+    make_video(tmp_path / "uhd.mp4", "libx264", 4, Fraction(25), (3840, 2160))
+    s = Server(binary, fixtures / "model", "--max-pixels-in-flight", "50000000", "--media-root", str(tmp_path))
+    try:
+        slow = "data:image/gif;base64," + base64.b64encode(canvas_bomb(4000, 4000, 40)).decode()
+
+        def video(url):
+            return {"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": url, "num_frames": 8}}, {"type": "text", "text": "x"}]}]}
+
+        def ask():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(s.url + "/v1/chat/completions", json=video(slow), timeout=60)
+
+        first = threading.Thread(target=ask)
+        first.start()
+        deadline = time.time() + 10
+        while s.metric("internvl_requests_admitted") != 1:
+            assert time.time() < deadline, "the first video was never admitted"
+            time.sleep(0.02)
+        time.sleep(0.3)  # its header read and its canvas admitted
+        r = httpx.post(s.url + "/v1/chat/completions", json=video(f"file://{tmp_path}/uhd.mp4"), timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "server_overloaded", r.text
+        first.join()
+        # Alone, the same video is admitted and answered.
+        r = httpx.post(s.url + "/v1/chat/completions", json=video(f"file://{tmp_path}/uhd.mp4"), timeout=60)
+        assert r.status_code == 200, r.text
+        assert s.metric("internvl_requests_admitted") == 0
+    finally:
         s.stop()

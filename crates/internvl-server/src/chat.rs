@@ -2,7 +2,6 @@
 //! the answer as one body or as SSE chunks. A client that goes away drops its receiver, and the engine
 //! cancels the sequence at its next step.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,20 +74,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     let req = openai::parse(&body, &policy, model.manifest.generation.max_new_tokens, ctx)?;
 
     // Admission: running + waiting bounded; the rest are told to come back.
-    let limit = state.cfg.parallel + state.cfg.queue;
-    if state.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-        state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        metrics::counter!("internvl_requests_rejected_total").increment(1);
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "server_overloaded",
-            format!("the server is busy ({limit} requests running or waiting); retry later"),
-        )
-        .code("server_overloaded");
-        e.retry_after = Some(1);
-        return Err(e);
-    }
-    let mut admission = Admission { state: Arc::clone(&state), pixels: 0 };
+    let admission = Arc::new(Admission::enter(&state)?);
     // However this handler ends (its client gone included), the work it started stops at its next check;
     // what that work holds stays admitted until it has really stopped (the worker keeps an Arc of it).
     let cancel = Cancel::new();
@@ -126,17 +112,17 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
                 (other, _) => other,
             };
             let side = u64::from(model.manifest.image.image_size);
-            admission.reserve_pixels(v.sampling.frames as u64 * side * side + decode_canvas(&source))?;
+            admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
             Some((source, v.sampling))
         }
     };
-    let admission = Arc::new(admission);
+    // `held` moves into the work: the request stays admitted until the work has stopped, even when its
+    // client has gone and this handler with it.
     let (worker, held, root) = (Arc::clone(&model), Arc::clone(&admission), state.media_root.clone());
     let seq = tokio::task::spawn_blocking(move || -> Result<Sequence, ApiError> {
-        let _held = held;
         if let Some((source, sampling)) = video {
             let size = worker.manifest.image.image_size;
-            openai::decode_video(&mut content, source, &sampling, size, &cancel, root.as_deref())?;
+            openai::decode_video(&mut content, source, &sampling, size, &cancel, root.as_deref(), &held)?;
         }
         openai::decode_images(&mut content, image_bytes, &cancel)?;
         cancel.check().map_err(|e| ApiError::from_library(&e))?;
@@ -161,17 +147,6 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
         Ok(stream_response(reply, rx, include_usage, admission, keep_alive, send_timeout))
     } else {
         complete(reply, rx, admission).await
-    }
-}
-
-/// Pixels (of the budget's 3 bytes) an animated GIF / WebP holds while it decodes, from its header: the
-/// canvas every frame is composited onto (RGBA) and the frame handed out (RGBA), 8 bytes a canvas pixel.
-/// Other videos (FFmpeg's) hold one frame of their own size, known only once probed.
-fn decode_canvas(source: &openai::ImageSource) -> u64 {
-    let openai::ImageSource::Bytes(bytes) = source else { return 0 };
-    match internvl::media::image::dimensions_of(bytes) {
-        Ok((w, h)) => (u64::from(w) * u64::from(h) * 8).div_ceil(3),
-        Err(_) => 0,
     }
 }
 

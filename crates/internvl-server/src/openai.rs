@@ -6,6 +6,7 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::admission::Admission;
 use crate::error::ApiError;
 use internvl::cancel::Cancel;
 use internvl::engine::{Content, Params};
@@ -438,20 +439,17 @@ pub fn decode_images(content: &mut Content, bytes: Vec<Vec<u8>>, cancel: &Cancel
 }
 
 /// Reads a video's sampled frames (FFmpeg runs here: call it off the async runtime) into the content.
-pub fn decode_video(
+pub(crate) fn decode_video(
     content: &mut Content,
     source: ImageSource,
     sampling: &FrameSampling,
     size: u32,
     cancel: &Cancel,
     media_root: Option<&Path>,
+    admission: &Admission,
 ) -> Result<(), ApiError> {
-    let video = match source {
-        ImageSource::Bytes(b) => internvl::media::video::load_bytes(&b, sampling, size, cancel),
-        ImageSource::Path(p) => internvl::media::video::load(&p, sampling, size, cancel),
-        ImageSource::Remote(_) => return Err(ApiError::invalid("video_url: not fetched").param("video_url")),
-    };
-    let video = video.map_err(|e| {
+    use internvl::media::video;
+    let refused = |e: anyhow::Error| {
         let mut text = format!("{e:#}").replace('\n', " ");
         if let Some(root) = media_root {
             text = text.replace(root.to_string_lossy().as_ref(), "<media-root>");
@@ -462,7 +460,17 @@ pub fn decode_video(
             }
             _ => ApiError::invalid(text).param("video_url").code("invalid_video"),
         }
-    })?;
+    };
+    let opened = match source {
+        ImageSource::Bytes(b) => video::open_bytes(&b),
+        ImageSource::Path(p) => video::open(&p),
+        ImageSource::Remote(_) => return Err(ApiError::invalid("video_url: not fetched").param("video_url")),
+    }
+    .map_err(refused)?;
+    // What the decode holds (its frame at the video's own size), admitted once the header or ffprobe told
+    // it and before a frame is decoded; the budget counts 3 bytes a pixel.
+    admission.reserve_pixels(opened.decode_bytes().div_ceil(3))?;
+    let video = opened.decode(sampling, size, cancel).map_err(refused)?;
     content.images.extend(video.frames.into_iter().map(Media::frame));
     Ok(())
 }

@@ -39,6 +39,11 @@ pub(super) fn kind(head: &[u8]) -> Option<Kind> {
     }
 }
 
+/// The canvas size, from the header (checked: a size that may be decoded).
+pub(super) fn canvas(path: &Path, kind: Kind) -> Result<(u32, u32)> {
+    frames(path, kind).map(|(w, h, _)| (w, h))
+}
+
 fn frames(path: &Path, kind: Kind) -> Result<(u32, u32, image::Frames<'static>)> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = BufReader::new(file);

@@ -30,15 +30,22 @@ fn tool(name: &str) -> Result<PathBuf> {
 }
 
 #[derive(Debug)]
-struct Probe {
+pub(super) struct Probe {
     codec: String,
-    width: u32,
-    height: u32,
+    pub width: u32,
+    pub height: u32,
     frames: usize,
     fps: f64,
 }
 
-fn probe(path: &Path) -> Result<Probe> {
+/// The video stream's codec, size, frame count and rate (checked: a frame of a size that may be decoded).
+pub(super) fn probe(path: &Path) -> Result<Probe> {
+    let p = run_probe(path)?;
+    check_size(p.width, p.height)?;
+    Ok(p)
+}
+
+fn run_probe(path: &Path) -> Result<Probe> {
     let out = Command::new(tool("ffprobe")?)
         .args(["-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries"])
         .arg("stream=codec_name,width,height,avg_frame_rate,nb_read_packets")
@@ -73,9 +80,7 @@ fn rate(text: &str) -> f64 {
     }
 }
 
-pub(super) fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
-    let p = probe(path)?;
-    check_size(p.width, p.height)?;
+pub(super) fn load(path: &Path, p: &Probe, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
     let indices = frame_index::frame_indices(sampling.bound, p.fps, p.frames, sampling.frames)?;
     let wanted = distinct(&indices);
     let select = wanted.iter().map(|i| format!("eq(n\\,{i})")).collect::<Vec<_>>().join("+");

@@ -82,38 +82,99 @@ pub struct VideoInfo {
     pub decoder: String,
 }
 
-/// Reads the frames `sampling` picks from `path`, each resized to `size` x `size` as Pillow's
-/// `Image.resize` does. Errors name the file and are [`ErrorKind::Input`] (FFmpeg missing included).
-/// `cancel` is checked between frames (FFmpeg is killed when it is set).
-pub fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
-    sampling.validate().kind(ErrorKind::Usage)?;
-    let head = read_head(path).kind(ErrorKind::Input)?;
-    let named = |e: anyhow::Error| anyhow!("video {}: {}", path.display(), format!("{e:#}").replace('\n', " "));
-    let video = match animated::kind(&head) {
-        Some(kind) => animated::load(path, kind, sampling, size, cancel),
-        None => ffmpeg::load(path, sampling, size, cancel),
-    };
-    video.map_err(named).kind(ErrorKind::Input)
+/// A video opened for decoding: its frame size known (from the header of an animated GIF / WebP, or from
+/// `ffprobe`) before any frame is decoded, so a caller can admit what the decode will hold first.
+pub struct VideoFile {
+    path: std::path::PathBuf,
+    source: Source,
+    /// How errors name the file: its path, or `(request)` for a temporary copy of a request's bytes.
+    name: String,
+    _temp: Option<TempFile>,
 }
 
-/// [`load`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
+enum Source {
+    Animated { kind: animated::Kind, width: u32, height: u32 },
+    Ffmpeg(ffmpeg::Probe),
+}
+
+/// Opens `path`. Errors name the file and are [`ErrorKind::Input`] (FFmpeg missing included).
+pub fn open(path: &Path) -> Result<VideoFile> {
+    let name = path.display().to_string();
+    open_as(path.to_path_buf(), name, None)
+}
+
+/// [`open`] of a video given as bytes (a server request's `data:` URI or download): FFmpeg needs a
 /// seekable file (an MP4's index may sit at its end), so the bytes go to a private temporary file that is
-/// removed when this returns, or by [`remove_temporary_files`] if the process ends first.
-pub fn load_bytes(bytes: &[u8], sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
+/// removed with the [`VideoFile`], or by [`remove_temporary_files`] if the process ends first.
+pub fn open_bytes(bytes: &[u8]) -> Result<VideoFile> {
     use std::io::Write;
     let path = temp_dir().join(format!("{TEMP_PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>()));
     let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
     let mut file =
         file.map_err(|e| anyhow!("cannot write a temporary file for the video: {e}")).kind(ErrorKind::Internal)?;
-    let guard = TempFile::new(path);
+    let temp = TempFile::new(path.clone());
     file.write_all(bytes)
         .map_err(|e| anyhow!("cannot write a temporary file for the video: {e}"))
         .kind(ErrorKind::Internal)?;
     drop(file);
-    load(&guard.0, sampling, size, cancel).or_else(|e| {
-        let text = format!("{e:#}").replace(&guard.0.display().to_string(), "(request)");
-        Err(anyhow!("{text}")).kind(ErrorKind::of(&e))
-    })
+    open_as(path, "(request)".into(), Some(temp))
+}
+
+fn open_as(path: std::path::PathBuf, name: String, temp: Option<TempFile>) -> Result<VideoFile> {
+    let named = |e: anyhow::Error| anyhow!("video {name}: {}", format!("{e:#}").replace('\n', " "));
+    let head =
+        read_head(&path).map_err(|e| anyhow!("{}", format!("{e:#}").replace(&path.display().to_string(), &name)));
+    let head = head.kind(ErrorKind::Input)?;
+    let source = match animated::kind(&head) {
+        Some(kind) => animated::canvas(&path, kind).map(|(width, height)| Source::Animated { kind, width, height }),
+        None => ffmpeg::probe(&path).map(Source::Ffmpeg),
+    };
+    let source = source.map_err(named).kind(ErrorKind::Input)?;
+    Ok(VideoFile { path, source, name, _temp: temp })
+}
+
+impl VideoFile {
+    /// Width and height of its frames (an animation's canvas).
+    pub fn frame_size(&self) -> (u32, u32) {
+        match &self.source {
+            Source::Animated { width, height, .. } => (*width, *height),
+            Source::Ffmpeg(p) => (p.width, p.height),
+        }
+    }
+
+    /// Bytes the decode holds at its peak besides the tiles it returns: an animation's RGBA canvas and the
+    /// RGBA frame handed out (8 bytes a pixel); for FFmpeg, the RGB frame read from its pipe and the one
+    /// FFmpeg converts it from (6 bytes a pixel).
+    pub fn decode_bytes(&self) -> u64 {
+        let (w, h) = self.frame_size();
+        let per_pixel = match self.source {
+            Source::Animated { .. } => 8,
+            Source::Ffmpeg(_) => 6,
+        };
+        u64::from(w) * u64::from(h) * per_pixel
+    }
+
+    /// Reads the frames `sampling` picks, each resized to `size` x `size` as Pillow's `Image.resize` does.
+    /// `cancel` is checked between frames (FFmpeg is killed when it is set).
+    pub fn decode(&self, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
+        sampling.validate().kind(ErrorKind::Usage)?;
+        let video = match &self.source {
+            Source::Animated { kind, .. } => animated::load(&self.path, *kind, sampling, size, cancel),
+            Source::Ffmpeg(p) => ffmpeg::load(&self.path, p, sampling, size, cancel),
+        };
+        video
+            .map_err(|e| {
+                let text = format!("{e:#}").replace('\n', " ").replace(&self.path.display().to_string(), &self.name);
+                anyhow!("video {}: {text}", self.name)
+            })
+            .kind(ErrorKind::Input)
+    }
+}
+
+/// [`open`] and [`VideoFile::decode`]: what the command line does.
+pub fn load(path: &Path, sampling: &FrameSampling, size: u32, cancel: &Cancel) -> Result<Video> {
+    sampling.validate().kind(ErrorKind::Usage)?;
+    open(path)?.decode(sampling, size, cancel)
 }
 
 /// Temporary video files are `internvl-video-<pid>-<random>` in the temporary folder.
