@@ -90,9 +90,12 @@ def test_an_animated_canvas_bomb_is_refused_for_its_compositing_cost(binary, fix
         url = "data:image/gif;base64," + base64.b64encode(gif).decode()
         body = {"model": "model", "max_tokens": 2, "messages": [{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": url, "num_frames": 2}}, {"type": "text", "text": "x"}]}]}
+        before = rss_mb(s.proc.pid)
         r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400, r.text
         assert "frames on a 9000x9000 canvas" in r.json()["error"]["message"]
+        # Its 9000x9000 canvases (324 MB each) are given back.
+        assert rss_mb(s.proc.pid) < before + 32, f"RSS {rss_mb(s.proc.pid):.0f} MB, {before:.0f} MB before"
         # A small animation of the same kind still answers.
         body["messages"][0]["content"][0]["video_url"]["url"] = (
             "data:image/gif;base64," + base64.b64encode(canvas_bomb(64, 64, 40)).decode())
@@ -101,6 +104,16 @@ def test_an_animated_canvas_bomb_is_refused_for_its_compositing_cost(binary, fix
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
     finally:
         s.stop()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process."""
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def cpu_seconds(pid: int) -> float:
@@ -123,6 +136,7 @@ def test_decoding_stops_when_its_client_leaves(binary, fixtures):
         assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
         whole = cpu_seconds(s.proc.pid) - start
         assert whole > 1.0, f"the decoding took only {whole:.2f} s of CPU: too little to tell a stop from the end"
+        warm, fds = rss_mb(s.proc.pid), open_fds(s.proc.pid)
         start = cpu_seconds(s.proc.pid)
         with contextlib.suppress(httpx.TimeoutException):
             httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
@@ -134,6 +148,9 @@ def test_decoding_stops_when_its_client_leaves(binary, fixtures):
         assert abandoned < 0.5 * whole, f"abandoned request used {abandoned:.2f} s of CPU, the whole one {whole:.2f} s"
         assert s.metric("internvl_requests_admitted") == 0
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+        # Memory and descriptors back where the same request, answered, left them.
+        assert rss_mb(s.proc.pid) < warm + 32, f"RSS {rss_mb(s.proc.pid):.0f} MB, {warm:.0f} MB before"
+        assert open_fds(s.proc.pid) <= fds
     finally:
         s.stop()
 
@@ -196,8 +213,6 @@ def test_shutdown_keeps_its_grace_period_and_leaves_no_temporary_files(binary, f
         s.stop()
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_idle_slow_and_excess_connections_are_bounded(binary, fixtures):
@@ -207,7 +222,7 @@ def test_idle_slow_and_excess_connections_are_bounded(binary, fixtures):
     sockets = []
     try:
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
-        baseline = open_fds(s.proc.pid)
+        baseline, rss = open_fds(s.proc.pid), rss_mb(s.proc.pid)
         # 30 idle sockets and a slowloris one (headers that never end).
         for _ in range(30):
             sockets.append(socket.create_connection((host, int(port)), timeout=10))
@@ -227,6 +242,7 @@ def test_idle_slow_and_excess_connections_are_bounded(binary, fixtures):
         while open_fds(s.proc.pid) > baseline and time.time() < deadline:
             time.sleep(0.1)
         assert open_fds(s.proc.pid) <= baseline
+        assert rss_mb(s.proc.pid) < rss + 16, f"RSS {rss_mb(s.proc.pid):.0f} MB, {rss:.0f} MB before"
         # A body that stops arriving: 408, not a connection held forever.
         with socket.create_connection((host, int(port)), timeout=10) as b:
             b.sendall(post_head(100).encode() + b'{"messages":')
