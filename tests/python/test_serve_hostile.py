@@ -320,3 +320,24 @@ def test_a_video_frame_size_is_admitted_before_it_is_decoded(binary, fixtures, t
         assert s.metric("internvl_requests_admitted") == 0
     finally:
         s.stop()
+
+
+def test_remote_media_is_admitted_before_it_is_fetched(binary, fixtures, image_host):
+    # Each fetch may bring --media-max-bytes (3 MB = 1 M pixels of the budget): taken before it starts, the
+    # surplus given back after. With a 1.5 M-pixel budget the second of two 2 MB downloads does not fit: 429
+    # before it is fetched. (Before, both were fetched, and only then was anything counted.)
+    s = Server(binary, fixtures / "model", "--allow-remote-media", "--allow-private-media",
+               "--media-max-bytes", "3000000", "--max-pixels-in-flight", "1500000")
+    try:
+        big = {"type": "image_url", "image_url": {"url": image_host + "/big"}}
+        body = {"model": "model", "max_tokens": 2,
+                "messages": [{"role": "user", "content": [big, big, {"type": "text", "text": "x"}]}]}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "server_overloaded", r.text
+        # One image that fits is fetched and answered; nothing stays taken.
+        one = {"type": "image_url", "image_url": {"url": image_host + "/img.png"}}
+        body["messages"][0]["content"] = [one, {"type": "text", "text": "x"}]
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert s.metric("internvl_requests_admitted") == 0
+    finally:
+        s.stop()

@@ -44,6 +44,12 @@ impl Admission {
         Ok(Self { state: Arc::clone(state), pixels: AtomicU64::new(0) })
     }
 
+    /// Gives back `pixels` taken by [`Admission::reserve_pixels`] that the work turned out not to need.
+    pub(crate) fn release_pixels(&self, pixels: u64) {
+        self.pixels.fetch_sub(pixels, Ordering::Relaxed);
+        self.state.pixels_in_flight.fetch_sub(pixels, Ordering::Relaxed);
+    }
+
     /// Takes `pixels` of the server's budget, or says to come back later.
     pub(crate) fn reserve_pixels(&self, pixels: u64) -> Result<(), ApiError> {
         let budget = self.state.cfg.max_pixels_in_flight;

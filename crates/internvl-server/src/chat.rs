@@ -87,7 +87,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     for source in images {
         image_bytes.push(match (source, &state.cfg.remote_media) {
             (openai::ImageSource::Bytes(b), _) => b,
-            (openai::ImageSource::Remote(url), Some(remote)) => fetch::get(&url, remote).await?,
+            (openai::ImageSource::Remote(url), Some(remote)) => fetched(&url, remote, &admission).await?,
             (openai::ImageSource::Remote(_), None) => {
                 return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
             }
@@ -104,7 +104,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
         Some(v) => {
             let source = match (v.source, &state.cfg.remote_media) {
                 (openai::ImageSource::Remote(url), Some(remote)) => {
-                    openai::ImageSource::Bytes(fetch::get(&url, remote).await?)
+                    openai::ImageSource::Bytes(fetched(&url, remote, &admission).await?)
                 }
                 (openai::ImageSource::Remote(_), None) => {
                     return Err(ApiError::unsupported("video_url", "http(s) video URLs are not enabled"))
@@ -148,6 +148,16 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     } else {
         complete(reply, rx, admission).await
     }
+}
+
+/// A remote image or video, its bytes admitted (as pixels of 3 bytes) before it is fetched: the most a fetch
+/// may bring first, then what it brought.
+async fn fetched(url: &str, remote: &fetch::RemoteMedia, admission: &Admission) -> Result<Vec<u8>, ApiError> {
+    let most = (remote.max_bytes as u64).div_ceil(3);
+    admission.reserve_pixels(most)?;
+    let bytes = fetch::get(url, remote).await?;
+    admission.release_pixels(most - (bytes.len() as u64).div_ceil(3).min(most));
+    Ok(bytes)
 }
 
 /// The request body, at most `limit` bytes: a `Content-Length` over it is refused before reading, a body
