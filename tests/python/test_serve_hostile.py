@@ -243,10 +243,23 @@ def test_idle_slow_and_excess_connections_are_bounded(binary, fixtures):
             time.sleep(0.1)
         assert open_fds(s.proc.pid) <= baseline
         assert rss_mb(s.proc.pid) < rss + 16, f"RSS {rss_mb(s.proc.pid):.0f} MB, {rss:.0f} MB before"
-        # A body that stops arriving: 408, not a connection held forever.
+        # A body that stops arriving, and one that drips a byte at a time: 408 after --body-timeout, not a
+        # connection held for ever.
         with socket.create_connection((host, int(port)), timeout=10) as b:
             b.sendall(post_head(100).encode() + b'{"messages":')
             assert b.recv(4096).decode().startswith("HTTP/1.1 408")
+        with socket.create_connection((host, int(port)), timeout=10) as b:
+            b.sendall(post_head(100).encode())
+            b.settimeout(0.3)
+            answer = b""
+            for _ in range(40):
+                with contextlib.suppress(OSError):
+                    b.sendall(b" ")
+                with contextlib.suppress(TimeoutError):
+                    answer = b.recv(4096)
+                if answer:
+                    break
+            assert answer.decode().startswith("HTTP/1.1 408"), answer
     finally:
         for sock in sockets:
             sock.close()

@@ -161,9 +161,9 @@ async fn fetched(url: &str, remote: &fetch::RemoteMedia, admission: &Admission) 
 }
 
 /// The request body, at most `limit` bytes: a `Content-Length` over it is refused before reading, a body
-/// that grows past it (chunked, or a lying length) as soon as it does, and one that stops arriving for
-/// `idle` is answered 408.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
+/// that grows past it (chunked, or a lying length) as soon as it does, and one not complete within `within`
+/// (silent, or dripping a byte at a time) is answered 408.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize, within: Duration) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,14 +178,15 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize, idle: Duration
     }
     let mut body = body;
     let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => {
-                let secs = idle.as_secs_f64();
+                let secs = within.as_secs_f64();
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
                     "invalid_request_error",
-                    format!("the request body stopped arriving (nothing for {secs} s)"),
+                    format!("the request body did not arrive within {secs} s"),
                 )
                 .code("request_timeout"));
             }

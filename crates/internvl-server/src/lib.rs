@@ -84,7 +84,7 @@ pub struct ServeConfig {
 pub struct Timeouts {
     /// For a request's headers, and for the next request on an idle keep-alive connection.
     pub header: Duration,
-    /// Without a byte of the request body arriving.
+    /// For the whole request body (a silent or dripping body is cut then).
     pub body: Duration,
     /// A stream's next chunk waiting for the client to read the ones before it; then the stream is cut
     /// and its request cancelled.

@@ -75,7 +75,7 @@ pub struct ServeArgs {
     /// next request; then the connection is closed.
     #[arg(long, allow_negative_numbers = true, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout: u64,
-    /// Seconds a request body may go without a byte arriving; then 408.
+    /// Seconds a request body may take to arrive in full (silent or dripping); then 408.
     #[arg(long, allow_negative_numbers = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_timeout: u64,
     /// Seconds a stream may wait for its client to read; then it is cut and its request cancelled.
