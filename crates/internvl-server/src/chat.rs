@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http_body_util::BodyExt;
 use internvl::engine::{Event, Sequence};
+use internvl::media::video::FrameSampling;
+use internvl::model::Model;
 use serde_json::Value;
 use tokio::sync::mpsc as tmpsc;
 
@@ -52,22 +54,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     let body = read_body(body, &headers, state.cfg.body_limit, state.cfg.timeouts.body).await?;
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let name = match body.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(name)) => Some(name.as_str()),
-        Some(_) => return Err(ApiError::invalid("model must be a string").param("model")),
-    };
-    if let Some(name) = name {
-        if name != model.name() && !name.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                format!("model {name:?} is not served here (this server serves {:?})", model.name()),
-            )
-            .param("model")
-            .code("model_not_found"));
-        }
-    }
+    check_model(&body, model.name())?;
     let ctx = model.manifest.decoder.max_context;
     let policy =
         openai::MediaPolicy { media_root: state.media_root.as_deref(), remote: state.cfg.remote_media.is_some() };
@@ -82,40 +69,7 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
 
     let (tx, rx) = tmpsc::unbounded_channel();
     let openai::ChatRequest { mut content, params, stream, include_usage, images, video } = req;
-    // Remote images are fetched here, inside the admission slot; a client that goes away cancels this.
-    let mut image_bytes = Vec::with_capacity(images.len());
-    for source in images {
-        image_bytes.push(match (source, &state.cfg.remote_media) {
-            (openai::ImageSource::Bytes(b), _) => b,
-            (openai::ImageSource::Remote(url), Some(remote)) => fetched(&url, remote, &admission).await?,
-            (openai::ImageSource::Remote(_), None) => {
-                return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
-            }
-            // `openai::parse` gives paths for videos only.
-            (openai::ImageSource::Path(_), _) => {
-                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "image given as a path"))
-            }
-        });
-    }
-    admission.reserve_pixels(openai::image_pixels(&image_bytes)?)?;
-    // A video: fetched like an image; its frames are held resized to one tile each.
-    let video = match video {
-        None => None,
-        Some(v) => {
-            let source = match (v.source, &state.cfg.remote_media) {
-                (openai::ImageSource::Remote(url), Some(remote)) => {
-                    openai::ImageSource::Bytes(fetched(&url, remote, &admission).await?)
-                }
-                (openai::ImageSource::Remote(_), None) => {
-                    return Err(ApiError::unsupported("video_url", "http(s) video URLs are not enabled"))
-                }
-                (other, _) => other,
-            };
-            let side = u64::from(model.manifest.image.image_size);
-            admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
-            Some((source, v.sampling))
-        }
-    };
+    let (image_bytes, video) = gather_media(&state, &model, &admission, images, video).await?;
     // `held` moves into the work: the request stays admitted until the work has stopped, even when its
     // client has gone and this handler with it.
     let (worker, held, root) = (Arc::clone(&model), Arc::clone(&admission), state.media_root.clone());
@@ -148,6 +102,68 @@ async fn chat(state: Arc<AppState>, headers: HeaderMap, body: Body) -> Result<Re
     } else {
         complete(reply, rx, admission).await
     }
+}
+
+/// The `model` field, when given, must name the model served here.
+fn check_model(body: &Value, served: &str) -> Result<(), ApiError> {
+    let name = match body.get("model") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::String(name)) => name,
+        Some(_) => return Err(ApiError::invalid("model must be a string").param("model")),
+    };
+    if name != served && !name.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("model {name:?} is not served here (this server serves {served:?})"),
+        )
+        .param("model")
+        .code("model_not_found"));
+    }
+    Ok(())
+}
+
+type Gathered = (Vec<Vec<u8>>, Option<(openai::ImageSource, FrameSampling)>);
+
+/// The request's images as bytes and its video's source, inside its admission: remote ones fetched (each
+/// admitted before it is), the images' decoded pixels and the video's tiles admitted from their headers. A
+/// client that goes away cancels the fetches with this future.
+async fn gather_media(
+    state: &AppState,
+    model: &Model,
+    admission: &Admission,
+    images: Vec<openai::ImageSource>,
+    video: Option<openai::VideoRequest>,
+) -> Result<Gathered, ApiError> {
+    let mut image_bytes = Vec::with_capacity(images.len());
+    for source in images {
+        image_bytes.push(match (source, &state.cfg.remote_media) {
+            (openai::ImageSource::Bytes(b), _) => b,
+            (openai::ImageSource::Remote(url), Some(remote)) => fetched(&url, remote, admission).await?,
+            (openai::ImageSource::Remote(_), None) => {
+                return Err(ApiError::unsupported("image_url", "http(s) image URLs are not enabled"))
+            }
+            // `openai::parse` gives paths for videos only.
+            (openai::ImageSource::Path(_), _) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "image given as a path"))
+            }
+        });
+    }
+    admission.reserve_pixels(openai::image_pixels(&image_bytes)?)?;
+    let Some(v) = video else { return Ok((image_bytes, None)) };
+    let source = match (v.source, &state.cfg.remote_media) {
+        (openai::ImageSource::Remote(url), Some(remote)) => {
+            openai::ImageSource::Bytes(fetched(&url, remote, admission).await?)
+        }
+        (openai::ImageSource::Remote(_), None) => {
+            return Err(ApiError::unsupported("video_url", "http(s) video URLs are not enabled"))
+        }
+        (other, _) => other,
+    };
+    // Its frames are held resized to one tile each.
+    let side = u64::from(model.manifest.image.image_size);
+    admission.reserve_pixels(v.sampling.frames as u64 * side * side)?;
+    Ok((image_bytes, Some((source, v.sampling))))
 }
 
 /// A remote image or video, its bytes admitted (as pixels of 3 bytes) before it is fetched: the most a fetch
