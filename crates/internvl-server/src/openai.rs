@@ -468,9 +468,13 @@ pub(crate) fn decode_video(
     }
     .map_err(refused)?;
     // What the decode holds (its frame at the video's own size), admitted once the header or ffprobe told
-    // it and before a frame is decoded; the budget counts 3 bytes a pixel.
-    admission.reserve_pixels(opened.decode_bytes().div_ceil(3))?;
-    let video = opened.decode(sampling, size, cancel).map_err(refused)?;
+    // it and before a frame is decoded, and given back once the decode has ended (its tiles stay admitted);
+    // the budget counts 3 bytes a pixel.
+    let decoding = opened.decode_bytes().div_ceil(3);
+    admission.reserve_pixels(decoding)?;
+    let video = opened.decode(sampling, size, cancel);
+    admission.release_pixels(decoding);
+    let video = video.map_err(refused)?;
     content.images.extend(video.frames.into_iter().map(Media::frame));
     Ok(())
 }
